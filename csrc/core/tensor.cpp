@@ -1,0 +1,133 @@
+#include "core/tensor.h"
+
+#include <sstream>
+
+#include "core/errors.h"
+
+namespace llmk {
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::f32: return "float32";
+    case DType::f16: return "float16";
+    case DType::bf16: return "bfloat16";
+    case DType::f64: return "float64";
+    case DType::i64: return "int64";
+    case DType::i32: return "int32";
+    case DType::i16: return "int16";
+    case DType::i8: return "int8";
+    case DType::u8: return "uint8";
+    case DType::boolean: return "bool";
+    default: return "an unsupported dtype";
+  }
+}
+
+int dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::f64: case DType::i64: return 8;
+    case DType::f32: case DType::i32: return 4;
+    case DType::f16: case DType::bf16: case DType::i16: return 2;
+    case DType::i8: case DType::u8: case DType::boolean: return 1;
+    default: return 0;
+  }
+}
+
+const char* device_type_name(DeviceType device) {
+  switch (device) {
+    case DeviceType::cpu: return "cpu";
+    case DeviceType::cuda: return "cuda";
+    default: return "an unsupported device";
+  }
+}
+
+static DType dtype_from_dlpack(DLDataType t) {
+  if (t.lanes != 1) return DType::other;
+  switch (t.code) {
+    case kDLFloat:
+      return t.bits == 32 ? DType::f32 : t.bits == 16 ? DType::f16 : t.bits == 64 ? DType::f64 : DType::other;
+    case kDLBfloat: return t.bits == 16 ? DType::bf16 : DType::other;
+    case kDLInt:
+      return t.bits == 64 ? DType::i64 : t.bits == 32 ? DType::i32 : t.bits == 16 ? DType::i16
+           : t.bits == 8 ? DType::i8 : DType::other;
+    case kDLUInt: return t.bits == 8 ? DType::u8 : DType::other;
+    case kDLBool: return DType::boolean;
+    default: return DType::other;
+  }
+}
+
+TensorView view_from_dlpack(const DLManagedTensor* managed, std::string name) {
+  LLMK_CHECK(managed != nullptr, ValueError, name, ": null DLPack tensor");
+  const DLTensor& t = managed->dl_tensor;
+  TensorView v;
+  v.name = std::move(name);
+  LLMK_CHECK(t.ndim >= 0 && t.ndim <= TensorView::kMaxDims, ValueError, v.name, " must have at most ",
+             TensorView::kMaxDims, " dimensions, got ", t.ndim);
+  v.ndim = t.ndim;
+  v.data = static_cast<char*>(t.data) + t.byte_offset;
+  v.dtype = dtype_from_dlpack(t.dtype);
+  v.device = t.device.device_type == kDLCPU ? DeviceType::cpu
+           : t.device.device_type == kDLCUDA ? DeviceType::cuda : DeviceType::other;
+  v.device_index = t.device.device_id;
+  int64_t expected_stride = 1;
+  for (int d = t.ndim - 1; d >= 0; --d) {
+    v.shape[d] = t.shape[d];
+    v.strides[d] = t.strides ? t.strides[d] : expected_stride;
+    expected_stride *= t.shape[d];
+  }
+  LLMK_CHECK(v.device != DeviceType::other, DeviceError, v.name,
+             " must be on a CPU or CUDA device, got DLPack device type ", t.device.device_type);
+  return v;
+}
+
+int64_t TensorView::numel() const {
+  int64_t n = 1;
+  for (int d = 0; d < ndim; ++d) n *= shape[d];
+  return n;
+}
+
+bool TensorView::is_contiguous() const {
+  int64_t expected = 1;
+  for (int d = ndim - 1; d >= 0; --d) {
+    if (shape[d] != 1 && strides[d] != expected) return false;
+    expected *= shape[d];
+  }
+  return true;
+}
+
+static std::string join(const int64_t* values, int n) {
+  std::ostringstream out;
+  out << "(";
+  for (int d = 0; d < n; ++d) out << (d ? ", " : "") << values[d];
+  out << (n == 1 ? ",)" : ")");
+  return out.str();
+}
+
+std::string TensorView::shape_str() const { return join(shape, ndim); }
+std::string TensorView::strides_str() const { return join(strides, ndim); }
+
+std::string TensorView::device_str() const {
+  return device == DeviceType::cuda ? "cuda:" + std::to_string(device_index) : device_type_name(device);
+}
+
+void TensorView::check_contiguous() const {
+  LLMK_CHECK(is_contiguous(), ValueError, name, " must be contiguous; got shape ", shape_str(),
+             " with strides ", strides_str());
+}
+
+void TensorView::check_floating() const {
+  LLMK_CHECK(dtype == DType::f32 || dtype == DType::f16 || dtype == DType::bf16, TypeError, name,
+             " must be float32, float16 or bfloat16; got ", dtype_name(dtype));
+}
+
+void TensorView::check_dtype(DType expected) const {
+  LLMK_CHECK(dtype == expected, TypeError, name, " must be ", dtype_name(expected), "; got ",
+             dtype_name(dtype));
+}
+
+void TensorView::check_same_device(const TensorView& other) const {
+  LLMK_CHECK(device == other.device && device_index == other.device_index, DeviceError, name,
+             " is on ", device_str(), " but ", other.name, " is on ", other.device_str(),
+             "; all tensors must be on one device");
+}
+
+}  // namespace llmk

@@ -1,0 +1,68 @@
+// MeZO (Malladi et al. 2023): zeroth-order parameter sweeps driven by a counter-based generator.
+//
+// Every MeZO operation is one sweep over a list of parameter tensors. For element j of tensor k
+// (whose generator index is index[k]):
+//
+//   theta <- decay[k] * theta + (coef_a[k] - coef_b[k] * g) * z(seed, index[k], j)
+//                             + next_scale * z(next_seed, index[k], j)        (if has_next)
+//
+// in float32, whatever the parameter dtype. With g = projected gradient:
+//   perturb by scale:         decay = 1,             coef_a = scale,      coef_b = 0
+//   restore + SGD update:     decay = 1 - lr * wd,   coef_a = eps * decay, coef_b = lr
+//   ... and next step's +eps: has_next, next_scale = eps
+// z(s, i, j) is defined in common/gaussian.h. Seeds and g are each a value or a pointer to one
+// element on the parameters' device (an int64 seed, a float32 g), read by the kernel: a step then
+// needs no host synchronization, and a CUDA-graph replay sees the current seed and g.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "common/float_types.h"
+#include "common/gaussian.h"
+#include "core/tensor.h"
+
+namespace llmk::mezo {
+
+struct SweepTensor {
+  void* data;
+  int64_t numel;
+  uint32_t index;  // generator stream of this tensor
+  float decay, coef_a, coef_b;
+};
+
+// A scalar given by value or by a pointer into the parameters' memory space.
+template <typename T, typename Stored = T>
+struct ScalarArg {
+  T value = T(0);
+  const Stored* ptr = nullptr;
+  LLMK_HD T get() const { return ptr ? T(*ptr) : value; }
+};
+
+struct SweepScalars {
+  ScalarArg<uint64_t, int64_t> seed;
+  ScalarArg<float> grad;
+  bool has_next = false;
+  ScalarArg<uint64_t, int64_t> next_seed;
+  float next_scale = 0.0f;
+};
+
+// The per-element update, shared by the CPU and CUDA kernels.
+LLMK_HD float sweep_element(float theta, float decay, float coef, float z, float next_scale,
+                            float z_next) {
+  return decay * theta + coef * z + next_scale * z_next;
+}
+
+// Entry point: validates the views, groups them by dtype and runs the CPU or CUDA kernel.
+// `stream` is a cudaStream_t (unused on CPU). The scalar tensors may be null (use the values).
+void sweep(const std::vector<TensorView>& params, const std::vector<int64_t>& indices,
+           const std::vector<double>& decay, const std::vector<double>& coef_a,
+           const std::vector<double>& coef_b, SweepScalars scalars, const TensorView* seed_tensor,
+           const TensorView* grad_tensor, const TensorView* next_seed_tensor, void* stream);
+
+void sweep_cpu(DType dtype, const std::vector<SweepTensor>& tensors, const SweepScalars& scalars);
+#if defined(LLMK_WITH_CUDA)
+void sweep_cuda(DType dtype, const std::vector<SweepTensor>& tensors, const SweepScalars& scalars,
+                int device_index, void* stream);
+#endif
+
+}  // namespace llmk::mezo

@@ -1,0 +1,143 @@
+// CUDA kernel for the MeZO sweep (mezo.h).
+//
+// Multi-tensor launch: up to kTensorsPerLaunch tensors travel by value in the kernel parameters
+// (about 3.5 KB, under the classic 4 KB limit). Each tensor is cut into chunks of kChunkGroups
+// groups of four elements; block b handles chunk b of the concatenation and finds its tensor by
+// binary search over the chunk prefix sums. A 1B-parameter model (about 200 tensors) is 3 launches.
+//
+// Per thread: kGroupsPerThread independent groups, all loads issued before any generator work so
+// that the memory system has them in flight while Philox and Box-Muller run.
+//
+//   block b:  | g0 g1 ... g255 | g256 ... g511 | ... | g768 ... g1023 |   (groups of 4 elements)
+//   thread t: loads g(t), g(t+256), g(t+512), g(t+768): coalesced 16-byte (fp32) / 8-byte loads
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "core/cuda_check.h"
+#include "mezo/mezo.h"
+
+namespace llmk::mezo {
+namespace {
+
+constexpr int kTensorsPerLaunch = 96;
+constexpr int kThreads = 256;
+constexpr int kGroupsPerThread = 4;
+constexpr int64_t kChunkGroups = int64_t(kThreads) * kGroupsPerThread;
+
+struct LaunchBatch {
+  void* data[kTensorsPerLaunch];
+  int64_t numel[kTensorsPerLaunch];
+  uint32_t index[kTensorsPerLaunch];
+  float decay[kTensorsPerLaunch];
+  float coef_a[kTensorsPerLaunch];
+  float coef_b[kTensorsPerLaunch];
+  int32_t chunk_begin[kTensorsPerLaunch + 1];  // prefix sums of chunks per tensor
+  uint8_t vector_aligned[kTensorsPerLaunch];   // data is aligned to a whole group (4 elements)
+  int32_t num_tensors;
+};
+
+template <typename T>
+struct alignas(4 * sizeof(T)) Group4 { T v[4]; };
+
+__device__ __forceinline__ int find_tensor(const LaunchBatch& batch, int32_t chunk) {
+  int lo = 0, hi = batch.num_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (batch.chunk_begin[mid] <= chunk) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+sweep_kernel(const __grid_constant__ LaunchBatch batch, const SweepScalars s) {
+  const int32_t chunk = int32_t(blockIdx.x);
+  const int k = find_tensor(batch, chunk);
+  T* data = static_cast<T*>(batch.data[k]);
+  const int64_t numel = batch.numel[k];
+  const uint32_t stream_index = batch.index[k];
+  const float decay = batch.decay[k];
+
+  const PhiloxKey key = PhiloxKey::from_seed(s.seed.get());
+  const PhiloxKey next_key = PhiloxKey::from_seed(s.next_seed.get());
+  const float grad = s.grad.get();
+  const float coef = batch.coef_a[k] - batch.coef_b[k] * grad;
+
+  const int64_t first_group = int64_t(chunk - batch.chunk_begin[k]) * kChunkGroups;
+  const int64_t full_groups = batch.vector_aligned[k] ? numel / 4 : 0;  // vector path
+  const int64_t all_groups = (numel + 3) / 4;
+
+  Group4<T> values[kGroupsPerThread];
+#pragma unroll
+  for (int i = 0; i < kGroupsPerThread; ++i) {
+    const int64_t g = first_group + i * kThreads + threadIdx.x;
+    if (g < full_groups) values[i] = reinterpret_cast<const Group4<T>*>(data)[g];
+  }
+#pragma unroll
+  for (int i = 0; i < kGroupsPerThread; ++i) {
+    const int64_t g = first_group + i * kThreads + threadIdx.x;
+    if (g >= all_groups) break;
+    const Normal4 z = normal4(key, stream_index, uint64_t(g));
+    Normal4 z_next{{0.f, 0.f, 0.f, 0.f}};
+    if (s.has_next) z_next = normal4(next_key, stream_index, uint64_t(g));
+    if (g < full_groups) {
+      Group4<T> out;
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        out.v[e] = from_float<T>(sweep_element(to_float(values[i].v[e]), decay, coef, z.z[e],
+                                               s.next_scale, z_next.z[e]));
+      reinterpret_cast<Group4<T>*>(data)[g] = out;
+    } else {  // the partial last group, or a tensor not aligned to 4 elements: one at a time
+      for (int e = 0; e < 4 && 4 * g + e < numel; ++e) {
+        T& element = data[4 * g + e];
+        element = from_float<T>(
+            sweep_element(to_float(element), decay, coef, z.z[e], s.next_scale, z_next.z[e]));
+      }
+    }
+  }
+}
+
+template <typename T>
+void sweep_typed(const std::vector<SweepTensor>& tensors, const SweepScalars& scalars,
+                 cudaStream_t stream) {
+  for (size_t start = 0; start < tensors.size(); start += kTensorsPerLaunch) {
+    LaunchBatch batch{};
+    const size_t count = std::min(tensors.size() - start, size_t(kTensorsPerLaunch));
+    int64_t chunks = 0;
+    for (size_t j = 0; j < count; ++j) {
+      const SweepTensor& t = tensors[start + j];
+      batch.data[j] = t.data;
+      batch.numel[j] = t.numel;
+      batch.index[j] = t.index;
+      batch.decay[j] = t.decay;
+      batch.coef_a[j] = t.coef_a;
+      batch.coef_b[j] = t.coef_b;
+      batch.vector_aligned[j] = reinterpret_cast<uintptr_t>(t.data) % sizeof(Group4<T>) == 0;
+      batch.chunk_begin[j] = int32_t(chunks);
+      chunks += (t.numel + 4 * kChunkGroups - 1) / (4 * kChunkGroups);
+      LLMK_CHECK(chunks < INT32_MAX, ValueError, "mezo sweep: too many elements in one launch");
+    }
+    batch.chunk_begin[count] = int32_t(chunks);
+    batch.num_tensors = int32_t(count);
+    sweep_kernel<T><<<dim3(uint32_t(chunks)), dim3(kThreads), 0, stream>>>(batch, scalars);
+    LLMK_CUDA_CHECK_LAUNCH();
+  }
+}
+
+}  // namespace
+
+void sweep_cuda(DType dtype, const std::vector<SweepTensor>& tensors, const SweepScalars& scalars,
+                int device_index, void* stream) {
+  CudaDeviceGuard guard(device_index);
+  const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::f32: return sweep_typed<float>(tensors, scalars, cuda_stream);
+    case DType::bf16: return sweep_typed<bf16>(tensors, scalars, cuda_stream);
+    case DType::f16: return sweep_typed<f16>(tensors, scalars, cuda_stream);
+    default: throw TypeError(std::string("mezo sweep: unsupported dtype ") + dtype_name(dtype));
+  }
+}
+
+}  // namespace llmk::mezo

@@ -1,0 +1,4 @@
+"""Plain-PyTorch oracles, one module per kernel family, with the same signatures as the ops."""
+from . import mezo
+
+__all__ = ["mezo"]
