@@ -10,27 +10,46 @@
 namespace llmk::mezo {
 namespace {
 
-constexpr int64_t kChunkElements = 16384;  // a multiple of 4: chunks start on group boundaries
+constexpr int64_t kChunkElements = 16384;  // a multiple of 4 * kLanes: chunks start on block boundaries
 
 struct Chunk {
   int tensor;
   int64_t begin, end;  // element range
 };
 
+// z for kLanes consecutive groups (4 kLanes elements), stored planar: z[e * kLanes + l] is
+// element e of group first_group + l. Written as a loop over independent lanes so that the
+// compiler vectorizes Philox and Box-Muller across groups; compiled for AVX-512, AVX2 and baseline
+// x86-64, picked at load time. Every lane computes exactly what the scalar normal4() computes
+// (vector IEEE add/mul/div/sqrt round like scalar ones, and -ffp-contract=off forbids FMA).
+constexpr int kLanes = 16;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+void normal_lanes(PhiloxKey key, uint32_t index, uint64_t first_group, float* __restrict z) {
+  for (int l = 0; l < kLanes; ++l) {
+    const Normal4 n = normal4(key, index, first_group + uint64_t(l));
+    for (int e = 0; e < 4; ++e) z[e * kLanes + l] = n.z[e];
+  }
+}
+
 template <typename T>
 void sweep_chunk(const SweepTensor& t, int64_t begin, int64_t end, PhiloxKey key,
                  PhiloxKey next_key, float coef, const SweepScalars& s) {
   T* data = static_cast<T*>(t.data);
-  for (int64_t group_start = begin; group_start < end; group_start += 4) {
-    const uint64_t group = uint64_t(group_start) >> 2;
-    const Normal4 z = normal4(key, t.index, group);
-    Normal4 z_next{{0.f, 0.f, 0.f, 0.f}};
-    if (s.has_next) z_next = normal4(next_key, t.index, group);
-    const int count = int(std::min<int64_t>(4, end - group_start));
-    for (int e = 0; e < count; ++e) {
-      T& element = data[group_start + e];
-      element = from_float<T>(
-          sweep_element(to_float(element), t.decay, coef, z.z[e], s.next_scale, z_next.z[e]));
+  alignas(64) float z[4 * kLanes];
+  alignas(64) float z_next[4 * kLanes] = {};
+  for (int64_t block_start = begin; block_start < end; block_start += 4 * kLanes) {
+    const uint64_t first_group = uint64_t(block_start) >> 2;
+    normal_lanes(key, t.index, first_group, z);
+    if (s.has_next) normal_lanes(next_key, t.index, first_group, z_next);
+    const int count = int(std::min<int64_t>(4 * kLanes, end - block_start));
+    T* block = data + block_start;
+    for (int j = 0; j < count; ++j) {
+      const int lane_slot = (j & 3) * kLanes + (j >> 2);
+      block[j] = from_float<T>(
+          sweep_element(to_float(block[j]), t.decay, coef, z[lane_slot], s.next_scale, z_next[lane_slot]));
     }
   }
 }
