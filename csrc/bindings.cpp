@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "common/gaussian.h"
 #include "common/philox.h"
 #include "core/errors.h"
 #include "core/tensor.h"
@@ -117,6 +118,20 @@ PYBIND11_MODULE(_C, m) {
         return std::vector<uint32_t>(out.x, out.x + 4);
       }, py::arg("counter"), py::arg("key"),
       "Philox4x32-10 of one 128-bit counter under a 64-bit key (the generator in common/philox.h)");
+
+  m.def("normal4_scalar", [](uint64_t seed, uint32_t tensor_index, uint64_t first_group, int64_t num_groups) {
+        if (num_groups < 0) throw ValueError("num_groups must be >= 0");
+        const PhiloxKey key = PhiloxKey::from_seed(seed);
+        std::vector<float> out;
+        out.reserve(size_t(num_groups) * 4);
+        for (int64_t g = 0; g < num_groups; ++g) {
+          const Normal4 z = normal4(key, tensor_index, first_group + uint64_t(g));
+          out.insert(out.end(), z.z, z.z + 4);
+        }
+        return out;
+      }, py::arg("seed"), py::arg("tensor_index"), py::arg("first_group"), py::arg("num_groups"),
+      "z for 4*num_groups elements through the scalar normal4() (the code path the CUDA kernel runs), "
+      "to check the vectorized CPU kernel against it bit for bit");
 
   m.def("mezo_sweep", &mezo_sweep, py::arg("params"), py::arg("indices"), py::arg("decay"),
         py::arg("coef_a"), py::arg("coef_b"), py::arg("seed"), py::arg("seed_tensor"),

@@ -237,8 +237,11 @@ class MeZO(torch.optim.Optimizer):
             loss_pos = torch.tensor(float(loss_pos), device=device)
         if not isinstance(loss_neg, torch.Tensor):
             loss_neg = torch.tensor(float(loss_neg), device=device)
-        grad = ((loss_pos.detach().float() - loss_neg.detach().float()) / (2.0 * eps)).reshape(())
-        grad = grad.to(device=device)
+        # The difference of two nearly equal losses: subtract in the losses' precision (at least
+        # float32; float64 losses stay float64) and only then round g to float32 for the kernel.
+        wide = torch.promote_types(torch.promote_types(loss_pos.dtype, loss_neg.dtype), torch.float32)
+        grad = (loss_pos.detach().to(wide) - loss_neg.detach().to(wide)) / (2.0 * eps)
+        grad = grad.reshape(()).to(device=device, dtype=torch.float32)
         decay = [1.0 - lr * wd for lr, wd in zip(lrs, wds)]
         seed_value, seed_tensor = self._seed(device)
         fold = self.fold_perturbation

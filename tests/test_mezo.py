@@ -1,0 +1,463 @@
+"""MeZO: the generator, the sweeps, the optimizer. Oracles: an independent NumPy Philox with
+float64 Box-Muller (philox_numpy.py), Random123's published known-answer vectors, statistics of
+the normal distribution, and llmkernels.reference.mezo (the paper's algorithm in plain PyTorch)."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import llmkernels
+from llmkernels import mezo
+from llmkernels import reference
+from llmkernels._ext import C
+
+from conftest import CUDA_USABLE, requires_cuda
+from philox_numpy import noise_float64
+from tolerances import assert_parity, ulps
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Odd sizes around the kernels' boundaries: groups of 4, CPU lanes of 64, CUDA chunks of 4096,
+# CPU chunks of 16384; 0-dim tensors and empty tensors in the list.
+SHAPES = [(), (1,), (3,), (5,), (63,), (65, 1), (7, 9), (4097,), (3, 5461), (16385,), (0,), (2, 0, 3)]
+
+
+def make_params(shapes, dtype, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator).to(dtype=dtype, device=device) for shape in shapes]
+
+
+def oracle_update(params, seed, lr, grad, eps, wd, skip=(), next_seed=None, next_scale=0.0):
+    """The restore + update in float64 on the same z (z itself checked separately)."""
+    out = []
+    for i, p in enumerate(params):
+        z = mezo.noise(seed, i, p.numel()).double().view(p.shape)
+        theta = p.double().cpu() + eps * z
+        decay = 0.0 if i in skip else wd
+        theta = theta - lr * (grad * z + decay * theta)
+        if next_seed is not None:
+            theta = theta + next_scale * mezo.noise(next_seed, i, p.numel()).double().view(p.shape)
+        out.append(theta)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The generator
+
+
+@pytest.mark.parametrize(
+    "counter,key,expected",
+    [  # Random123's known-answer vectors for philox4x32-10
+        ([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+        ([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2, [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+        ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0],
+         [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
+    ],
+)
+def test_philox_known_answers(counter, key, expected):
+    assert C.philox4x32_10(counter, key) == expected
+
+
+@pytest.mark.parametrize("seed,tensor_index", [(0, 0), (12345, 7), (2**63 - 1, 2**32 - 1)])
+def test_noise_matches_independent_float64_oracle(seed, tensor_index):
+    n = 200_003
+    z = mezo.noise(seed, tensor_index, n).double()
+    expected = torch.from_numpy(noise_float64(seed, tensor_index, n))
+    # float32 log/sqrt/sin/cos by polynomials: a few roundings, measured at most 2.9 ulp.
+    assert ((z - expected).abs() <= 4 * ulps(expected)).all()
+
+
+def test_vectorized_cpu_noise_equals_scalar_path_bit_for_bit():
+    # The CPU kernel vectorizes across groups (AVX-512/AVX2 clones); the scalar normal4() is what
+    # the CUDA kernel runs. Any FMA contraction or reordering in either would show here.
+    for seed, index, numel in [(1, 0, 4 * 1000 + 3), (99, 5, 70_001)]:
+        z = mezo.noise(seed, index, numel)
+        scalar = torch.tensor(C.normal4_scalar(seed, index, 0, (numel + 3) // 4))[:numel]
+        assert torch.equal(z, scalar)
+
+
+def test_noise_depends_only_on_seed_index_element():
+    a = mezo.noise(7, 3, 10_000)
+    assert torch.equal(a, mezo.noise(7, 3, 10_000))
+    assert torch.equal(a[:1234], mezo.noise(7, 3, 1234))  # a prefix is the same numbers
+    for other in (mezo.noise(8, 3, 10_000), mezo.noise(7, 4, 10_000), mezo.noise(2**40 + 7, 3, 10_000)):
+        assert not torch.equal(a, other)
+        corr = torch.corrcoef(torch.stack([a, other]))[0, 1].item()
+        assert abs(corr) < 5 / 10_000**0.5  # independent: |r| ~ N(0, 1/n)
+
+
+def test_noise_moments_and_kolmogorov_smirnov():
+    n = 1_000_000
+    z = mezo.noise(2024, 0, n).double().numpy()
+    # standard errors for n = 1e6: mean 1e-3, variance 1.4e-3, skewness 2.4e-3, kurtosis 4.9e-3
+    assert abs(z.mean()) < 5e-3
+    assert abs(z.var() - 1) < 7e-3
+    assert abs(stats.skew(z)) < 1.2e-2
+    assert abs(stats.kurtosis(z)) < 2.5e-2
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+    # the two halves of each Box-Muller pair and the two pairs of a group are uncorrelated
+    groups = z[: n // 4 * 4].reshape(-1, 4)
+    corr = np.corrcoef(groups.T)
+    assert np.abs(corr - np.eye(4)).max() < 5 / (n / 4) ** 0.5
+
+
+def test_noise_across_seeds_is_uniform_in_distribution():
+    # the first element of many consecutive seeds (as the optimizer uses them) is N(0, 1)
+    first = np.array([mezo.noise(s, 0, 1).item() for s in range(2000)])
+    assert stats.kstest(first, "norm").pvalue > 1e-3
+
+
+def test_noise_dtype_and_device_arguments(device):
+    z = mezo.noise(1, 2, 99, dtype=torch.bfloat16, device=device)
+    assert z.dtype == torch.bfloat16 and z.device.type == device.type and z.shape == (99,)
+    assert torch.equal(z.cpu(), mezo.noise(1, 2, 99).to(torch.bfloat16))
+    assert mezo.noise(1, 2, 0, device=device).numel() == 0
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cpu_and_cuda_noise_identical_bits():
+    for seed, index, numel in [(0, 0, 1 << 20), (2**63 - 1, 2**32 - 1, 100_003)]:
+        assert torch.equal(mezo.noise(seed, index, numel), mezo.noise(seed, index, numel, device="cuda").cpu())
+    # and the update kernels draw the same z: a perturb of zeros returns z on both devices
+    zeros = [torch.zeros(4099, device=d) for d in ("cpu", "cuda")]
+    for z in zeros:
+        mezo.perturb_([torch.zeros(3), z][1:], 5, 1.0) if False else mezo.perturb_([z], 5, 1.0)
+    assert torch.equal(zeros[0], zeros[1].cpu())
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweeps
+
+
+def test_perturb_plus_minus_returns_fp32_params_within_rounding(device):
+    params = make_params(SHAPES, torch.float32, device)
+    original = [p.clone() for p in params]
+    eps = 1e-3
+    mezo.perturb_(params, 11, eps)
+    assert any(not torch.equal(p, o) for p, o in zip(params, original) if p.numel())
+    mezo.perturb_(params, 11, -2 * eps)
+    mezo.perturb_(params, 11, eps)
+    for i, (p, o) in enumerate(zip(params, original)):
+        z = mezo.noise(11, i, o.numel()).view(o.shape).to(device)
+        # three roundings, each at most half an ulp of a value at most |theta| + 2 eps |z|
+        bound = 2 * 2.0**-23 * (o.abs() + 2 * eps * z.abs())
+        assert ((p - o).abs() <= bound).all(), f"params[{i}]"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_perturb_matches_reference(device, dtype):
+    params = make_params(SHAPES, dtype, device, seed=1)
+    expected = [p.clone() for p in params]
+    mezo.perturb_(params, 3, 0.25)
+    reference.mezo.perturb_(expected, 3, 0.25)
+    oracle = [o.double().cpu() + 0.25 * mezo.noise(3, i, o.numel()).double().view(o.shape)
+              for i, o in enumerate(make_params(SHAPES, dtype, "cpu", seed=1))]
+    for i, (p, e, o) in enumerate(zip(params, expected, oracle)):
+        assert p.dtype == dtype
+        assert_parity(p, e, o, f"params[{i}]")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grad_as_tensor", [False, True])
+def test_update_matches_reference(device, dtype, grad_as_tensor):
+    lr, eps, wd, grad = 0.05, 1e-2, 0.1, -1.75
+    params = make_params(SHAPES, dtype, device, seed=2)
+    original = [p.clone() for p in params]
+    expected = [p.clone() for p in params]
+    no_decay = [params[1], params[4]]
+    g = torch.tensor(grad, device=device) if grad_as_tensor else grad
+    mezo.update_(params, 9, lr, g, eps, weight_decay=wd, no_decay=no_decay)
+    reference.mezo.update_(expected, 9, lr, grad, eps, weight_decay=wd, no_decay=[expected[1], expected[4]])
+    oracle = oracle_update(original, 9, lr, grad, eps, wd, skip={1, 4})
+    for i, (p, e, o) in enumerate(zip(params, expected, oracle)):
+        assert_parity(p, e, o, f"params[{i}]")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_update_with_next_perturbation_matches_reference(device, dtype):
+    params = make_params(SHAPES, dtype, device, seed=3)
+    original = [p.clone() for p in params]
+    expected = [p.clone() for p in params]
+    mezo.update_(params, 4, 0.1, 0.5, 1e-2, weight_decay=0.01, next_seed=5)
+    reference.mezo.update_(expected, 4, 0.1, 0.5, 1e-2, weight_decay=0.01, next_seed=5)
+    oracle = oracle_update(original, 4, 0.1, 0.5, 1e-2, 0.01, next_seed=5, next_scale=1e-2)
+    for i, (p, e, o) in enumerate(zip(params, expected, oracle)):
+        assert_parity(p, e, o, f"params[{i}]")
+
+
+def test_seed_and_grad_as_device_tensors_equal_values(device):
+    a = make_params(SHAPES, torch.float32, device, seed=4)
+    b = [p.clone() for p in a]
+    mezo.update_(a, 77, 0.1, 0.3, 1e-2, next_seed=78)
+    mezo.update_(b, torch.tensor(77, device=device), 0.1, torch.tensor([0.3], device=device), 1e-2,
+                 next_seed=torch.tensor([78], device=device))
+    c = make_params(SHAPES, torch.float32, device, seed=4)
+    mezo.update_(c, 77, 0.1, torch.tensor(0.3, dtype=torch.float64, device=device), 1e-2, next_seed=78)
+    for x, y, w in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, w)
+
+
+def test_sweep_touches_nothing_outside_its_tensors(device):
+    # contiguous views into one buffer, one of them not 16-byte aligned (the kernels' scalar path)
+    for dtype in DTYPES:
+        base = torch.randn(3 * 5000 + 7).to(dtype=dtype, device=device)
+        before = base.clone()
+        views = [base[1:4098], base[5000:5003], base[9001:14002]]
+        mezo.perturb_(views, 1, 0.5)
+        untouched = torch.ones_like(base, dtype=torch.bool)
+        untouched[1:4098] = untouched[5000:5003] = untouched[9001:14002] = False
+        assert torch.equal(base[untouched], before[untouched])
+        for i, (start, stop) in enumerate([(1, 4098), (5000, 5003), (9001, 14002)]):
+            changed = base[start:stop] != before[start:stop]
+            assert changed.float().mean() > 0.5, f"views[{i}] mostly unchanged"
+
+
+def test_zero_scale_perturb_is_exact_for_every_dtype(device):
+    for dtype in DTYPES:
+        params = make_params(SHAPES, dtype, device, seed=5)
+        original = [p.clone() for p in params]
+        mezo.perturb_(params, 1, 0.0)
+        assert all(torch.equal(p, o) for p, o in zip(params, original))
+
+
+def test_opcheck_mezo_sweep(device):
+    params = make_params([(5,), (3, 4)], torch.float32, device)
+    args = (params, [0, 1], [1.0, 0.99], [0.1, 0.1], [0.01, 0.01], 3, None, 0.5, None, False, 0, None, 0.0)
+    torch.library.opcheck(torch.ops.llmkernels.mezo_sweep.default, args)
+    seed = torch.tensor(3, device=device)
+    grad = torch.tensor(0.5, device=device)
+    args = (params, [0, 1], [1.0, 0.99], [0.1, 0.1], [0.01, 0.01], 0, seed, 0.0, grad, True, 4, None, 1e-3)
+    torch.library.opcheck(torch.ops.llmkernels.mezo_sweep.default, args)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph(device):
+    params = make_params([(33,), (8, 8)], torch.float32, device)
+    expected = [p.clone() for p in params]
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(ps):
+        mezo.perturb_(ps, 5, 1e-2)
+        mezo.update_(ps, 5, 0.1, 0.25, 1e-2)
+
+    step(params)
+    mezo.perturb_(expected, 5, 1e-2)
+    mezo.update_(expected, 5, 0.1, 0.25, 1e-2)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p, e, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_inputs_raise_clear_errors():
+    good = [torch.randn(4), torch.randn(3)]
+    with pytest.raises(ValueError, match="non-empty"):
+        mezo.perturb_([], 0, 1.0)
+    with pytest.raises(TypeError, match=r"params\[1\] must have dtype float32, bfloat16, float16; got int64"):
+        mezo.perturb_([good[0], torch.arange(3)], 0, 1.0)
+    with pytest.raises(ValueError, match=r"params\[0\] must be contiguous"):
+        mezo.perturb_([torch.randn(4, 4).t()], 0, 1.0)
+    with pytest.raises(RuntimeError, match=r"params\[1\] must be on a CPU or CUDA device"):
+        mezo.perturb_([good[0], torch.empty(3, device="meta")], 0, 1.0)
+    with pytest.raises(TypeError, match="a single tensor"):
+        mezo.perturb_(good[0], 0, 1.0)
+    with pytest.raises(ValueError, match=r"params\[1\] shares its memory with params\[0\]"):
+        mezo.perturb_([good[0], good[0]], 0, 1.0)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\)"):
+        mezo.perturb_(good, -1, 1.0)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        mezo.perturb_(good, 1.5, 1.0)
+    with pytest.raises(TypeError, match="seed must have dtype int64"):
+        mezo.perturb_(good, torch.tensor(1, dtype=torch.int32), 1.0)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        mezo.perturb_(good, 0, float("nan"))
+    with pytest.raises(ValueError, match="projected_grad must hold exactly one element"):
+        mezo.update_(good, 0, 0.1, torch.ones(2), 1e-3)
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        mezo.update_(good, 0, 0.1, 1.0, 1e-3, weight_decay=-1)
+    with pytest.raises(ValueError, match=r"no_decay\[0\] is not one of params"):
+        mezo.update_(good, 0, 0.1, 1.0, 1e-3, no_decay=[torch.randn(4)])
+    with pytest.raises(ValueError, match="numel must be a non-negative int"):
+        mezo.noise(0, 0, -1)
+    with pytest.raises(ValueError, match="tensor_index"):
+        mezo.noise(0, 2**32, 4)
+    before = [p.clone() for p in good]
+    with pytest.raises(ValueError):
+        mezo.update_(good, 0, float("inf"), 1.0, 1e-3)
+    assert all(torch.equal(p, b) for p, b in zip(good, before))  # nothing ran
+
+
+def test_native_core_checks_its_own_inputs():
+    # The torch-free core validates what arrives through DLPack, for callers that bypass Python.
+    from torch.utils.dlpack import to_dlpack
+    args = ([1.0], [0.1], [0.0], 0, None, 0.0, None, False, 0, None, 0.0, 0)
+    with pytest.raises(ValueError, match=r"params\[0\] must be contiguous; got shape \(4, 4\) with strides \(1, 4\)"):
+        C.mezo_sweep([to_dlpack(torch.randn(4, 4).t())], [0], *args)
+    with pytest.raises(TypeError, match=r"params\[0\] must be float32, float16 or bfloat16; got int32"):
+        C.mezo_sweep([to_dlpack(torch.zeros(4, dtype=torch.int32))], [0], *args)
+    with pytest.raises(ValueError, match="one entry per tensor"):
+        C.mezo_sweep([to_dlpack(torch.zeros(4))], [0, 1], *args)
+    with pytest.raises(TypeError, match="DLPack capsule"):
+        C.mezo_sweep([torch.zeros(4)], [0], *args)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_mixed_devices_raise():
+    with pytest.raises(RuntimeError, match=r"params\[1\] is on cuda:0 but params\[0\] is on cpu"):
+        mezo.perturb_([torch.randn(4), torch.randn(4, device="cuda")], 0, 1.0)
+    with pytest.raises(RuntimeError, match="projected_grad is on cpu"):
+        mezo.update_([torch.randn(4, device="cuda")], 0, 0.1, torch.tensor(1.0), 1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer
+
+
+def least_squares(device, seed=0):
+    """float32 weights, loss in float64: MeZO divides the loss difference by 2 eps, which would
+    amplify float32 rounding of the loss into trajectory differences between equivalent runs."""
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(128, 12, generator=generator, dtype=torch.float64).to(device)
+    target = torch.randn(12, generator=generator, dtype=torch.float64).to(device)
+    b = a @ target
+    weights = [torch.zeros(8, device=device), torch.zeros(4, device=device)]
+
+    def loss():
+        return ((a @ torch.cat(weights).double() - b) ** 2).mean()
+
+    return weights, loss
+
+
+def test_optimizer_minimizes_least_squares(device):
+    weights, loss = least_squares(device)
+    initial = loss().item()
+    optimizer = mezo.MeZO(weights, lr=2e-2, eps=1e-3, seed=1)
+    for _ in range(1500):
+        optimizer.step(loss)
+    final = loss().item()
+    assert final < initial / 1000, f"loss {initial:.3g} -> {final:.3g}"
+
+
+def test_optimizer_step_equals_reference_algorithm(device):
+    weights, loss = least_squares(device)
+    optimizer = mezo.MeZO(weights, lr=1e-2, eps=1e-3, weight_decay=0.05, seed=42)
+    ref_weights, ref_loss = least_squares(device)
+    for k in range(5):
+        pos = optimizer.step(loss)
+        ref_pos = reference.mezo.step(ref_weights, ref_loss, 42 + k, lr=1e-2, eps=1e-3, weight_decay=0.05)
+        torch.testing.assert_close(pos, ref_pos)
+    for w, r in zip(weights, ref_weights):
+        torch.testing.assert_close(w, r, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_folded_and_capturable_modes_follow_the_same_trajectory(device):
+    runs = {}
+    for name, options in {"plain": {}, "fold": dict(fold_perturbation=True), "capturable": dict(capturable=True),
+                          "both": dict(fold_perturbation=True, capturable=True)}.items():
+        weights, loss = least_squares(device)
+        optimizer = mezo.MeZO(weights, lr=1e-2, eps=1e-3, seed=5, **options)
+        for _ in range(20):
+            optimizer.step(loss)
+        optimizer.remove_perturbation()
+        runs[name] = torch.cat(weights)
+    assert not torch.equal(runs["plain"], torch.zeros_like(runs["plain"]))
+    for name in ("fold", "capturable", "both"):
+        torch.testing.assert_close(runs[name], runs["plain"], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_optimizer_param_groups_and_weight_decay(device):
+    weights, loss = least_squares(device)
+    optimizer = mezo.MeZO([{"params": [weights[0]], "lr": 1e-2, "weight_decay": 0.1},
+                           {"params": [weights[1]], "lr": 0.0}], eps=1e-3, seed=9)
+    for _ in range(10):
+        optimizer.step(loss)
+    assert weights[0].abs().sum() > 0
+    # lr = 0: the group's parameters come back to exactly where they were (within rounding)
+    torch.testing.assert_close(weights[1], torch.zeros(4, device=device), rtol=0, atol=1e-6)
+
+
+def test_optimizer_state_dict_round_trip_resumes_identically(device):
+    weights, loss = least_squares(device)
+    optimizer = mezo.MeZO(weights, lr=1e-2, eps=1e-3, seed=3, fold_perturbation=True)
+    for _ in range(4):
+        optimizer.step(loss)
+    saved_weights = [w.clone() for w in weights]
+    saved_state = copy.deepcopy(optimizer.state_dict())
+    for _ in range(3):
+        optimizer.step(loss)
+    continued = torch.cat(weights).clone()
+
+    resumed_weights, resumed_loss = least_squares(device)
+    for w, s in zip(resumed_weights, saved_weights):
+        w.copy_(s)
+    resumed = mezo.MeZO(resumed_weights, lr=0.5, eps=0.5, seed=0)
+    resumed.load_state_dict(saved_state)
+    for _ in range(3):
+        resumed.step(resumed_loss)
+    assert torch.equal(torch.cat(resumed_weights), continued)
+
+
+def test_optimizer_seed_sequence_is_reproducible(device):
+    results = []
+    for seed in (11, 11, 12):
+        weights, loss = least_squares(device)
+        optimizer = mezo.MeZO(weights, lr=1e-2, eps=1e-3, seed=seed)
+        for _ in range(3):
+            optimizer.step(loss)
+        results.append(torch.cat(weights))
+    assert torch.equal(results[0], results[1])
+    assert not torch.equal(results[0], results[2])
+
+
+def test_optimizer_rejects_bad_arguments():
+    w = [torch.zeros(3)]
+    with pytest.raises(ValueError, match="eps must be"):
+        mezo.MeZO(w, eps=0.0)
+    with pytest.raises(ValueError, match="lr must be"):
+        mezo.MeZO(w, lr=float("nan"))
+    with pytest.raises(ValueError, match="needs a closure"):
+        mezo.MeZO(w).step(None)
+    with pytest.raises(ValueError, match="'mezo' entry"):
+        mezo.MeZO(w).load_state_dict(torch.optim.SGD(w, lr=0.1).state_dict())
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_full_step_captured_in_cuda_graph_and_replayed():
+    weights, loss = least_squares("cuda")
+    optimizer = mezo.MeZO(weights, lr=1e-2, eps=1e-3, seed=21, capturable=True, fold_perturbation=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        optimizer.step(loss)  # warm-up outside the graph (also allocates the device seed)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        optimizer.step(loss)
+    for _ in range(4):
+        graph.replay()
+    torch.cuda.synchronize()
+    optimizer.remove_perturbation()  # seed in the device tensor is now 21 + 5
+
+    eager_weights, eager_loss = least_squares("cuda")
+    eager = mezo.MeZO(eager_weights, lr=1e-2, eps=1e-3, seed=21)
+    for _ in range(5):
+        eager.step(eager_loss)
+    torch.testing.assert_close(torch.cat(weights), torch.cat(eager_weights), rtol=1e-5, atol=1e-6)
+    assert optimizer.state_dict()["mezo"]["steps_taken"] == 5
+
+
+def test_build_info_describes_the_build():
+    info = llmkernels.build_info()
+    for key in ("version", "cpu_backend", "openmp_threads", "cuda_compiled", "cuda_archs",
+                "cuda_runtime_version", "gpu_usable"):
+        assert key in info
+    assert info["version"] == llmkernels.__version__
+    assert info["gpu_usable"] == CUDA_USABLE or not torch.cuda.is_available()
