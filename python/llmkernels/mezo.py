@@ -8,7 +8,6 @@ counter-based Philox generator that gives the same bits on CPU and CUDA (docs/me
     update_(params, seed, lr, g, eps, wd)    theta_i += eps * z_i, then theta_i -= lr * (g * z_i + wd * theta_i)
     MeZO(params, lr=..., eps=...)            torch.optim.Optimizer running a whole step in 3 sweeps (or 2)
 """
-from __future__ import annotations
 
 import math
 import numbers
