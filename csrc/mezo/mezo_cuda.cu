@@ -38,6 +38,9 @@ struct LaunchBatch {
   int32_t num_tensors;
 };
 
+// Kernel parameters stay under the 4 KB that every driver accepts.
+static_assert(sizeof(LaunchBatch) + sizeof(SweepScalars) <= 4096, "kernel parameters exceed 4 KB");
+
 template <typename T>
 struct alignas(4 * sizeof(T)) Group4 { T v[4]; };
 
