@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The project's one call on a GPU machine (shared/GPU.md): device, build, CUDA tests, the whole
+# suite, compute-sanitizer memcheck and racecheck, the CUDA benchmark, and a summary table last.
+#
+#   OUT=/path/to/output bash bench/gpu_check.sh      # from the repository root
+#
+# Every log and the benchmark JSON go under $OUT; the summary goes to stdout and $OUT/summary.txt.
+# A failed step is recorded and the next one still runs, except that nothing runs after a failed
+# build. Each step has a timeout so that the summary always comes back; the whole script is meant
+# to take under 7 minutes on an H100.
+set -uo pipefail
+
+OUT=${OUT:-bench-out/gpu-check}
+mkdir -p "$OUT"
+summary=()
+script_start=$SECONDS
+
+record() {   # step name, result text
+  summary+=("$(printf '%-10s %s' "$1" "$2")")
+}
+
+finish() {
+  {
+    echo
+    echo "== gpu_check summary ($((SECONDS - script_start)) s, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
+    printf '%s\n' "${summary[@]}"
+  } | tee "$OUT/summary.txt"
+  exit "$1"
+}
+
+# A timeout or failure of `cmd | tee` shows in PIPESTATUS[0]; 124 means the timeout fired.
+describe_rc() {
+  case "$1" in
+    0) echo "ok" ;;
+    124) echo "TIMEOUT" ;;
+    *) echo "FAILED (exit $1)" ;;
+  esac
+}
+
+pytest_counts() {   # the final "N passed, M skipped in Ts" line of a pytest log
+  grep -E '[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' "$1" | tail -n 1 | tr -d '=' | xargs
+}
+
+# 1. device -----------------------------------------------------------------------------------
+{
+  nvidia-smi
+  python3 -c "import torch; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '| device',
+    torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')"
+} > "$OUT/device.txt" 2>&1
+record device "$(tail -n 1 "$OUT/device.txt")"
+
+# 2. build ------------------------------------------------------------------------------------
+step_start=$SECONDS
+LLMK_CUDA=ON LLMK_CUDA_ARCHS=90a CMAKE_BUILD_PARALLEL_LEVEL=16 timeout 360 \
+  python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1
+build_rc=$?
+record build "$(describe_rc $build_rc) in $((SECONDS - step_start)) s (build.log)"
+if [ "$build_rc" -ne 0 ]; then
+  tail -n 40 "$OUT/build.log"
+  finish 1
+fi
+# ptxas -v prints "N bytes spill stores, M bytes spill loads" per kernel; keep the nonzero ones.
+grep -E '[1-9][0-9]* bytes spill (stores|loads)' "$OUT/build.log" > "$OUT/spills.txt"
+if ! grep -q 'ptxas info' "$OUT/build.log"; then
+  record spills "unknown: no ptxas -v output in build.log"
+elif [ -s "$OUT/spills.txt" ]; then
+  record spills "$(wc -l < "$OUT/spills.txt") kernel(s) spill (spills.txt)"
+else
+  record spills "none ($(grep -c 'ptxas info.*Used' "$OUT/build.log") kernels compiled)"
+fi
+# Run from / so that the installed package is imported, not a source folder.
+(cd / && python3 -c "import llmkernels; print(llmkernels.build_info())") >> "$OUT/device.txt" 2>&1
+record installed "$(tail -n 1 "$OUT/device.txt")"
+
+# 3. tests ------------------------------------------------------------------------------------
+step_start=$SECONDS
+timeout 240 python3 -m pytest tests -m cuda -rs -q --junitxml="$OUT/tests-cuda.xml" 2>&1 | tee "$OUT/tests-cuda.log"
+tests_rc=${PIPESTATUS[0]}
+cuda_result=$(describe_rc "$tests_rc")
+# All skipped also exits 0: say so, a CUDA kernel that never ran on the GPU has not passed.
+grep -qE '[0-9]+ passed' "$OUT/tests-cuda.log" || cuda_result="FAILED (no CUDA test ran)"
+record tests-cuda "$cuda_result: $(pytest_counts "$OUT/tests-cuda.log") ($((SECONDS - step_start)) s)"
+
+step_start=$SECONDS
+timeout 300 python3 -m pytest tests -q -rs 2>&1 | tee "$OUT/tests-all.log"
+tests_rc=${PIPESTATUS[0]}
+record tests-all "$(describe_rc "$tests_rc"): $(pytest_counts "$OUT/tests-all.log") ($((SECONDS - step_start)) s)"
+
+# 4. compute-sanitizer ------------------------------------------------------------------------
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+for tool in memcheck racecheck; do
+  if [ -z "$sanitizer" ]; then
+    record "$tool" "not run: compute-sanitizer not found"
+    continue
+  fi
+  step_start=$SECONDS
+  # Without torch's caching allocator each tensor is its own allocation, so memcheck sees an
+  # access past a tensor's end instead of a silent write into a neighbour in the pool.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 "$sanitizer" --tool "$tool" --error-exitcode 1 \
+    python3 bench/sanitize_mezo.py > "$OUT/sanitize-$tool.log" 2>&1
+  sanitize_rc=$?
+  verdict=$(grep -E '(ERROR|RACECHECK) SUMMARY' "$OUT/sanitize-$tool.log" | tail -n 1 | sed 's/^=* *//')
+  grep -q '^sanitize: ok' "$OUT/sanitize-$tool.log" || verdict="${verdict:+$verdict; }script did not finish"
+  record "$tool" "$(describe_rc "$sanitize_rc"): ${verdict:-no summary line} ($((SECONDS - step_start)) s)"
+done
+
+# 5. benchmark --------------------------------------------------------------------------------
+step_start=$SECONDS
+timeout 300 python3 -m llmkernels bench --device cuda --out "$OUT/bench-cuda.json" 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+record bench "$(describe_rc "$bench_rc") ($((SECONDS - step_start)) s; bench.log, bench-cuda.json)"
+while IFS= read -r target; do
+  record target "$target"
+done < <(grep -E '^  (meets|below|n/a) ' "$OUT/bench.log" | sed 's/^ *//')
+
+failed=0
+for line in "${summary[@]}"; do
+  case "$line" in *FAILED*|*TIMEOUT*) failed=1 ;; esac
+done
+finish "$failed"

@@ -1,0 +1,269 @@
+"""`python -m llmkernels bench`: runs every registered case on every available device, prints a
+table per device and family, and writes the records and the environment to JSON.
+
+Per case: our time and the anchor's (medians, same process, same device, same inputs), achieved
+GB/s (or TFLOP/s for cases that define flops), ratio = anchor time / our time (> 1: we are faster)
+and the fraction of the physical limit measured at the start of the run: the device copy bandwidth,
+or the dense matmul peak for compute-bound cases.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .. import build_info
+from . import core
+
+COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 1 * 2**30}
+BUDGET_SECONDS = {False: 2.0, True: 0.25}   # seconds of timed calls per function, by --quick
+SHORT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def cuda_usable() -> bool:
+    return torch.cuda.is_available() and bool(build_info().get("cuda_compiled"))
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m llmkernels bench",
+        description="Time every registered benchmark case and its anchor on each device; print a table, write JSON.")
+    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
+                        help="where to run (default: every available device)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
+    parser.add_argument("--filter", default="", metavar="SUBSTR", help="only cases whose name contains SUBSTR")
+    parser.add_argument("--out", metavar="PATH", help="JSON output (default: bench-out/bench-<devices>-<time>.json)")
+    parser.add_argument("--plot", metavar="PATH.png", help="bar chart of ratio to anchor (needs matplotlib)")
+    parser.add_argument("--repeats", type=int, metavar="N",
+                        help="timed calls per function (default: as many as fit in a time budget)")
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1; got {args.repeats}")
+    return args
+
+
+def short_dtype(dtype: torch.dtype) -> str:
+    return SHORT_DTYPES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def git_state() -> Dict[str, Any]:
+    """The commit of the source tree the package runs from (or of the current directory)."""
+    for folder in (os.path.dirname(os.path.abspath(__file__)), os.getcwd()):
+        try:
+            commit = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True,
+                                    text=True, timeout=10, check=True).stdout.strip()
+            changes = subprocess.run(["git", "-C", folder, "status", "--porcelain", "--untracked-files=no"],
+                                     capture_output=True, text=True, timeout=10).stdout.strip()
+            return {"git_commit": commit, "git_dirty": bool(changes)}
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return {"git_commit": None, "git_dirty": None}
+
+
+def measure_limits(device: torch.device, need_matmul: bool, repeats: Optional[int]) -> Dict[str, Any]:
+    print(f"measuring {device.type} copy bandwidth{' and matmul peak' if need_matmul else ''} ...",
+          file=sys.stderr, flush=True)
+    copy_bytes = COPY_BYTES[device.type]
+    limits = {
+        "name": device_name(device),
+        "copy_bytes": copy_bytes,
+        "copy_gbps": core.copy_bandwidth_gbps(device, copy_bytes, repeats=repeats),
+        "matmul_tflops": core.matmul_peak_tflops(device, repeats=repeats) if need_matmul else None,
+        "cache_bytes": core.last_level_cache_bytes(device),
+    }
+    if device.type == "cpu":
+        limits["threads"] = torch.get_num_threads()
+    return limits
+
+
+def case_fields(case: core.Case) -> Dict[str, Any]:
+    return {"family": case.family, "op": case.name, "description": case.description,
+            "dtype": short_dtype(case.dtype), "device": str(case.device), "anchor": case.anchor_name,
+            "bytes_moved": case.bytes_moved, "flops": case.flops}
+
+
+def run_case(case: core.Case, limits: Dict[str, Any], repeats: Optional[int], budget_seconds: float) -> Dict[str, Any]:
+    record = case_fields(case)
+    input_sets = [case.setup() for _ in range(core.input_sets_needed(case.bytes_moved, limits["cache_bytes"]))]
+    ours = core.measure(case.run, input_sets, case.device, repeats=repeats, budget_seconds=budget_seconds)
+    anchor = core.measure(case.anchor_run, input_sets, case.device, repeats=repeats, budget_seconds=budget_seconds)
+    time_ms, anchor_ms = statistics.median(ours), statistics.median(anchor)
+    record.update(time_ms=time_ms, repeats=len(ours), anchor_ms=anchor_ms, anchor_repeats=len(anchor),
+                  input_sets=len(input_sets), ratio=anchor_ms / time_ms,
+                  gbps=case.bytes_moved / (time_ms * 1e-3) / 1e9, tflops=None)
+    if case.flops:
+        record["tflops"] = case.flops / (time_ms * 1e-3) / 1e12
+        record.update(limit="matmul peak", fraction=record["tflops"] / limits["matmul_tflops"])
+    else:
+        record.update(limit="copy bandwidth", fraction=record["gbps"] / limits["copy_gbps"])
+    record["targets"] = [{"text": t.text, "metric": t.metric, "minimum": t.minimum, "value": record[t.metric],
+                          "meets": t.met_by(record)} for t in case.targets]
+    return record
+
+
+def run_all(cases: List[core.Case], all_limits: Dict[str, Dict[str, Any]], repeats: Optional[int],
+            budget_seconds: float) -> List[Dict[str, Any]]:
+    records = []
+    for index, case in enumerate(cases, 1):
+        label = f"[{index}/{len(cases)}] {case.name} {short_dtype(case.dtype)} {case.device} vs {case.anchor_name}"
+        print(f"{label} ...", end="", file=sys.stderr, flush=True)
+        try:
+            record = run_case(case, all_limits[str(case.device)], repeats, budget_seconds)
+            print(f" {record['time_ms']:.3g} ms, anchor {record['anchor_ms']:.3g} ms, {record['ratio']:.2f}x",
+                  file=sys.stderr, flush=True)
+        except Exception as error:   # one broken case must not hide the others' numbers
+            record = {**case_fields(case), "error": f"{type(error).__name__}: {error}"}
+            print(f" FAILED: {record['error']}", file=sys.stderr, flush=True)
+        records.append(record)
+        if case.device.type == "cuda":   # cases differ in sizes: hand cached blocks back between them
+            torch.cuda.empty_cache()
+    return records
+
+
+# -- report -------------------------------------------------------------------------------------
+
+def _format_table(rows: List[List[str]]) -> str:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def _table_row(record: Dict[str, Any]) -> List[str]:
+    head = [record["op"], record["description"], record["dtype"], record["device"]]
+    if "error" in record:
+        return head + ["error", "", record["anchor"], "", "", record["error"]]
+    throughput = f"{record['tflops']:.1f} TFLOP/s" if record["tflops"] else f"{record['gbps']:.1f} GB/s"
+    return head + [f"{record['time_ms']:.3f}", throughput, record["anchor"], f"{record['anchor_ms']:.3f}",
+                   f"{record['ratio']:.2f}x", f"{record['fraction']:.0%} {record['limit']}"]
+
+
+def device_header(device: str, limits: Dict[str, Any], info: Dict[str, Any]) -> str:
+    cuda = f"CUDA built for {info.get('cuda_archs')}" if info.get("cuda_compiled") else "no CUDA build"
+    native = (f"llmkernels {info.get('version')} ({cuda}, GPU usable: {info.get('gpu_usable')}, "
+              f"OpenMP threads: {info.get('openmp_threads')})")
+    threads = f", {limits['threads']} torch threads" if "threads" in limits else ""
+    ceilings = f"copy {limits['copy_gbps']:.1f} GB/s ({limits['copy_bytes'] // 2**20} MiB)"
+    if limits.get("matmul_tflops"):
+        ceilings += f", matmul {limits['matmul_tflops']:.1f} TFLOP/s"
+    return f"== {device}: {limits['name']}{threads} | torch {torch.__version__} | {native} | {ceilings}"
+
+
+def format_report(environment: Dict[str, Any], records: List[Dict[str, Any]]) -> str:
+    dirty = " (uncommitted changes)" if environment["git_dirty"] else ""
+    lines = [f"llmkernels bench {environment['timestamp']} commit {environment['git_commit']}{dirty}"]
+    columns = ["op", "shape", "dtype", "device", "time ms", "throughput", "anchor", "anchor ms", "ratio",
+               "of limit"]
+    for device, limits in environment["devices"].items():
+        lines += ["", device_header(device, limits, environment["build_info"])]
+        on_device = [r for r in records if r["device"] == device]
+        for family in dict.fromkeys(r["family"] for r in on_device):
+            in_family = [r for r in on_device if r["family"] == family]
+            lines += ["", f"{family} ({device})", _format_table([columns] + [_table_row(r) for r in in_family])]
+            targets = [(r, t) for r in in_family for t in r.get("targets", [])]
+            if targets:
+                lines.append(f"{family} targets (reported, not asserted):")
+            for record, target in targets:
+                verdict = {True: "meets", False: "below", None: "n/a"}[target["meets"]]
+                lines.append(f"  {verdict:5}  {target['text']}: {record['op']} {record['dtype']} vs "
+                             f"{record['anchor']}, {target['metric']} {target['value']:.2f}")
+    return "\n".join(lines)
+
+
+def default_out_path(devices: List[torch.device]) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join("bench-out", f"bench-{'+'.join(d.type for d in devices)}-{stamp}.json")
+
+
+def write_json(path: str, environment: Dict[str, Any], records: List[Dict[str, Any]]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as file:
+        json.dump({"environment": environment, "records": records}, file, indent=1)
+
+
+def plot_ratios(path: str, records: List[Dict[str, Any]]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    measured = [r for r in records if "error" not in r]
+    labels = [f"{r['op']} {r['dtype']} {r['device']} vs {r['anchor']}" for r in measured]
+    figure, axes = pyplot.subplots(figsize=(9, 0.35 * len(measured) + 1.2))
+    axes.barh(labels, [r["ratio"] for r in measured])
+    axes.axvline(1.0, color="black", linewidth=0.8)
+    axes.invert_yaxis()
+    axes.set_xlabel("anchor time / our time (> 1: llmkernels is faster)")
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+
+
+def matplotlib_installed() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.device == "cuda" and not cuda_usable():
+        print("--device cuda: no usable CUDA (torch.cuda.is_available() is "
+              f"{torch.cuda.is_available()}, llmkernels cuda_compiled is {build_info().get('cuda_compiled')})",
+              file=sys.stderr)
+        return 2
+    wanted = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu"] + (["cuda"] if cuda_usable() else [])}[args.device]
+    devices = [torch.device(name) for name in wanted]
+    plot = args.plot
+    if plot and not matplotlib_installed():
+        print(f"--plot {plot}: skipped, matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        plot = None
+
+    cases = [case for device in devices for case in core.build_cases(device, args.quick) if args.filter in case.name]
+    if not cases:
+        print(f"no benchmark case matches --filter {args.filter!r}", file=sys.stderr)
+        return 2
+    environment = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **git_state(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "build_info": build_info(),
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "devices": {},
+    }
+    for device in devices:
+        need_matmul = any(case.flops for case in cases if case.device == device)
+        environment["devices"][str(device)] = measure_limits(device, need_matmul, args.repeats)
+
+    records = run_all(cases, environment["devices"], args.repeats, BUDGET_SECONDS[args.quick])
+    print(format_report(environment, records), flush=True)
+    out = args.out or default_out_path(devices)
+    write_json(out, environment, records)
+    print(f"\nwrote {out}", flush=True)
+    if plot:
+        plot_ratios(plot, records)
+        print(f"wrote {plot}", flush=True)
+    return 1 if any("error" in record for record in records) else 0
