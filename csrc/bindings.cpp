@@ -34,6 +34,7 @@ TensorView view(const py::handle& capsule, const std::string& name) {
 py::dict build_info() {
   py::dict info;
   info["version"] = LLMK_VERSION;
+  info["git_commit"] = LLMK_GIT_COMMIT;
   info["cpu_backend"] = true;
 #if defined(_OPENMP)
   info["openmp"] = true;

@@ -283,6 +283,8 @@ def test_bad_inputs_raise_clear_errors():
         mezo.update_(good, 0, 0.1, 1.0, 1e-3, weight_decay=-1)
     with pytest.raises(ValueError, match=r"no_decay\[0\] is not one of params"):
         mezo.update_(good, 0, 0.1, 1.0, 1e-3, no_decay=[torch.randn(4)])
+    with pytest.raises(ValueError, match="next_scale was given without next_seed"):
+        mezo.update_(good, 0, 0.1, 1.0, 1e-3, next_scale=1e-3)
     with pytest.raises(ValueError, match="numel must be a non-negative int"):
         mezo.noise(0, 0, -1)
     with pytest.raises(ValueError, match="tensor_index"):
@@ -456,7 +458,7 @@ def test_full_step_captured_in_cuda_graph_and_replayed():
 
 def test_build_info_describes_the_build():
     info = llmkernels.build_info()
-    for key in ("version", "cpu_backend", "openmp_threads", "cuda_compiled", "cuda_archs",
+    for key in ("version", "git_commit", "cpu_backend", "openmp_threads", "cuda_compiled", "cuda_archs",
                 "cuda_runtime_version", "gpu_usable"):
         assert key in info
     assert info["version"] == llmkernels.__version__

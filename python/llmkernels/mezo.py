@@ -151,6 +151,8 @@ def update_(params: Sequence[torch.Tensor], seed: Seed, lr: float, projected_gra
             raise ValueError(f"no_decay[{position}] is not one of params (compare by identity)")
         skip.update(matches)
     has_next = next_seed is not None
+    if next_scale is not None and not has_next:
+        raise ValueError("next_scale was given without next_seed; pass next_seed to add the next perturbation")
     next_value, next_tensor = _seed_arg(next_seed, "next_seed", device) if has_next else (0, None)
     next_scale = (eps if next_scale is None else _finite(next_scale, "next_scale")) if has_next else 0.0
     decay = [1.0 if i in skip else 1.0 - lr * weight_decay for i in range(len(params))]

@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -68,17 +67,13 @@ def device_name(device: torch.device) -> str:
 
 
 def git_state() -> Dict[str, Any]:
-    """The commit of the source tree the package runs from (or of the current directory)."""
-    for folder in (os.path.dirname(os.path.abspath(__file__)), os.getcwd()):
-        try:
-            commit = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True,
-                                    text=True, timeout=10, check=True).stdout.strip()
-            changes = subprocess.run(["git", "-C", folder, "status", "--porcelain", "--untracked-files=no"],
-                                     capture_output=True, text=True, timeout=10).stdout.strip()
-            return {"git_commit": commit, "git_dirty": bool(changes)}
-        except (OSError, subprocess.SubprocessError):
-            continue
-    return {"git_commit": None, "git_dirty": None}
+    """The commit the installed native extension was built from, recorded by CMake at configure
+    time (a folder's own git repository could be an unrelated one, e.g. a site-packages inside a
+    pyenv checkout). None when the build did not come from a git checkout."""
+    commit = build_info().get("git_commit") or ""
+    if not commit or commit == "unknown":
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit.removesuffix("-dirty"), "git_dirty": commit.endswith("-dirty")}
 
 
 def measure_limits(device: torch.device, need_matmul: bool, repeats: Optional[int]) -> Dict[str, Any]:
