@@ -1,5 +1,5 @@
 """Every MeZO op once on CUDA, on the shapes most likely to expose an out-of-bounds or misaligned
-access, for compute-sanitizer (bench/gpu_check.sh runs it under memcheck and racecheck):
+access, for compute-sanitizer (bench/gpu_check.sh runs it under memcheck):
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
         python3 bench/sanitize_mezo.py
