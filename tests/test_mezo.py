@@ -216,6 +216,23 @@ def test_sweep_touches_nothing_outside_its_tensors(device):
             assert changed.float().mean() > 0.5, f"views[{i}] mostly unchanged"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_rounding_to_16_bit_types_equals_torch(dtype):
+    # On the CPU (no FMA) the kernel's float32 value is exactly the reference's, so the results
+    # differ only if the kernel's own float -> fp16/bf16 rounding differs from torch's `.to()`:
+    # subnormals, values that round to infinity, ties, both signs.
+    info = torch.finfo(dtype)
+    magnitudes = torch.cat([torch.logspace(-8, 0, 3000) * info.tiny * 4, torch.logspace(-3, 0, 3000) * info.max])
+    values = torch.cat([magnitudes, -magnitudes])
+    for scale in (1e-3 * info.tiny, 1e-2, 0.05 * info.max):
+        params = [values.to(dtype)]
+        expected = [values.to(dtype)]
+        mezo.perturb_(params, 8, scale)
+        reference.mezo.perturb_(expected, 8, scale)
+        assert torch.equal(params[0], expected[0]), f"scale {scale}"
+    assert torch.isinf(params[0]).any() and (params[0] != 0).all()  # the tails were exercised
+
+
 def test_zero_scale_perturb_is_exact_for_every_dtype(device):
     for dtype in DTYPES:
         params = make_params(SHAPES, dtype, device, seed=5)
