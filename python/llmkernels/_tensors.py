@@ -8,8 +8,10 @@ from torch.utils.dlpack import to_dlpack
 
 
 def capsule(tensor: torch.Tensor):
-    """A borrowed DLPack view of `tensor` (~0.6 us; the capsule keeps the tensor alive)."""
-    return to_dlpack(tensor.detach())
+    """A borrowed DLPack view of `tensor` (~0.3 us; the capsule keeps the tensor alive).
+    `to_dlpack` accepts tensors that require grad (unlike `Tensor.__dlpack__`), so no detach()
+    (another 0.5 us per tensor, 100 us per sweep over a 200-tensor model)."""
+    return to_dlpack(tensor)
 
 
 def optional_capsule(tensor: Optional[torch.Tensor]):
