@@ -59,6 +59,11 @@ pytest_counts() {   # the final "N passed, M skipped in Ts" line of a pytest log
 record device "$(tail -n 1 "$OUT/device.txt")"
 
 # 2. build ------------------------------------------------------------------------------------
+# The machine has no network: the build requirements must already be there.
+if ! python3 -c "import scikit_build_core, pybind11, ninja" > "$OUT/preflight.log" 2>&1; then
+  record build "FAILED: build requirements missing on this machine (preflight.log)"
+  finish 1
+fi
 step_start=$SECONDS
 LLMK_CUDA=ON LLMK_CUDA_ARCHS=90a CMAKE_BUILD_PARALLEL_LEVEL=16 timeout "$(step_timeout 300)" \
   python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1

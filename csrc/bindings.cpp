@@ -69,9 +69,9 @@ py::dict build_info() {
 }
 
 void mezo_sweep(const py::list& params, const std::vector<int64_t>& indices,
-                const std::vector<double>& decay, const std::vector<double>& coef_a,
-                const std::vector<double>& coef_b, uint64_t seed, const py::object& seed_tensor,
-                double grad, const py::object& grad_tensor, bool has_next, uint64_t next_seed,
+                const std::vector<double>& shrink, const std::vector<double>& coef_a,
+                const std::vector<double>& coef_b, int64_t seed, const py::object& seed_tensor,
+                double grad, const py::object& grad_tensor, bool has_next, int64_t next_seed,
                 const py::object& next_seed_tensor, double next_scale, uintptr_t stream) {
   std::vector<TensorView> views;
   views.reserve(params.size());
@@ -83,13 +83,13 @@ void mezo_sweep(const py::list& params, const std::vector<int64_t>& indices,
   if (has_grad_tensor) grad_view = view(grad_tensor, "projected_grad");
   if (has_next_seed_tensor) next_seed_view = view(next_seed_tensor, "next_seed");
   mezo::SweepScalars scalars;
-  scalars.seed.value = seed;
+  scalars.seed.value = uint64_t(seed);  // seeds are 64-bit patterns (two's complement)
   scalars.grad.value = float(grad);
   scalars.has_next = has_next;
-  scalars.next_seed.value = next_seed;
+  scalars.next_seed.value = uint64_t(next_seed);
   scalars.next_scale = float(next_scale);
   py::gil_scoped_release no_gil;
-  mezo::sweep(views, indices, decay, coef_a, coef_b, scalars, has_seed_tensor ? &seed_view : nullptr,
+  mezo::sweep(views, indices, shrink, coef_a, coef_b, scalars, has_seed_tensor ? &seed_view : nullptr,
               has_grad_tensor ? &grad_view : nullptr, has_next_seed_tensor ? &next_seed_view : nullptr,
               reinterpret_cast<void*>(stream));
 }
@@ -134,9 +134,9 @@ PYBIND11_MODULE(_C, m) {
       "z for 4*num_groups elements through the scalar normal4() (the code path the CUDA kernel runs), "
       "to check the vectorized CPU kernel against it bit for bit");
 
-  m.def("mezo_sweep", &mezo_sweep, py::arg("params"), py::arg("indices"), py::arg("decay"),
+  m.def("mezo_sweep", &mezo_sweep, py::arg("params"), py::arg("indices"), py::arg("shrink"),
         py::arg("coef_a"), py::arg("coef_b"), py::arg("seed"), py::arg("seed_tensor"),
         py::arg("grad"), py::arg("grad_tensor"), py::arg("has_next"), py::arg("next_seed"),
         py::arg("next_seed_tensor"), py::arg("next_scale"), py::arg("stream"),
-        "theta <- decay*theta + (coef_a - coef_b*g)*z(seed) [+ next_scale*z(next_seed)] over a tensor list");
+        "theta <- theta + (coef_a - coef_b*g)*z(seed) - shrink*theta [+ next_scale*z(next_seed)] over a tensor list");
 }

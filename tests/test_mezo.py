@@ -129,6 +129,21 @@ def test_cpu_and_cuda_noise_identical_bits():
     assert torch.equal(zeros[0], zeros[1].cpu())
 
 
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_and_cuda_sweeps_identical_bits(dtype):
+    # Not only z: the per-element arithmetic avoids FMA on both devices, so whole sweeps agree.
+    cpu = make_params(SHAPES + [(70_001,)], dtype, "cpu", seed=12)
+    cuda = [p.cuda() for p in cpu]
+    for params, device in ((cpu, "cpu"), (cuda, "cuda")):
+        mezo.perturb_(params, 3, 1e-2)
+        mezo.update_(params, 3, 0.05, torch.tensor(-0.7, device=device), 1e-2, weight_decay=0.1,
+                     no_decay=[params[2]], next_seed=4)
+    for i, (c, g) in enumerate(zip(cpu, cuda)):
+        assert torch.equal(c, g.cpu()), f"params[{i}]"
+
+
 # ---------------------------------------------------------------------------------------------
 # The sweeps
 
@@ -189,6 +204,23 @@ def test_update_with_next_perturbation_matches_reference(device, dtype):
         assert_parity(p, e, o, f"params[{i}]")
 
 
+def test_long_mixed_dtype_list_matches_reference(device):
+    # 300 tensors (more than one CUDA launch carries), three dtypes interleaved, empty tensors
+    # in the middle: every tensor keeps its own index and dtype.
+    dtypes = [DTYPES[i % 3] for i in range(300)]
+    shapes = [(0,) if i % 37 == 5 else (1 + (i * 7919) % 3001,) for i in range(300)]
+    generator = torch.Generator().manual_seed(6)
+    params = [torch.randn(s, generator=generator).to(dtype=d, device=device) for s, d in zip(shapes, dtypes)]
+    original = [p.clone() for p in params]
+    expected = [p.clone() for p in params]
+    mezo.update_(params, 21, 0.05, 0.4, 1e-2, weight_decay=0.1, next_seed=22)
+    reference.mezo.update_(expected, 21, 0.05, 0.4, 1e-2, weight_decay=0.1, next_seed=22)
+    oracle = oracle_update(original, 21, 0.05, 0.4, 1e-2, 0.1, next_seed=22, next_scale=1e-2)
+    for i, (p, e, o) in enumerate(zip(params, expected, oracle)):
+        assert p.dtype == dtypes[i]
+        assert_parity(p, e, o, f"params[{i}]")
+
+
 def test_seed_and_grad_as_device_tensors_equal_values(device):
     a = make_params(SHAPES, torch.float32, device, seed=4)
     b = [p.clone() for p in a]
@@ -243,11 +275,11 @@ def test_zero_scale_perturb_is_exact_for_every_dtype(device):
 
 def test_opcheck_mezo_sweep(device):
     params = make_params([(5,), (3, 4)], torch.float32, device)
-    args = (params, [0, 1], [1.0, 0.99], [0.1, 0.1], [0.01, 0.01], 3, None, 0.5, None, False, 0, None, 0.0)
+    args = (params, [0, 1], [0.0, 0.01], [0.1, 0.1], [0.01, 0.01], 3, None, 0.5, None, False, 0, None, 0.0)
     torch.library.opcheck(torch.ops.llmkernels.mezo_sweep.default, args)
     seed = torch.tensor(3, device=device)
     grad = torch.tensor(0.5, device=device)
-    args = (params, [0, 1], [1.0, 0.99], [0.1, 0.1], [0.01, 0.01], 0, seed, 0.0, grad, True, 4, None, 1e-3)
+    args = (params, [0, 1], [0.0, 0.01], [0.1, 0.1], [0.01, 0.01], 0, seed, 0.0, grad, True, 4, None, 1e-3)
     torch.library.opcheck(torch.ops.llmkernels.mezo_sweep.default, args)
 
 
@@ -284,7 +316,7 @@ def test_bad_inputs_raise_clear_errors():
         mezo.perturb_([good[0], torch.empty(3, device="meta")], 0, 1.0)
     with pytest.raises(TypeError, match="a single tensor"):
         mezo.perturb_(good[0], 0, 1.0)
-    with pytest.raises(ValueError, match=r"params\[1\] shares its memory with params\[0\]"):
+    with pytest.raises(ValueError, match=r"params\[1\] overlaps params\[0\] in memory"):
         mezo.perturb_([good[0], good[0]], 0, 1.0)
     with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\)"):
         mezo.perturb_(good, -1, 1.0)
@@ -300,6 +332,11 @@ def test_bad_inputs_raise_clear_errors():
         mezo.update_(good, 0, 0.1, 1.0, 1e-3, weight_decay=-1)
     with pytest.raises(ValueError, match=r"no_decay\[0\] is not one of params"):
         mezo.update_(good, 0, 0.1, 1.0, 1e-3, no_decay=[torch.randn(4)])
+    base = torch.randn(100)
+    with pytest.raises(ValueError, match=r"params\[1\] overlaps params\[0\] in memory"):
+        mezo.perturb_([base[0:60], base[40:100]], 0, 1.0)
+    with pytest.raises(TypeError, match="no_decay must be a list of tensors"):
+        mezo.update_(good, 0, 0.1, 1.0, 1e-3, no_decay=good[0])
     with pytest.raises(ValueError, match="next_scale was given without next_seed"):
         mezo.update_(good, 0, 0.1, 1.0, 1e-3, next_scale=1e-3)
     with pytest.raises(ValueError, match="numel must be a non-negative int"):
@@ -315,7 +352,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_native_core_checks_its_own_inputs():
     # The torch-free core validates what arrives through DLPack, for callers that bypass Python.
     from torch.utils.dlpack import to_dlpack
-    args = ([1.0], [0.1], [0.0], 0, None, 0.0, None, False, 0, None, 0.0, 0)
+    args = ([0.0], [0.1], [0.0], 0, None, 0.0, None, False, 0, None, 0.0, 0)
     with pytest.raises(ValueError, match=r"params\[0\] must be contiguous; got shape \(4, 4\) with strides \(1, 4\)"):
         C.mezo_sweep([to_dlpack(torch.randn(4, 4).t())], [0], *args)
     with pytest.raises(TypeError, match=r"params\[0\] must be float32, float16 or bfloat16; got int32"):
@@ -324,6 +361,16 @@ def test_native_core_checks_its_own_inputs():
         C.mezo_sweep([to_dlpack(torch.zeros(4))], [0, 1], *args)
     with pytest.raises(TypeError, match="DLPack capsule"):
         C.mezo_sweep([torch.zeros(4)], [0], *args)
+    base = torch.zeros(10)
+    before = base.clone()
+    two = ([0.0] * 2, [0.1] * 2, [0.0] * 2, 0, None, 0.0, None, False, 0, None, 0.0, 0)
+    with pytest.raises(ValueError, match=r"params\[1\] overlaps params\[0\] in memory"):
+        C.mezo_sweep([to_dlpack(base[:6]), to_dlpack(base[5:])], [0, 1], *two)
+    # checked before anything runs: the valid float32 tensor listed first is untouched
+    mixed = [torch.zeros(4), torch.zeros(4, dtype=torch.bfloat16)]
+    with pytest.raises(ValueError, match=r"indices\[1\] must be in \[0, 2\^32\)"):
+        C.mezo_sweep([to_dlpack(t) for t in mixed], [0, -1], *two)
+    assert torch.equal(base, before) and not mixed[0].any()
 
 
 @requires_cuda
@@ -435,6 +482,40 @@ def test_optimizer_seed_sequence_is_reproducible(device):
     assert not torch.equal(results[0], results[2])
 
 
+def test_optimizer_restores_params_when_the_closure_raises(device):
+    weights, loss = least_squares(device)
+    for w in weights:
+        w.normal_()
+    original = [w.clone() for w in weights]
+    for fold in (False, True):
+        optimizer = mezo.MeZO(weights, lr=1e-2, eps=1e-2, seed=2, fold_perturbation=fold)
+        for failing_call in (1, 2):
+            calls = []
+
+            def closure():
+                calls.append(1)
+                if len(calls) == failing_call:
+                    raise RuntimeError("bad batch")
+                return loss()
+
+            with pytest.raises(RuntimeError, match="bad batch"):
+                optimizer.step(closure)
+            for w, o in zip(weights, original):
+                torch.testing.assert_close(w, o, rtol=0, atol=1e-6)
+
+
+def test_optimizer_seed_wraps_identically_in_capturable_mode(device):
+    runs = []
+    for capturable in (False, True):
+        weights, loss = least_squares(device)
+        optimizer = mezo.MeZO(weights, lr=1e-2, eps=1e-3, seed=2**63 - 2, capturable=capturable)
+        for _ in range(4):  # seeds 2^63 - 2 ... 2^63 + 1: past the int64 range
+            optimizer.step(loss)
+        runs.append(torch.cat(weights))
+        assert optimizer.state_dict()["mezo"]["steps_taken"] == 4
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_optimizer_rejects_bad_arguments():
     w = [torch.zeros(3)]
     with pytest.raises(ValueError, match="eps must be"):
@@ -445,6 +526,22 @@ def test_optimizer_rejects_bad_arguments():
         mezo.MeZO(w).step(None)
     with pytest.raises(ValueError, match="'mezo' entry"):
         mezo.MeZO(w).load_state_dict(torch.optim.SGD(w, lr=0.1).state_dict())
+    optimizer = mezo.MeZO(w)
+    optimizer.param_groups[0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match=r"param_groups\[0\] lr must be"):
+        optimizer.step(lambda: w[0].sum())
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_capturing_a_non_capturable_optimizer_raises():
+    weights, loss = least_squares("cuda")
+    optimizer = mezo.MeZO(weights, lr=1e-2, eps=1e-3)
+    optimizer.step(loss)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        with torch.cuda.graph(graph):
+            optimizer.step(loss)
 
 
 @requires_cuda

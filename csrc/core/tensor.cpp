@@ -1,5 +1,6 @@
 #include "core/tensor.h"
 
+#include <algorithm>
 #include <sstream>
 
 #include "core/errors.h"
@@ -129,6 +130,23 @@ void TensorView::check_same_device(const TensorView& other) const {
   LLMK_CHECK(device == other.device && device_index == other.device_index, DeviceError, name,
              " is on ", device_str(), " but ", other.name, " is on ", other.device_str(),
              "; all tensors must be on one device");
+}
+
+void check_no_overlap(const std::vector<TensorView>& views) {
+  struct Range { uintptr_t begin, end; size_t index; };
+  std::vector<Range> ranges;
+  for (size_t k = 0; k < views.size(); ++k) {
+    const int64_t bytes = views[k].numel() * dtype_size(views[k].dtype);
+    if (bytes == 0) continue;
+    const auto begin = reinterpret_cast<uintptr_t>(views[k].data);
+    ranges.push_back(Range{begin, begin + uintptr_t(bytes), k});
+  }
+  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  for (size_t r = 1; r < ranges.size(); ++r) {
+    const Range& previous = ranges[r - 1];
+    LLMK_CHECK(ranges[r].begin >= previous.end, ValueError, views[ranges[r].index].name,
+               " overlaps ", views[previous.index].name, " in memory; each tensor must have its own memory");
+  }
 }
 
 }  // namespace llmk

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "core/dlpack_abi.h"
 
@@ -39,6 +40,10 @@ struct TensorView {
   void check_dtype(DType expected) const;             // TypeError
   void check_same_device(const TensorView& other) const;  // RuntimeError
 };
+
+// Throws ValueError when two of `views` share memory (their byte ranges overlap): an in-place
+// kernel over overlapping tensors would race and update shared elements twice.
+void check_no_overlap(const std::vector<TensorView>& views);
 
 // Builds a view of `managed` (not consumed: the capsule's owner still frees it). `name` is the
 // argument's name as the user wrote it, e.g. "params[3]".

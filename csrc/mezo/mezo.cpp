@@ -7,20 +7,27 @@
 namespace llmk::mezo {
 
 void sweep(const std::vector<TensorView>& params, const std::vector<int64_t>& indices,
-           const std::vector<double>& decay, const std::vector<double>& coef_a,
+           const std::vector<double>& shrink, const std::vector<double>& coef_a,
            const std::vector<double>& coef_b, SweepScalars scalars, const TensorView* seed_tensor,
            const TensorView* grad_tensor, const TensorView* next_seed_tensor, void* stream) {
   LLMK_CHECK(!params.empty(), ValueError, "params must be a non-empty list of tensors");
   const size_t n = params.size();
-  LLMK_CHECK(indices.size() == n && decay.size() == n && coef_a.size() == n && coef_b.size() == n,
-             ValueError, "indices, decay, coef_a and coef_b must have one entry per tensor (", n,
-             "); got ", indices.size(), ", ", decay.size(), ", ", coef_a.size(), ", ", coef_b.size());
+  LLMK_CHECK(indices.size() == n && shrink.size() == n && coef_a.size() == n && coef_b.size() == n,
+             ValueError, "indices, shrink, coef_a and coef_b must have one entry per tensor (", n,
+             "); got ", indices.size(), ", ", shrink.size(), ", ", coef_a.size(), ", ", coef_b.size());
   const TensorView& first = params[0];
-  for (const TensorView& p : params) {
-    p.check_same_device(first);
-    p.check_floating();
-    p.check_contiguous();
+  for (size_t k = 0; k < n; ++k) {
+    params[k].check_same_device(first);
+    params[k].check_floating();
+    params[k].check_contiguous();
+    LLMK_CHECK(indices[k] >= 0 && indices[k] <= std::numeric_limits<uint32_t>::max(), ValueError,
+               "indices[", k, "] must be in [0, 2^32); got ", indices[k]);
   }
+  check_no_overlap(params);
+#if !defined(LLMK_WITH_CUDA)
+  LLMK_CHECK(first.device == DeviceType::cpu, DeviceError, "params are on ", first.device_str(),
+             " but this llmkernels build has no CUDA kernels (rebuild with LLMK_CUDA=ON)");
+#endif
   auto scalar_pointer = [&](const TensorView* t, DType dtype) -> const void* {
     if (!t) return nullptr;
     t->check_same_device(first);
@@ -32,15 +39,13 @@ void sweep(const std::vector<TensorView>& params, const std::vector<int64_t>& in
   scalars.next_seed.ptr = static_cast<const int64_t*>(scalar_pointer(next_seed_tensor, DType::i64));
   scalars.grad.ptr = static_cast<const float*>(scalar_pointer(grad_tensor, DType::f32));
 
-  // One kernel call per dtype present (usually one).
+  // Everything is checked; now one kernel call per dtype present (usually one).
   for (DType dtype : {DType::f32, DType::bf16, DType::f16}) {
     std::vector<SweepTensor> group;
     for (size_t k = 0; k < n; ++k) {
       if (params[k].dtype != dtype || params[k].numel() == 0) continue;
-      LLMK_CHECK(indices[k] >= 0 && indices[k] <= std::numeric_limits<uint32_t>::max(), ValueError,
-                 "indices[", k, "] must be in [0, 2^32); got ", indices[k]);
       group.push_back(SweepTensor{params[k].data, params[k].numel(), uint32_t(indices[k]),
-                                  float(decay[k]), float(coef_a[k]), float(coef_b[k])});
+                                  float(shrink[k]), float(coef_a[k]), float(coef_b[k])});
     }
     if (group.empty()) continue;
     if (first.device == DeviceType::cpu) {
@@ -50,8 +55,6 @@ void sweep(const std::vector<TensorView>& params, const std::vector<int64_t>& in
       sweep_cuda(dtype, group, scalars, first.device_index, stream);
 #else
       (void)stream;
-      throw DeviceError("params are on " + first.device_str() +
-                        " but this llmkernels build has no CUDA kernels (rebuild with LLMK_CUDA=ON)");
 #endif
     }
   }

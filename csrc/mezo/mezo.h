@@ -3,13 +3,15 @@
 // Every MeZO operation is one sweep over a list of parameter tensors. For element j of tensor k
 // (whose generator index is index[k]):
 //
-//   theta <- decay[k] * theta + (coef_a[k] - coef_b[k] * g) * z(seed, index[k], j)
-//                             + next_scale * z(next_seed, index[k], j)        (if has_next)
+//   theta <- theta + [(coef_a[k] - coef_b[k] * g) * z(seed, index[k], j) - shrink[k] * theta
+//                     + next_scale * z(next_seed, index[k], j)]                (if has_next)
 //
 // in float32, whatever the parameter dtype. With g = projected gradient:
-//   perturb by scale:         decay = 1,             coef_a = scale,      coef_b = 0
-//   restore + SGD update:     decay = 1 - lr * wd,   coef_a = eps * decay, coef_b = lr
+//   perturb by scale:         shrink = 0,         coef_a = scale,                coef_b = 0
+//   restore + SGD update:     shrink = lr * wd,   coef_a = eps * (1 - lr * wd),  coef_b = lr
 //   ... and next step's +eps: has_next, next_scale = eps
+// The small correction in brackets is summed first and added to theta last: one rounding at
+// theta's magnitude, so the fused update is as accurate as restore-then-update in two sweeps.
 // z(s, i, j) is defined in common/gaussian.h. Seeds and g are each a value or a pointer to one
 // element on the parameters' device (an int64 seed, a float32 g), read by the kernel: a step then
 // needs no host synchronization, and a CUDA-graph replay sees the current seed and g.
@@ -27,7 +29,7 @@ struct SweepTensor {
   void* data;
   int64_t numel;
   uint32_t index;  // generator stream of this tensor
-  float decay, coef_a, coef_b;
+  float shrink, coef_a, coef_b;
 };
 
 // A scalar given by value or by a pointer into the parameters' memory space.
@@ -38,6 +40,7 @@ struct ScalarArg {
   LLMK_HD T get() const { return ptr ? T(*ptr) : value; }
 };
 
+// Seeds are 64-bit patterns: an int64 value or tensor element is read as its two's-complement uint64.
 struct SweepScalars {
   ScalarArg<uint64_t, int64_t> seed;
   ScalarArg<float> grad;
@@ -46,16 +49,23 @@ struct SweepScalars {
   float next_scale = 0.0f;
 };
 
-// The per-element update, shared by the CPU and CUDA kernels.
-LLMK_HD float sweep_element(float theta, float decay, float coef, float z, float next_scale,
+// The per-tensor coefficient of z and the per-element update, shared by the CPU and CUDA kernels
+// and rounded identically on both (common/hd_math.h: no FMA), so a sweep's result is the same
+// bits on CPU and CUDA, not only its z. Three extra float instructions per element on the GPU.
+LLMK_HD float sweep_coefficient(float coef_a, float coef_b, float grad) {
+  return add_rn(coef_a, -mul_rn(coef_b, grad));
+}
+
+LLMK_HD float sweep_element(float theta, float shrink, float coef, float z, float next_scale,
                             float z_next) {
-  return decay * theta + coef * z + next_scale * z_next;
+  const float correction = add_rn(add_rn(mul_rn(coef, z), -mul_rn(shrink, theta)), mul_rn(next_scale, z_next));
+  return add_rn(theta, correction);
 }
 
 // Entry point: validates the views, groups them by dtype and runs the CPU or CUDA kernel.
 // `stream` is a cudaStream_t (unused on CPU). The scalar tensors may be null (use the values).
 void sweep(const std::vector<TensorView>& params, const std::vector<int64_t>& indices,
-           const std::vector<double>& decay, const std::vector<double>& coef_a,
+           const std::vector<double>& shrink, const std::vector<double>& coef_a,
            const std::vector<double>& coef_b, SweepScalars scalars, const TensorView* seed_tensor,
            const TensorView* grad_tensor, const TensorView* next_seed_tensor, void* stream);
 

@@ -49,7 +49,7 @@ void sweep_chunk(const SweepTensor& t, int64_t begin, int64_t end, PhiloxKey key
     for (int j = 0; j < count; ++j) {
       const int lane_slot = (j & 3) * kLanes + (j >> 2);
       block[j] = from_float<T>(
-          sweep_element(to_float(block[j]), t.decay, coef, z[lane_slot], s.next_scale, z_next[lane_slot]));
+          sweep_element(to_float(block[j]), t.shrink, coef, z[lane_slot], s.next_scale, z_next[lane_slot]));
     }
   }
 }
@@ -69,7 +69,7 @@ void sweep_typed(const std::vector<SweepTensor>& tensors, const SweepScalars& s)
 #pragma omp parallel for schedule(dynamic, 4)
   for (int64_t c = 0; c < num_chunks; ++c) {
     const SweepTensor& t = tensors[chunks[c].tensor];
-    const float coef = t.coef_a - t.coef_b * grad;
+    const float coef = sweep_coefficient(t.coef_a, t.coef_b, grad);
     sweep_chunk<T>(t, chunks[c].begin, chunks[c].end, key, next_key, coef, s);
   }
 }

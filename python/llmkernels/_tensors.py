@@ -30,13 +30,13 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def check_tensor_list(tensors, name: str, *, dtypes=FLOAT_DTYPES) -> torch.device:
     """Raises a clear exception unless `tensors` is a non-empty list of contiguous tensors of
-    `dtypes` on one CPU or CUDA device with no tensor listed twice. Returns the device."""
+    `dtypes` on one CPU or CUDA device, no two of them sharing memory. Returns the device."""
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
         raise TypeError(f"{name} must be a list of tensors; got {type(tensors).__name__}")
     if len(tensors) == 0:
         raise ValueError(f"{name} must be a non-empty list of tensors; got an empty list")
     device = None
-    seen = {}
+    ranges = []
     for index, tensor in enumerate(tensors):
         where = f"{name}[{index}]"
         if not isinstance(tensor, torch.Tensor):
@@ -54,11 +54,15 @@ def check_tensor_list(tensors, name: str, *, dtypes=FLOAT_DTYPES) -> torch.devic
         if not tensor.is_contiguous():
             raise ValueError(
                 f"{where} must be contiguous; got shape {tuple(tensor.shape)} with strides {tensor.stride()}")
-        if tensor.numel() > 0:
-            key = tensor.data_ptr()
-            if key in seen:
-                raise ValueError(f"{where} shares its memory with {name}[{seen[key]}]; each tensor must appear once")
-            seen[key] = index
+        if tensor.numel() > 0 and not torch.compiler.is_compiling():
+            start = tensor.data_ptr()
+            ranges.append((start, start + tensor.numel() * tensor.element_size(), index))
+    # In-place kernels over tensors that share memory would race and update shared elements twice.
+    ranges.sort()
+    for (_, previous_end, previous), (start, _, index) in zip(ranges, ranges[1:]):
+        if start < previous_end:
+            first, second = sorted((previous, index))
+            raise ValueError(f"{name}[{second}] overlaps {name}[{first}] in memory; each tensor must have its own memory")
     return device
 
 

@@ -22,14 +22,13 @@ __all__ = ["noise", "perturb_", "update_", "MeZO"]
 
 Seed = Union[int, torch.Tensor]
 Scalar = Union[float, torch.Tensor]
-_SEED_LIMIT = 2**63
 
 
 @torch.library.custom_op("llmkernels::mezo_sweep", mutates_args=("params",))
 def _sweep(
     params: List[torch.Tensor],
     indices: List[int],
-    decay: List[float],
+    shrink: List[float],
     coef_a: List[float],
     coef_b: List[float],
     seed: int,
@@ -41,9 +40,9 @@ def _sweep(
     next_seed_tensor: Optional[torch.Tensor],
     next_scale: float,
 ) -> None:
-    """theta_k <- decay_k theta_k + (coef_a_k - coef_b_k g) z(seed, indices_k) [+ next_scale z(next_seed, indices_k)]."""
+    """theta_k <- theta_k + (coef_a_k - coef_b_k g) z(seed, indices_k) - shrink_k theta_k [+ next_scale z(next_seed, indices_k)]."""
     C.mezo_sweep(
-        [capsule(p) for p in params], indices, decay, coef_a, coef_b,
+        [capsule(p) for p in params], indices, shrink, coef_a, coef_b,
         seed, optional_capsule(seed_tensor), grad, optional_capsule(grad_tensor),
         has_next, next_seed, optional_capsule(next_seed_tensor), next_scale,
         stream_handle(params[0].device),
@@ -51,7 +50,7 @@ def _sweep(
 
 
 @_sweep.register_fake
-def _sweep_fake(params, indices, decay, coef_a, coef_b, seed, seed_tensor, grad, grad_tensor,
+def _sweep_fake(params, indices, shrink, coef_a, coef_b, seed, seed_tensor, grad, grad_tensor,
                 has_next, next_seed, next_seed_tensor, next_scale) -> None:
     return None
 
@@ -61,14 +60,21 @@ def _sweep_fake(params, indices, decay, coef_a, coef_b, seed, seed_tensor, grad,
 
 
 def _seed_arg(seed: Seed, name: str, device: torch.device):
+    """(value, tensor) for the op. A tensor seed's int64 value is read as a 64-bit pattern."""
     if isinstance(seed, torch.Tensor):
         check_scalar_tensor(seed, name, device, (torch.int64,))
         return 0, seed
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{name} must be an int or a one-element int64 tensor; got {type(seed).__name__}")
-    if not 0 <= int(seed) < _SEED_LIMIT:
+    if not 0 <= int(seed) < 2**63:
         raise ValueError(f"{name} must be in [0, 2**63); got {seed}")
     return int(seed), None
+
+
+def _as_int64(pattern: int) -> int:
+    """A 64-bit seed pattern as the int64 the op schema carries (two's complement)."""
+    pattern %= 2**64
+    return pattern - 2**64 if pattern >= 2**63 else pattern
 
 
 def _finite(value, name: str) -> float:
@@ -87,10 +93,28 @@ def _grad_arg(projected_grad: Scalar, device: torch.device):
     return _finite(projected_grad, "projected_grad"), None
 
 
-def _as_list(params, name: str) -> list:
-    if isinstance(params, torch.Tensor):
+def _as_list(tensors, name: str) -> list:
+    if isinstance(tensors, torch.Tensor):
         raise TypeError(f"{name} must be a list of tensors; got a single tensor (wrap it in a list)")
-    return list(params) if not isinstance(params, (list, tuple)) else params
+    return tensors if isinstance(tensors, list) else list(tensors)
+
+
+# -- the two kinds of sweep, shared by the functions and the optimizer ---------------------------
+
+def _perturb_sweep(params, seed_value, seed_tensor, scale: float, indices=None) -> None:
+    n = len(params)
+    _sweep(params, list(range(n)) if indices is None else indices, [0.0] * n, [scale] * n, [0.0] * n,
+           seed_value, seed_tensor, 0.0, None, False, 0, None, 0.0)
+
+
+def _update_sweep(params, seed_value, seed_tensor, lrs, weight_decays, eps: float, grad_value, grad_tensor,
+                  next_value=None, next_tensor=None, next_scale: float = 0.0) -> None:
+    """restore + eps z, then theta -= lr (g z + wd theta): theta + (eps (1 - lr wd) - lr g) z - lr wd theta."""
+    shrink = [lr * wd for lr, wd in zip(lrs, weight_decays)]
+    has_next = next_value is not None or next_tensor is not None
+    _sweep(params, list(range(len(params))), shrink, [eps * (1.0 - s) for s in shrink], list(lrs),
+           seed_value, seed_tensor, grad_value, grad_tensor,
+           has_next, next_value or 0, next_tensor, next_scale if has_next else 0.0)
 
 
 def noise(seed: Seed, tensor_index: int, numel: int, *, dtype: torch.dtype = torch.float32,
@@ -104,12 +128,11 @@ def noise(seed: Seed, tensor_index: int, numel: int, *, dtype: torch.dtype = tor
         raise ValueError(f"tensor_index must be an int in [0, 2**32); got {tensor_index!r}")
     if dtype not in FLOAT_DTYPES + (torch.float64,):
         raise TypeError(f"dtype must be a floating dtype; got {dtype}")
+    seed_value, seed_tensor = _seed_arg(seed, "seed", device)
     out = torch.zeros(int(numel), dtype=torch.float32, device=device)
     if numel:
-        seed_value, seed_tensor = _seed_arg(seed, "seed", device)
-        with torch.no_grad():
-            _sweep([out], [int(tensor_index)], [1.0], [1.0], [0.0], seed_value, seed_tensor, 0.0, None,
-                   False, 0, None, 0.0)
+        with torch.no_grad():  # 0 + 1 * z is exactly z
+            _perturb_sweep([out], seed_value, seed_tensor, 1.0, indices=[int(tensor_index)])
     return out.to(dtype)
 
 
@@ -120,10 +143,8 @@ def perturb_(params: Sequence[torch.Tensor], seed: Seed, scale: float) -> None:
     device = check_tensor_list(params, "params")
     scale = _finite(scale, "scale")
     seed_value, seed_tensor = _seed_arg(seed, "seed", device)
-    n = len(params)
     with torch.no_grad():
-        _sweep(list(params), list(range(n)), [1.0] * n, [scale] * n, [0.0] * n, seed_value, seed_tensor,
-               0.0, None, False, 0, None, 0.0)
+        _perturb_sweep(params, seed_value, seed_tensor, scale)
 
 
 def update_(params: Sequence[torch.Tensor], seed: Seed, lr: float, projected_grad: Scalar, eps: float,
@@ -145,20 +166,19 @@ def update_(params: Sequence[torch.Tensor], seed: Seed, lr: float, projected_gra
     seed_value, seed_tensor = _seed_arg(seed, "seed", device)
     grad_value, grad_tensor = _grad_arg(projected_grad, device)
     skip = set()
-    for position, tensor in enumerate(_as_list(no_decay or [], "no_decay")):
+    for position, tensor in enumerate(_as_list(no_decay if no_decay is not None else [], "no_decay")):
         matches = [i for i, p in enumerate(params) if p is tensor]
         if not matches:
             raise ValueError(f"no_decay[{position}] is not one of params (compare by identity)")
         skip.update(matches)
-    has_next = next_seed is not None
-    if next_scale is not None and not has_next:
+    if next_scale is not None and next_seed is None:
         raise ValueError("next_scale was given without next_seed; pass next_seed to add the next perturbation")
-    next_value, next_tensor = _seed_arg(next_seed, "next_seed", device) if has_next else (0, None)
-    next_scale = (eps if next_scale is None else _finite(next_scale, "next_scale")) if has_next else 0.0
-    decay = [1.0 if i in skip else 1.0 - lr * weight_decay for i in range(len(params))]
+    next_value, next_tensor = _seed_arg(next_seed, "next_seed", device) if next_seed is not None else (None, None)
+    next_scale = (eps if next_scale is None else _finite(next_scale, "next_scale")) if next_seed is not None else 0.0
+    weight_decays = [0.0 if i in skip else weight_decay for i in range(len(params))]
     with torch.no_grad():
-        _sweep(list(params), list(range(len(params))), decay, [eps * d for d in decay], [lr] * len(params),
-               seed_value, seed_tensor, grad_value, grad_tensor, has_next, next_value, next_tensor, next_scale)
+        _update_sweep(params, seed_value, seed_tensor, [lr] * len(params), weight_decays, eps,
+                      grad_value, grad_tensor, next_value, next_tensor, next_scale)
 
 
 class MeZO(torch.optim.Optimizer):
@@ -168,26 +188,25 @@ class MeZO(torch.optim.Optimizer):
         for batch in data:
             optimizer.step(lambda: loss_fn(model(batch)))   # returns the loss at theta + eps z
 
-    Per step k with seed s_k = seed + k (a Philox key after mixing):
+    Per step k with seed s_k = seed + k (mod 2^64; a Philox key after mixing):
       perturb +eps (skipped when folded), L+ = closure(), perturb -2 eps, L- = closure(),
       g = (L+ - L-) / (2 eps), fused restore + update (+ next step's +eps when folded).
     The closure runs under torch.no_grad(); g stays on the device, so a step never synchronizes.
+    If the closure raises, the parameters are restored to theta before the exception propagates.
 
     fold_perturbation=True: 2 sweeps per step; between steps the parameters then hold
     theta + eps z_{k+1}. Call `remove_perturbation()` before evaluating or saving the model.
     capturable=True: the seed lives in a device tensor that the step advances, so a step captured
-    in a CUDA graph draws a fresh direction at every replay.
+    in a CUDA graph draws a fresh direction at every replay (capturing a step without it raises).
+    A captured step also freezes lr, weight_decay and eps at their values during capture.
     Parameter groups may set lr and weight_decay; eps is shared by all groups.
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, *,
                  seed: int = 0, fold_perturbation: bool = False, capturable: bool = False):
-        if not (math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"lr must be a finite number >= 0; got {lr}")
+        _check_hyperparameters(lr, weight_decay, "")
         if not (math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps must be a finite number > 0; got {eps}")
-        if not (math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0; got {weight_decay}")
         _seed_arg(seed, "seed", torch.device("cpu"))
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.eps = float(eps)
@@ -197,58 +216,68 @@ class MeZO(torch.optim.Optimizer):
         self.steps_taken = 0
         self._perturbed = False  # parameters currently hold theta + eps z(seed of the next step)
         self._seed_tensor: Optional[torch.Tensor] = None
+        if self.capturable:  # allocated now: a first step inside graph capture could not create it
+            self._reset_seed_tensor()
+
+    def _reset_seed_tensor(self) -> None:
+        device = self.param_groups[0]["params"][0].device
+        self._seed_tensor = torch.tensor(_as_int64(self.seed + self.steps_taken), dtype=torch.int64, device=device)
 
     # -- parameters as one list, with per-tensor coefficients ---------------------------------
     def _flat(self):
-        params, lrs, decays = [], [], []
-        for group in self.param_groups:
-            for p in group["params"]:
-                params.append(p)
-                lrs.append(float(group["lr"]))
-                decays.append(float(group["weight_decay"]))
-        return params, lrs, decays
+        params, lrs, weight_decays = [], [], []
+        for index, group in enumerate(self.param_groups):
+            _check_hyperparameters(group["lr"], group["weight_decay"], f"param_groups[{index}] ")
+            params += group["params"]
+            lrs += [float(group["lr"])] * len(group["params"])
+            weight_decays += [float(group["weight_decay"])] * len(group["params"])
+        return params, lrs, weight_decays
 
-    def _seed(self, device: torch.device, ahead: int = 0):
-        if not self.capturable:
-            return (self.seed + self.steps_taken + ahead) % _SEED_LIMIT, None
-        if self._seed_tensor is None or self._seed_tensor.device != device:
-            self._seed_tensor = torch.tensor((self.seed + self.steps_taken) % _SEED_LIMIT, dtype=torch.int64, device=device)
+    def _seed(self, ahead: int = 0):
+        """(value, tensor) of the seed of step steps_taken + ahead."""
+        if self._seed_tensor is None:
+            return _as_int64(self.seed + self.steps_taken + ahead), None
         return 0, (self._seed_tensor if ahead == 0 else self._seed_tensor + ahead)
 
     def _perturb(self, params, scale: float, ahead: int = 0) -> None:
-        device = params[0].device
-        seed_value, seed_tensor = self._seed(device, ahead)
-        n = len(params)
-        _sweep(params, list(range(n)), [1.0] * n, [scale] * n, [0.0] * n, seed_value, seed_tensor,
-               0.0, None, False, 0, None, 0.0)
+        _perturb_sweep(params, *self._seed(ahead), scale)
+
+    def _forward(self, closure, params, undo_scale: float) -> torch.Tensor:
+        """closure() at the current perturbation; if it raises, first perturb by undo_scale (back to theta)."""
+        try:
+            loss = closure()
+        except BaseException:
+            self._perturb(params, undo_scale)
+            self._perturbed = False
+            raise
+        if not isinstance(loss, torch.Tensor):
+            loss = torch.tensor(float(loss))
+        return loss.detach()
 
     @torch.no_grad()
     def step(self, closure):
         if closure is None:
             raise ValueError("MeZO.step needs a closure that returns the loss (it runs two forward passes)")
-        params, lrs, wds = self._flat()
+        params, lrs, weight_decays = self._flat()
         device = check_tensor_list(params, "parameters")
+        if not self.capturable and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("MeZO.step is being captured in a CUDA graph but the optimizer was built with "
+                               "capturable=False: every replay would reuse one direction; pass capturable=True")
         eps = self.eps
         if not self._perturbed:
             self._perturb(params, eps)
-        loss_pos = closure()
+        loss_pos = self._forward(closure, params, -eps)
         self._perturb(params, -2.0 * eps)
-        loss_neg = closure()
-        if not isinstance(loss_pos, torch.Tensor):
-            loss_pos = torch.tensor(float(loss_pos), device=device)
-        if not isinstance(loss_neg, torch.Tensor):
-            loss_neg = torch.tensor(float(loss_neg), device=device)
+        loss_neg = self._forward(closure, params, eps)
         # The difference of two nearly equal losses: subtract in the losses' precision (at least
         # float32; float64 losses stay float64) and only then round g to float32 for the kernel.
         wide = torch.promote_types(torch.promote_types(loss_pos.dtype, loss_neg.dtype), torch.float32)
-        grad = (loss_pos.detach().to(wide) - loss_neg.detach().to(wide)) / (2.0 * eps)
-        grad = grad.reshape(()).to(device=device, dtype=torch.float32)
-        decay = [1.0 - lr * wd for lr, wd in zip(lrs, wds)]
-        seed_value, seed_tensor = self._seed(device)
+        grad = (loss_pos.to(device=device, dtype=wide) - loss_neg.to(device=device, dtype=wide)) / (2.0 * eps)
+        grad = grad.reshape(()).to(torch.float32)
         fold = self.fold_perturbation
-        next_value, next_tensor = self._seed(device, 1) if fold else (0, None)
-        _sweep(params, list(range(len(params))), decay, [eps * d for d in decay], lrs,
-               seed_value, seed_tensor, 0.0, grad, fold, next_value, next_tensor, eps if fold else 0.0)
+        next_value, next_tensor = self._seed(1) if fold else (None, None)
+        _update_sweep(params, *self._seed(), lrs, weight_decays, eps, 0.0, grad, next_value, next_tensor,
+                      eps if fold else 0.0)
         self._perturbed = fold
         self.steps_taken += 1
         if self._seed_tensor is not None:
@@ -268,7 +297,7 @@ class MeZO(torch.optim.Optimizer):
         state = super().state_dict()
         steps = self.steps_taken
         if self._seed_tensor is not None:  # graph replays advance the device seed, not steps_taken
-            steps = (int(self._seed_tensor.item()) - self.seed) % _SEED_LIMIT
+            steps = (int(self._seed_tensor.item()) - self.seed) % 2**64
         state["mezo"] = dict(seed=self.seed, steps_taken=steps, eps=self.eps,
                              fold_perturbation=self.fold_perturbation, perturbed=self._perturbed)
         return state
@@ -284,4 +313,12 @@ class MeZO(torch.optim.Optimizer):
         self.eps = float(mezo_state["eps"])
         self.fold_perturbation = bool(mezo_state["fold_perturbation"])
         self._perturbed = bool(mezo_state["perturbed"])
-        self._seed_tensor = None
+        if self.capturable:
+            self._reset_seed_tensor()
+
+
+def _check_hyperparameters(lr, weight_decay, where: str) -> None:
+    if isinstance(lr, torch.Tensor) or not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"{where}lr must be a finite number >= 0; got {lr}")
+    if isinstance(weight_decay, torch.Tensor) or not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"{where}weight_decay must be a finite number >= 0; got {weight_decay}")
