@@ -60,7 +60,7 @@ record device "$(tail -n 1 "$OUT/device.txt")"
 
 # 2. build ------------------------------------------------------------------------------------
 # The machine has no network: the build requirements must already be there.
-if ! python3 -c "import scikit_build_core, pybind11, ninja" > "$OUT/preflight.log" 2>&1; then
+if ! { python3 -c "import scikit_build_core, pybind11" && command -v cmake; } > "$OUT/preflight.log" 2>&1; then
   record build "FAILED: build requirements missing on this machine (preflight.log)"
   finish 1
 fi
