@@ -176,32 +176,32 @@ def test_perturb_matches_reference(device, dtype):
         assert_parity(p, e, o, f"params[{i}]")
 
 
+def check_update_against_reference(params, seed, lr, grad, eps, wd, *, grad_arg=None, no_decay=(), next_seed=None):
+    """update_ vs reference.mezo.update_ vs the float64 oracle, with the parity rule."""
+    original = [p.clone() for p in params]
+    expected = [p.clone() for p in params]
+    mezo.update_(params, seed, lr, grad if grad_arg is None else grad_arg, eps, weight_decay=wd,
+                 no_decay=[params[i] for i in no_decay], next_seed=next_seed)
+    reference.mezo.update_(expected, seed, lr, grad, eps, weight_decay=wd,
+                           no_decay=[expected[i] for i in no_decay], next_seed=next_seed)
+    oracle = oracle_update(original, seed, lr, grad, eps, wd, skip=set(no_decay), next_seed=next_seed, next_scale=eps)
+    for i, (p, e, o) in enumerate(zip(params, expected, oracle)):
+        assert p.dtype == original[i].dtype
+        assert_parity(p, e, o, f"params[{i}]")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("grad_as_tensor", [False, True])
 def test_update_matches_reference(device, dtype, grad_as_tensor):
-    lr, eps, wd, grad = 0.05, 1e-2, 0.1, -1.75
     params = make_params(SHAPES, dtype, device, seed=2)
-    original = [p.clone() for p in params]
-    expected = [p.clone() for p in params]
-    no_decay = [params[1], params[4]]
-    g = torch.tensor(grad, device=device) if grad_as_tensor else grad
-    mezo.update_(params, 9, lr, g, eps, weight_decay=wd, no_decay=no_decay)
-    reference.mezo.update_(expected, 9, lr, grad, eps, weight_decay=wd, no_decay=[expected[1], expected[4]])
-    oracle = oracle_update(original, 9, lr, grad, eps, wd, skip={1, 4})
-    for i, (p, e, o) in enumerate(zip(params, expected, oracle)):
-        assert_parity(p, e, o, f"params[{i}]")
+    grad_arg = torch.tensor(-1.75, device=device) if grad_as_tensor else None
+    check_update_against_reference(params, 9, 0.05, -1.75, 1e-2, 0.1, grad_arg=grad_arg, no_decay=(1, 4))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_update_with_next_perturbation_matches_reference(device, dtype):
     params = make_params(SHAPES, dtype, device, seed=3)
-    original = [p.clone() for p in params]
-    expected = [p.clone() for p in params]
-    mezo.update_(params, 4, 0.1, 0.5, 1e-2, weight_decay=0.01, next_seed=5)
-    reference.mezo.update_(expected, 4, 0.1, 0.5, 1e-2, weight_decay=0.01, next_seed=5)
-    oracle = oracle_update(original, 4, 0.1, 0.5, 1e-2, 0.01, next_seed=5, next_scale=1e-2)
-    for i, (p, e, o) in enumerate(zip(params, expected, oracle)):
-        assert_parity(p, e, o, f"params[{i}]")
+    check_update_against_reference(params, 4, 0.1, 0.5, 1e-2, 0.01, next_seed=5)
 
 
 def test_long_mixed_dtype_list_matches_reference(device):
@@ -211,14 +211,7 @@ def test_long_mixed_dtype_list_matches_reference(device):
     shapes = [(0,) if i % 37 == 5 else (1 + (i * 7919) % 3001,) for i in range(300)]
     generator = torch.Generator().manual_seed(6)
     params = [torch.randn(s, generator=generator).to(dtype=d, device=device) for s, d in zip(shapes, dtypes)]
-    original = [p.clone() for p in params]
-    expected = [p.clone() for p in params]
-    mezo.update_(params, 21, 0.05, 0.4, 1e-2, weight_decay=0.1, next_seed=22)
-    reference.mezo.update_(expected, 21, 0.05, 0.4, 1e-2, weight_decay=0.1, next_seed=22)
-    oracle = oracle_update(original, 21, 0.05, 0.4, 1e-2, 0.1, next_seed=22, next_scale=1e-2)
-    for i, (p, e, o) in enumerate(zip(params, expected, oracle)):
-        assert p.dtype == dtypes[i]
-        assert_parity(p, e, o, f"params[{i}]")
+    check_update_against_reference(params, 21, 0.05, 0.4, 1e-2, 0.1, next_seed=22)
 
 
 def test_seed_and_grad_as_device_tensors_equal_values(device):
