@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's one call on a GPU machine (shared/GPU.md): device, build, CUDA tests, the whole
-# suite, compute-sanitizer memcheck, the CUDA benchmark, and a summary table last.
+# suite, compute-sanitizer memcheck, the CUDA benchmark, the MeZO time probe, and a summary table last.
 #
 #   OUT=/path/to/output bash bench/gpu_check.sh      # from the repository root
 #
@@ -125,6 +125,15 @@ record bench "$(describe_rc "$bench_rc") ($((SECONDS - step_start)) s; bench.log
 while IFS= read -r target; do
   record target "$target"
 done < <(grep -E '^  (meets|below|n/a) ' "$OUT/bench.log" | sed 's/^ *//')
+
+# 6. where a sweep's time goes: memory vs generator vs host (for the MeZO performance issue) --------
+step_start=$SECONDS
+timeout "$(step_timeout 90)" python3 bench/mezo_probe.py --device cuda 2>&1 | tee "$OUT/probe.log"
+probe_rc=${PIPESTATUS[0]}
+record probe "$(describe_rc "$probe_rc") ($((SECONDS - step_start)) s; probe.log)"
+while IFS= read -r line; do
+  record probe "$line"
+done < <(grep -E '^(memory|generator|host) ' "$OUT/probe.log")
 
 failed=0
 for line in "${summary[@]}"; do
