@@ -19,28 +19,12 @@ import time
 import torch
 
 from llmkernels import mezo
+from llmkernels.bench.core import measure
 
 
-def median_ms(fn, device, repeats=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def median_ms(fn, device, repeats=20):
+    """Median ms per call of fn(), timed by the benchmark runner's own timer (warm-up included)."""
+    return statistics.median(measure(lambda _: fn(), [None], device, repeats=repeats))
 
 
 def main():

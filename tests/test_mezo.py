@@ -569,4 +569,5 @@ def test_build_info_describes_the_build():
                 "cuda_runtime_version", "gpu_usable"):
         assert key in info
     assert info["version"] == llmkernels.__version__
-    assert info["gpu_usable"] == CUDA_USABLE or not torch.cuda.is_available()
+    assert info["gpu_usable"] == (info["cuda_compiled"] and torch.cuda.is_available())
+    assert info["gpu_usable"] == CUDA_USABLE
