@@ -1,13 +1,17 @@
 // The only pybind11 file: one def per entry point. Tensors arrive as DLPack capsules
 // ("dltensor", borrowed: the capsule keeps ownership and frees the tensor) and become TensorViews.
+// Test-only hooks live in the `testing` submodule, not in the public module.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "common/gaussian.h"
 #include "common/philox.h"
+#include "common/segments.h"
+#include "core/cuda_info.h"
 #include "core/errors.h"
 #include "core/tensor.h"
 #include "mezo/mezo.h"
@@ -15,23 +19,41 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
-#if defined(LLMK_WITH_CUDA)
-#include <cuda_runtime.h>
-#endif
 
 namespace py = pybind11;
 using namespace llmk;
 
 namespace {
 
-TensorView view(const py::handle& capsule, const std::string& name) {
+// -- tensors in: a capsule, a list of capsules, or an optional capsule (None) -------------------
+
+TensorView tensor(const py::handle& capsule, const std::string& name) {
   if (!PyCapsule_CheckExact(capsule.ptr()) || !PyCapsule_IsValid(capsule.ptr(), "dltensor"))
     throw TypeError(name + " must be an unconsumed DLPack capsule (\"dltensor\")");
   auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
   return view_from_dlpack(managed, name);
 }
 
-py::dict build_info() {
+std::vector<TensorView> tensor_list(const py::list& capsules, const std::string& name) {
+  std::vector<TensorView> views;
+  views.reserve(capsules.size());
+  for (size_t k = 0; k < capsules.size(); ++k)
+    views.push_back(tensor(capsules[k], name + "[" + std::to_string(k) + "]"));
+  return views;
+}
+
+std::optional<TensorView> optional_tensor(const py::object& capsule, const std::string& name) {
+  if (capsule.is_none()) return std::nullopt;
+  return tensor(capsule, name);
+}
+
+const TensorView* pointer(const std::optional<TensorView>& view) { return view ? &*view : nullptr; }
+
+void* stream_pointer(uintptr_t stream) { return reinterpret_cast<void*>(stream); }
+
+// -- what this build is (no driver call: importing must not initialise CUDA) ----------------------
+
+py::dict build_config() {
   py::dict info;
   info["version"] = LLMK_VERSION;
   info["git_commit"] = LLMK_GIT_COMMIT;
@@ -43,76 +65,39 @@ py::dict build_info() {
   info["openmp"] = false;
   info["openmp_threads"] = 1;
 #endif
-#if defined(LLMK_WITH_CUDA)
-  info["cuda_compiled"] = true;
+  info["cuda_compiled"] = kCudaBuilt;
   info["cuda_archs"] = std::string(LLMK_CUDA_ARCHS_STR);
-  int runtime = 0, driver = 0, devices = 0;
-  cudaRuntimeGetVersion(&runtime);
-  info["cuda_runtime_version"] = std::to_string(runtime / 1000) + "." + std::to_string(runtime % 1000 / 10);
-  if (cudaDriverGetVersion(&driver) != cudaSuccess) driver = 0;
-  info["cuda_driver_version"] = driver ? std::to_string(driver / 1000) + "." + std::to_string(driver % 1000 / 10) : "none";
-  if (cudaGetDeviceCount(&devices) != cudaSuccess) {
-    devices = 0;
-    cudaGetLastError();  // clear the error a machine without a GPU or driver reports
-  }
-  info["cuda_device_count"] = devices;
-  info["gpu_usable"] = devices > 0;
-#else
-  info["cuda_compiled"] = false;
-  info["cuda_archs"] = "";
-  info["cuda_runtime_version"] = "none";
-  info["cuda_driver_version"] = "none";
-  info["cuda_device_count"] = 0;
-  info["gpu_usable"] = false;
-#endif
   return info;
 }
+
+// -- families ----------------------------------------------------------------------------------
 
 void mezo_sweep(const py::list& params, const std::vector<int64_t>& indices,
                 const std::vector<double>& shrink, const std::vector<double>& coef_a,
                 const std::vector<double>& coef_b, int64_t seed, const py::object& seed_tensor,
-                double grad, const py::object& grad_tensor, bool has_next, int64_t next_seed,
-                const py::object& next_seed_tensor, double next_scale, uintptr_t stream) {
-  std::vector<TensorView> views;
-  views.reserve(params.size());
-  for (size_t k = 0; k < params.size(); ++k) views.push_back(view(params[k], "params[" + std::to_string(k) + "]"));
-  TensorView seed_view, grad_view, next_seed_view;
-  const bool has_seed_tensor = !seed_tensor.is_none(), has_grad_tensor = !grad_tensor.is_none(),
-             has_next_seed_tensor = !next_seed_tensor.is_none();
-  if (has_seed_tensor) seed_view = view(seed_tensor, "seed");
-  if (has_grad_tensor) grad_view = view(grad_tensor, "projected_grad");
-  if (has_next_seed_tensor) next_seed_view = view(next_seed_tensor, "next_seed");
+                double grad, const py::object& grad_tensor, double restore_scale, bool has_next,
+                int64_t next_seed, const py::object& next_seed_tensor, double next_scale,
+                uintptr_t stream) {
+  const std::vector<TensorView> views = tensor_list(params, "params");
+  const auto seed_view = optional_tensor(seed_tensor, "seed");
+  const auto grad_view = optional_tensor(grad_tensor, "projected_grad");
+  const auto next_seed_view = optional_tensor(next_seed_tensor, "next_seed");
   mezo::SweepScalars scalars;
   scalars.seed.value = uint64_t(seed);  // seeds are 64-bit patterns (two's complement)
   scalars.grad.value = float(grad);
+  scalars.restore_scale = float(restore_scale);
   scalars.has_next = has_next;
   scalars.next_seed.value = uint64_t(next_seed);
   scalars.next_scale = float(next_scale);
   py::gil_scoped_release no_gil;
-  mezo::sweep(views, indices, shrink, coef_a, coef_b, scalars, has_seed_tensor ? &seed_view : nullptr,
-              has_grad_tensor ? &grad_view : nullptr, has_next_seed_tensor ? &next_seed_view : nullptr,
-              reinterpret_cast<void*>(stream));
+  mezo::sweep(views, indices, shrink, coef_a, coef_b, scalars, pointer(seed_view), pointer(grad_view),
+              pointer(next_seed_view), stream_pointer(stream));
 }
 
-}  // namespace
+void def_testing(py::module_& m) {
+  py::module_ t = m.def_submodule("testing", "Hooks for the tests: not part of the API");
 
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "llmkernels native core (torch-free; tensors cross as DLPack capsules)";
-  py::register_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const llmk::ValueError& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
-    } catch (const llmk::TypeError& e) {
-      PyErr_SetString(PyExc_TypeError, e.what());
-    } catch (const llmk::DeviceError& e) {
-      PyErr_SetString(PyExc_RuntimeError, e.what());
-    }
-  });
-
-  m.def("build_info", &build_info, "What this build contains and whether a GPU is usable now");
-
-  m.def("philox4x32_10", [](std::vector<uint32_t> counter, std::vector<uint32_t> key) {
+  t.def("philox4x32_10", [](std::vector<uint32_t> counter, std::vector<uint32_t> key) {
         if (counter.size() != 4 || key.size() != 2)
           throw ValueError("philox4x32_10 expects a counter of 4 words and a key of 2 words");
         const Philox4 out = philox4x32_10(Philox4{{counter[0], counter[1], counter[2], counter[3]}}, key[0], key[1]);
@@ -120,7 +105,7 @@ PYBIND11_MODULE(_C, m) {
       }, py::arg("counter"), py::arg("key"),
       "Philox4x32-10 of one 128-bit counter under a 64-bit key (the generator in common/philox.h)");
 
-  m.def("normal4_scalar", [](uint64_t seed, uint32_t tensor_index, uint64_t first_group, int64_t num_groups) {
+  t.def("normal4_scalar", [](uint64_t seed, uint32_t tensor_index, uint64_t first_group, int64_t num_groups) {
         if (num_groups < 0) throw ValueError("num_groups must be >= 0");
         const PhiloxKey key = PhiloxKey::from_seed(seed);
         std::vector<float> out;
@@ -134,9 +119,58 @@ PYBIND11_MODULE(_C, m) {
       "z for 4*num_groups elements through the scalar normal4() (the code path the CUDA kernel runs), "
       "to check the vectorized CPU kernel against it bit for bit");
 
+  t.def("find_segment", [](const std::vector<int64_t>& begins, int64_t item) {
+        if (begins.size() < 2 || item < begins.front() || item >= begins.back())
+          throw ValueError("find_segment needs begins[0] <= item < begins[-1]");
+        return find_segment(begins.data(), int(begins.size() - 1), item);
+      }, py::arg("begins"), py::arg("item"), "common/segments.h: the segment of sorted prefix sums holding item");
+
+  t.def("cuda_driver_queries", &cuda_driver_queries,
+        "How many CUDA runtime/driver queries this process made (0 right after import)");
+}
+
+}  // namespace
+
+#if !defined(LLMK_WITH_CUDA)
+// A build without CUDA answers these without a driver.
+namespace llmk {
+CudaVersions cuda_versions() { return CudaVersions{"none", "none"}; }
+int cuda_device_count() { return 0; }
+std::string cuda_unusable_reason(int) { return "this llmkernels build has no CUDA kernels"; }
+int cuda_driver_queries() { return 0; }
+}  // namespace llmk
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "llmkernels native core (torch-free; tensors cross as DLPack capsules)";
+  m.attr("__version__") = LLMK_VERSION;
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const llmk::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const llmk::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const llmk::DeviceError& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+
+  m.def("build_config", &build_config, "What this build contains (no driver call)");
+  m.def("cuda_versions", [] {
+        const CudaVersions v = cuda_versions();
+        return py::make_tuple(v.runtime, v.driver);
+      }, "(runtime, driver) CUDA versions; queries the driver");
+  m.def("cuda_device_count", &cuda_device_count, "CUDA devices the runtime sees (0 without a driver)");
+  m.def("cuda_unusable_reason", &cuda_unusable_reason, py::arg("device"),
+        "'' when this build's CUDA kernels can run on the device, otherwise why not");
+
   m.def("mezo_sweep", &mezo_sweep, py::arg("params"), py::arg("indices"), py::arg("shrink"),
         py::arg("coef_a"), py::arg("coef_b"), py::arg("seed"), py::arg("seed_tensor"),
-        py::arg("grad"), py::arg("grad_tensor"), py::arg("has_next"), py::arg("next_seed"),
-        py::arg("next_seed_tensor"), py::arg("next_scale"), py::arg("stream"),
-        "theta <- theta + (coef_a - coef_b*g)*z(seed) - shrink*theta [+ next_scale*z(next_seed)] over a tensor list");
+        py::arg("grad"), py::arg("grad_tensor"), py::arg("restore_scale"), py::arg("has_next"),
+        py::arg("next_seed"), py::arg("next_seed_tensor"), py::arg("next_scale"), py::arg("stream"),
+        "theta <- theta + (coef_a - coef_b*g)*z(seed) - shrink*theta [+ next_scale*z(next_seed)] over a "
+        "tensor list; theta + restore_scale*z [+ ...] instead when g is not finite");
+
+  def_testing(m);
 }

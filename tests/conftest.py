@@ -1,31 +1,23 @@
-"""Device parametrization: every kernel test runs on CPU, and on CUDA when this build has CUDA
-kernels and a GPU is usable. CUDA cases carry the `cuda` marker (select them with -m cuda)."""
+"""Device parametrization and the `cuda` marker: every kernel test runs on CPU, and on CUDA when
+llmkernels says its CUDA kernels can run here (`llmkernels.cuda_unusable_reason()`); otherwise
+every test marked `cuda` skips with that reason. Helpers live in helpers.py, not here."""
 from __future__ import annotations
-
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers: tolerances, philox_numpy
-
-import llmkernels  # noqa: E402
-
-CUDA_USABLE = bool(llmkernels.build_info()["cuda_compiled"]) and torch.cuda.is_available()
-if llmkernels.build_info()["cuda_compiled"]:
-    CUDA_SKIP_REASON = "no usable CUDA GPU on this machine"
-else:
-    CUDA_SKIP_REASON = "this llmkernels build has no CUDA kernels"
-
-requires_cuda = pytest.mark.skipif(not CUDA_USABLE, reason=CUDA_SKIP_REASON)
-
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, requires_cuda]),
-]
+import helpers
 
 
-@pytest.fixture(params=DEVICES)
+def pytest_collection_modifyitems(config, items):
+    if helpers.CUDA_USABLE:
+        return
+    skip = pytest.mark.skip(reason=f"CUDA not usable: {helpers.CUDA_UNUSABLE_REASON}")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=helpers.DEVICES)
 def device(request) -> torch.device:
     return torch.device(request.param)

@@ -85,4 +85,7 @@ LLMK_HD float bits_float(uint32_t u) {
 #endif
 }
 
+// Neither infinite nor NaN, from the bits (the same answer on both sides, whatever the math flags).
+LLMK_HD bool is_finite(float x) { return (float_bits(x) & 0x7f800000u) != 0x7f800000u; }
+
 }  // namespace llmk

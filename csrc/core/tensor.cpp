@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <sstream>
+#include <utility>
 
 #include "core/errors.h"
 
@@ -64,7 +65,7 @@ TensorView view_from_dlpack(const DLManagedTensor* managed, std::string name) {
   LLMK_CHECK(t.ndim >= 0 && t.ndim <= TensorView::kMaxDims, ValueError, v.name, " must have at most ",
              TensorView::kMaxDims, " dimensions, got ", t.ndim);
   v.ndim = t.ndim;
-  v.data = static_cast<char*>(t.data) + t.byte_offset;
+  v.ptr = static_cast<char*>(t.data) + t.byte_offset;
   v.dtype = dtype_from_dlpack(t.dtype);
   v.device = t.device.device_type == kDLCPU ? DeviceType::cpu
            : t.device.device_type == kDLCUDA ? DeviceType::cuda : DeviceType::other;
@@ -104,6 +105,22 @@ static std::string join(const int64_t* values, int n) {
   return out.str();
 }
 
+bool TensorView::is_dense() const {
+  if (numel() == 0) return true;
+  // Sorted by stride, the dimensions (size-1 ones carry no information) must tile memory exactly:
+  // each stride is the product of the sizes of the dimensions with smaller strides.
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int d = 0; d < ndim; ++d)
+    if (shape[d] != 1) dims.emplace_back(strides[d], shape[d]);
+  std::sort(dims.begin(), dims.end());
+  int64_t expected = 1;
+  for (const auto& [stride, size] : dims) {
+    if (stride != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
 std::string TensorView::shape_str() const { return join(shape, ndim); }
 std::string TensorView::strides_str() const { return join(strides, ndim); }
 
@@ -116,6 +133,37 @@ void TensorView::check_contiguous() const {
              " with strides ", strides_str());
 }
 
+void TensorView::check_dense() const {
+  LLMK_CHECK(is_dense(), ValueError, name, " must be dense and non-overlapping (contiguous in some "
+             "dimension order, e.g. row-major or channels_last); got shape ", shape_str(),
+             " with strides ", strides_str());
+}
+
+void TensorView::check_ndim(int expected) const {
+  LLMK_CHECK(ndim == expected, ValueError, name, " must have ", expected, " dimension",
+             expected == 1 ? "" : "s", "; got shape ", shape_str());
+}
+
+void TensorView::check_shape(std::initializer_list<int64_t> expected) const {
+  bool matches = int(expected.size()) == ndim;
+  std::ostringstream wanted;
+  wanted << "(";
+  int d = 0;
+  for (int64_t size : expected) {
+    if (matches && size != -1 && size != shape[d]) matches = false;
+    wanted << (d ? ", " : "");
+    if (size == -1) wanted << "*"; else wanted << size;
+    ++d;
+  }
+  wanted << (expected.size() == 1 ? ",)" : ")");
+  LLMK_CHECK(matches, ValueError, name, " must have shape ", wanted.str(), "; got ", shape_str());
+}
+
+void TensorView::check_numel(int64_t expected) const {
+  LLMK_CHECK(numel() == expected, ValueError, name, " must hold ", expected, " element",
+             expected == 1 ? "" : "s", "; got shape ", shape_str());
+}
+
 void TensorView::check_floating() const {
   LLMK_CHECK(dtype == DType::f32 || dtype == DType::f16 || dtype == DType::bf16, TypeError, name,
              " must be float32, float16 or bfloat16; got ", dtype_name(dtype));
@@ -124,6 +172,11 @@ void TensorView::check_floating() const {
 void TensorView::check_dtype(DType expected) const {
   LLMK_CHECK(dtype == expected, TypeError, name, " must be ", dtype_name(expected), "; got ",
              dtype_name(dtype));
+}
+
+void TensorView::check_same_dtype(const TensorView& other) const {
+  LLMK_CHECK(dtype == other.dtype, TypeError, name, " is ", dtype_name(dtype), " but ", other.name,
+             " is ", dtype_name(other.dtype), "; they must have the same dtype");
 }
 
 void TensorView::check_same_device(const TensorView& other) const {
@@ -136,9 +189,9 @@ void check_no_overlap(const std::vector<TensorView>& views) {
   struct Range { uintptr_t begin, end; size_t index; };
   std::vector<Range> ranges;
   for (size_t k = 0; k < views.size(); ++k) {
-    const int64_t bytes = views[k].numel() * dtype_size(views[k].dtype);
+    const int64_t bytes = views[k].nbytes();
     if (bytes == 0) continue;
-    const auto begin = reinterpret_cast<uintptr_t>(views[k].data);
+    const auto begin = reinterpret_cast<uintptr_t>(views[k].ptr);
     ranges.push_back(Range{begin, begin + uintptr_t(bytes), k});
   }
   std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });

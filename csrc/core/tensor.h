@@ -1,11 +1,17 @@
 // TensorView: a borrowed, non-owning description of a tensor that crossed the boundary through
 // DLPack. The caller's framework owns the memory and keeps it alive for the duration of the call.
+//
+// The checks every family repeats live here, each throwing a clear exception that names the
+// argument: ValueError for shapes and layouts, TypeError for dtypes, RuntimeError for devices.
 #pragma once
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
+#include "common/float_types.h"
 #include "core/dlpack_abi.h"
+#include "core/errors.h"
 
 namespace llmk {
 
@@ -16,10 +22,22 @@ const char* dtype_name(DType dtype);
 int dtype_size(DType dtype);  // bytes per element; 0 for `other`
 const char* device_type_name(DeviceType device);
 
+// The DType of a C++ element type: dtype_of<bf16>() == DType::bf16.
+template <typename T> constexpr DType dtype_of();
+template <> constexpr DType dtype_of<float>() { return DType::f32; }
+template <> constexpr DType dtype_of<bf16>() { return DType::bf16; }
+template <> constexpr DType dtype_of<f16>() { return DType::f16; }
+template <> constexpr DType dtype_of<double>() { return DType::f64; }
+template <> constexpr DType dtype_of<int64_t>() { return DType::i64; }
+template <> constexpr DType dtype_of<int32_t>() { return DType::i32; }
+template <> constexpr DType dtype_of<int16_t>() { return DType::i16; }
+template <> constexpr DType dtype_of<int8_t>() { return DType::i8; }
+template <> constexpr DType dtype_of<uint8_t>() { return DType::u8; }
+
 struct TensorView {
   static constexpr int kMaxDims = 8;
 
-  void* data = nullptr;  // first element (DLPack's byte_offset already applied)
+  void* ptr = nullptr;  // first element (DLPack's byte_offset already applied)
   DType dtype = DType::other;
   DeviceType device = DeviceType::other;
   int device_index = 0;
@@ -29,20 +47,39 @@ struct TensorView {
   std::string name;                // the argument's name, for error messages
 
   int64_t numel() const;
-  bool is_contiguous() const;
+  int64_t nbytes() const { return numel() * dtype_size(dtype); }
+  bool is_contiguous() const;  // row-major
+  // Dense and non-overlapping in some dimension order (row-major, channels_last, any permutation):
+  // the elements fill [ptr, ptr + nbytes) exactly once, so an elementwise kernel may treat the
+  // tensor as a flat array in memory order.
+  bool is_dense() const;
   std::string shape_str() const;
   std::string strides_str() const;
   std::string device_str() const;  // "cpu", "cuda:1"
 
-  // Checks that throw a clear exception naming the argument.
-  void check_contiguous() const;                      // ValueError
-  void check_floating() const;                        // TypeError unless f32/f16/bf16
-  void check_dtype(DType expected) const;             // TypeError
-  void check_same_device(const TensorView& other) const;  // RuntimeError
+  // The first element as T*, after checking that T is this view's dtype.
+  template <typename T>
+  T* data() const {
+    LLMK_CHECK(dtype == dtype_of<T>(), TypeError, name, " holds ", dtype_name(dtype), ", read as ",
+               dtype_name(dtype_of<T>()));
+    return static_cast<T*>(ptr);
+  }
+
+  void check_contiguous() const;                               // ValueError
+  void check_dense() const;                                    // ValueError
+  void check_ndim(int expected) const;                         // ValueError
+  // ValueError unless the shape is `expected`; -1 in `expected` matches any size.
+  void check_shape(std::initializer_list<int64_t> expected) const;
+  void check_numel(int64_t expected) const;                    // ValueError
+  void check_floating() const;                                 // TypeError unless f32/f16/bf16
+  void check_dtype(DType expected) const;                      // TypeError
+  void check_same_dtype(const TensorView& other) const;        // TypeError
+  void check_same_device(const TensorView& other) const;       // RuntimeError
 };
 
 // Throws ValueError when two of `views` share memory (their byte ranges overlap): an in-place
-// kernel over overlapping tensors would race and update shared elements twice.
+// kernel over overlapping tensors would race and update shared elements twice. The views must be
+// dense (their bytes are [ptr, ptr + nbytes)).
 void check_no_overlap(const std::vector<TensorView>& views);
 
 // Builds a view of `managed` (not consumed: the capsule's owner still frees it). `name` is the

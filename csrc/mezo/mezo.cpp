@@ -19,21 +19,18 @@ void sweep(const std::vector<TensorView>& params, const std::vector<int64_t>& in
   for (size_t k = 0; k < n; ++k) {
     params[k].check_same_device(first);
     params[k].check_floating();
-    params[k].check_contiguous();
+    params[k].check_dense();
     LLMK_CHECK(indices[k] >= 0 && indices[k] <= std::numeric_limits<uint32_t>::max(), ValueError,
                "indices[", k, "] must be in [0, 2^32); got ", indices[k]);
   }
   check_no_overlap(params);
-#if !defined(LLMK_WITH_CUDA)
-  LLMK_CHECK(first.device == DeviceType::cpu, DeviceError, "params are on ", first.device_str(),
-             " but this llmkernels build has no CUDA kernels (rebuild with LLMK_CUDA=ON)");
-#endif
+  select_backend(first);  // a CUDA tensor in a build without CUDA fails here, before any kernel
   auto scalar_pointer = [&](const TensorView* t, DType dtype) -> const void* {
     if (!t) return nullptr;
     t->check_same_device(first);
     t->check_dtype(dtype);
-    LLMK_CHECK(t->numel() == 1, ValueError, t->name, " must hold one element; got shape ", t->shape_str());
-    return t->data;
+    t->check_numel(1);
+    return t->ptr;
   };
   scalars.seed.ptr = static_cast<const int64_t*>(scalar_pointer(seed_tensor, DType::i64));
   scalars.next_seed.ptr = static_cast<const int64_t*>(scalar_pointer(next_seed_tensor, DType::i64));
@@ -44,19 +41,13 @@ void sweep(const std::vector<TensorView>& params, const std::vector<int64_t>& in
     std::vector<SweepTensor> group;
     for (size_t k = 0; k < n; ++k) {
       if (params[k].dtype != dtype || params[k].numel() == 0) continue;
-      group.push_back(SweepTensor{params[k].data, params[k].numel(), uint32_t(indices[k]),
+      group.push_back(SweepTensor{params[k].ptr, params[k].numel(), uint32_t(indices[k]),
                                   float(shrink[k]), float(coef_a[k]), float(coef_b[k])});
     }
     if (group.empty()) continue;
-    if (first.device == DeviceType::cpu) {
-      sweep_cpu(dtype, group, scalars);
-    } else {
-#if defined(LLMK_WITH_CUDA)
-      sweep_cuda(dtype, group, scalars, first.device_index, stream);
-#else
-      (void)stream;
-#endif
-    }
+    run_on_backend(first, stream,
+                   [&] { sweep_cpu(dtype, group, scalars); },
+                   [&](auto cuda_stream) { sweep_cuda(dtype, group, scalars, cuda_stream); });
   }
 }
 

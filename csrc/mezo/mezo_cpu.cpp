@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "core/errors.h"
+#include "core/dispatch.h"
 #include "mezo/mezo.h"
 
 namespace llmk::mezo {
@@ -36,7 +36,7 @@ void normal_lanes(PhiloxKey key, uint32_t index, uint64_t first_group, float* __
 
 template <typename T>
 void sweep_chunk(const SweepTensor& t, int64_t begin, int64_t end, PhiloxKey key,
-                 PhiloxKey next_key, float coef, const SweepScalars& s) {
+                 PhiloxKey next_key, TensorCoefficients c, const SweepScalars& s) {
   T* data = static_cast<T*>(t.data);
   alignas(64) float z[4 * kLanes];
   alignas(64) float z_next[4 * kLanes] = {};
@@ -49,7 +49,7 @@ void sweep_chunk(const SweepTensor& t, int64_t begin, int64_t end, PhiloxKey key
     for (int j = 0; j < count; ++j) {
       const int lane_slot = (j & 3) * kLanes + (j >> 2);
       block[j] = from_float<T>(
-          sweep_element(to_float(block[j]), t.shrink, coef, z[lane_slot], s.next_scale, z_next[lane_slot]));
+          sweep_element(to_float(block[j]), c.shrink, c.coef, z[lane_slot], s.next_scale, z_next[lane_slot]));
     }
   }
 }
@@ -69,20 +69,18 @@ void sweep_typed(const std::vector<SweepTensor>& tensors, const SweepScalars& s)
 #pragma omp parallel for schedule(dynamic, 4)
   for (int64_t c = 0; c < num_chunks; ++c) {
     const SweepTensor& t = tensors[chunks[c].tensor];
-    const float coef = sweep_coefficient(t.coef_a, t.coef_b, grad);
-    sweep_chunk<T>(t, chunks[c].begin, chunks[c].end, key, next_key, coef, s);
+    const TensorCoefficients coefficients =
+        sweep_coefficients(t.shrink, t.coef_a, t.coef_b, grad, s.restore_scale);
+    sweep_chunk<T>(t, chunks[c].begin, chunks[c].end, key, next_key, coefficients, s);
   }
 }
 
 }  // namespace
 
 void sweep_cpu(DType dtype, const std::vector<SweepTensor>& tensors, const SweepScalars& scalars) {
-  switch (dtype) {
-    case DType::f32: return sweep_typed<float>(tensors, scalars);
-    case DType::bf16: return sweep_typed<bf16>(tensors, scalars);
-    case DType::f16: return sweep_typed<f16>(tensors, scalars);
-    default: throw TypeError(std::string("mezo sweep: unsupported dtype ") + dtype_name(dtype));
-  }
+  dispatch_floating(dtype, "mezo sweep", [&](auto tag) {
+    sweep_typed<typename decltype(tag)::type>(tensors, scalars);
+  });
 }
 
 }  // namespace llmk::mezo

@@ -18,7 +18,9 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/segments.h"
 #include "core/cuda_check.h"
+#include "core/dispatch.h"
 #include "mezo/mezo.h"
 
 namespace llmk::mezo {
@@ -53,29 +55,20 @@ static_assert(sizeof(LaunchBatch) + sizeof(SweepScalars) <= kMaxParameterBytes,
 template <typename T>
 struct alignas(4 * sizeof(T)) Group4 { T v[4]; };
 
-__device__ __forceinline__ int find_tensor(const LaunchBatch& batch, int32_t chunk) {
-  int lo = 0, hi = batch.num_tensors - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (batch.chunk_begin[mid] <= chunk) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 sweep_kernel(const __grid_constant__ LaunchBatch batch, const SweepScalars s) {
   const int32_t chunk = int32_t(blockIdx.x);
-  const int k = find_tensor(batch, chunk);
+  const int k = find_segment(batch.chunk_begin, batch.num_tensors, chunk);
   T* data = static_cast<T*>(batch.data[k]);
   const int64_t numel = batch.numel[k];
   const uint32_t stream_index = batch.index[k];
-  const float shrink = batch.shrink[k];
 
   const PhiloxKey key = PhiloxKey::from_seed(s.seed.get());
   const PhiloxKey next_key = PhiloxKey::from_seed(s.next_seed.get());
   const float grad = s.grad.get();
-  const float coef = sweep_coefficient(batch.coef_a[k], batch.coef_b[k], grad);
+  const TensorCoefficients c =
+      sweep_coefficients(batch.shrink[k], batch.coef_a[k], batch.coef_b[k], grad, s.restore_scale);
 
   const int64_t first_group = int64_t(chunk - batch.chunk_begin[k]) * kChunkGroups;
   const int64_t full_groups = batch.vector_aligned[k] ? numel / 4 : 0;  // vector path
@@ -98,14 +91,14 @@ sweep_kernel(const __grid_constant__ LaunchBatch batch, const SweepScalars s) {
       Group4<T> out;
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        out.v[e] = from_float<T>(sweep_element(to_float(values[i].v[e]), shrink, coef, z.z[e],
+        out.v[e] = from_float<T>(sweep_element(to_float(values[i].v[e]), c.shrink, c.coef, z.z[e],
                                                s.next_scale, z_next.z[e]));
       reinterpret_cast<Group4<T>*>(data)[g] = out;
     } else {  // the partial last group, or a tensor not aligned to 4 elements: one at a time
       for (int e = 0; e < 4 && 4 * g + e < numel; ++e) {
         T& element = data[4 * g + e];
         element = from_float<T>(
-            sweep_element(to_float(element), shrink, coef, z.z[e], s.next_scale, z_next.z[e]));
+            sweep_element(to_float(element), c.shrink, c.coef, z.z[e], s.next_scale, z_next.z[e]));
       }
     }
   }
@@ -147,15 +140,10 @@ void sweep_typed(const std::vector<SweepTensor>& tensors, const SweepScalars& sc
 }  // namespace
 
 void sweep_cuda(DType dtype, const std::vector<SweepTensor>& tensors, const SweepScalars& scalars,
-                int device_index, void* stream) {
-  CudaDeviceGuard guard(device_index);
-  const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::f32: return sweep_typed<float>(tensors, scalars, cuda_stream);
-    case DType::bf16: return sweep_typed<bf16>(tensors, scalars, cuda_stream);
-    case DType::f16: return sweep_typed<f16>(tensors, scalars, cuda_stream);
-    default: throw TypeError(std::string("mezo sweep: unsupported dtype ") + dtype_name(dtype));
-  }
+                CudaStream stream) {
+  dispatch_floating(dtype, "mezo sweep", [&](auto tag) {
+    sweep_typed<typename decltype(tag)::type>(tensors, scalars, static_cast<cudaStream_t>(stream.handle));
+  });
 }
 
 }  // namespace llmk::mezo

@@ -6,6 +6,10 @@
 
 TinyLlama-1.1B's 201 tensors on CUDA; on CPU the same 201-tensor structure scaled down so the
 default run stays under a minute on two cores (33 s measured).
+
+Checks (run on a fresh input set before anything is timed): every sweep, ours or a loop, must
+change every parameter tensor and leave it finite (a multi-tensor sweep that skips one tensor is a
+real bug); the copy anchor must copy.
 """
 from __future__ import annotations
 
@@ -128,11 +132,28 @@ def _reference_update_folded(inputs: SweepInputs) -> None:
     reference.update_(inputs.params, seed, LR, inputs.projected_grad, EPS, WEIGHT_DECAY, next_seed=seed + 1)
 
 
+def check_sweep(inputs: SweepInputs, run) -> None:
+    """The sweep wrote every tensor of the list and left nothing NaN or infinite."""
+    before = [p.clone() for p in inputs.params]
+    run(inputs)
+    for index, (param, old) in enumerate(zip(inputs.params, before)):
+        assert torch.isfinite(param).all(), f"params[{index}] ({tuple(param.shape)}) has non-finite values"
+        assert not torch.equal(param, old), f"params[{index}] ({tuple(param.shape)}) was not updated"
+
+
+def check_copy(inputs: SweepInputs, run) -> None:
+    """The copy anchor copied: the destination is poisoned first, so a copy that did nothing fails."""
+    inputs.copy_dst.fill_(float("nan"))
+    run(inputs)
+    assert torch.equal(inputs.copy_dst, inputs.copy_src), "copy_dst does not hold copy_src"
+
+
 def _case(shape: LlamaShape, dtype: torch.dtype, device: torch.device, name: str, anchor_name: str,
-          run, anchor_run, targets=(), with_copy_buffers: bool = False) -> Case:
+          run, anchor_run, targets=(), anchor_check=check_sweep, with_copy_buffers: bool = False) -> Case:
     return Case(name=name, description=shape.describe(), dtype=dtype, device=device,
                 setup=functools.partial(make_inputs, shape, dtype, device, with_copy_buffers=with_copy_buffers),
-                run=run, anchor_name=anchor_name, anchor_run=anchor_run,
+                run=run, check=check_sweep, anchor_name=anchor_name, anchor_run=anchor_run,
+                anchor_check=anchor_check,
                 bytes_moved=2 * shape.numel() * dtype.itemsize,   # one read and one write of every parameter
                 targets=tuple(targets))
 
@@ -152,7 +173,7 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
             vs_published = [Target("ratio", 3.0, "CPU >= 3x faster than the published loop")]
         result += [
             _case(shape, dtype, device, "mezo.perturb", "device copy", _perturb, _device_copy, sweep,
-                  with_copy_buffers=True),
+                  anchor_check=check_copy, with_copy_buffers=True),
             _case(shape, dtype, device, "mezo.update", "reference loop", _update, _reference_update, vs_reference),
             _case(shape, dtype, device, "mezo.update", "published loop", _update, _published_update, vs_published),
             _case(shape, dtype, device, "mezo.step_fold", "reference loop", _update_folded, _reference_update_folded),

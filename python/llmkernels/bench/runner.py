@@ -1,10 +1,13 @@
 """`python -m llmkernels bench`: runs every registered case on every available device, prints a
 table per device and family, and writes the records and the environment to JSON.
 
-Per case: our time and the anchor's (medians, same process, same device, same inputs), achieved
-GB/s (or TFLOP/s for cases that define flops), ratio = anchor time / our time (> 1: we are faster)
-and the fraction of the physical limit measured at the start of the run: the device copy bandwidth,
-or the dense matmul peak for compute-bound cases.
+Per case: first each function's check on a fresh input set (a function that fails it gives an
+error record and is not timed); then our time and the anchor's (same process, same device, same
+inputs), each the median of its calls after a warm-up that lasts until it is stable, with the
+interquartile range (IQR) as the spread; achieved GB/s (or TFLOP/s for cases that define flops);
+ratio = anchor median / our median (> 1: we are faster); and the fraction of the physical limit
+measured at the start of the run: the device copy bandwidth, or the dense matmul peak for
+compute-bound cases. A case whose spread exceeds core.MAX_TRUSTED_SPREAD is flagged "WIDE SPREAD".
 """
 from __future__ import annotations
 
@@ -19,16 +22,14 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+import llmkernels
 from .. import build_info
 from . import core
+from .core import short_dtype
 
 COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 1 * 2**30}
 BUDGET_SECONDS = {False: 2.0, True: 0.25}   # seconds of timed calls per function, by --quick
-SHORT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-
-
-def cuda_usable() -> bool:
-    return torch.cuda.is_available() and bool(build_info().get("cuda_compiled"))
+WARMUP_MAX_SECONDS = {False: core.WARMUP_MAX_SECONDS, True: 1.0}   # warm-up cap per function, by --quick
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -38,7 +39,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
                         help="where to run (default: every available device)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
-    parser.add_argument("--filter", default="", metavar="SUBSTR", help="only cases whose name contains SUBSTR")
+    parser.add_argument("--filter", action="append", default=[], metavar="SUBSTR",
+                        help="only cases with a label containing SUBSTR (case-insensitive); the labels are "
+                             "the op name (mezo.update), the family (mezo), the dtype (fp32, bf16) and the "
+                             "anchor name ('published loop'). Repeat to narrow: every SUBSTR must match")
     parser.add_argument("--out", metavar="PATH", help="JSON output (default: bench-out/bench-<devices>-<time>.json)")
     parser.add_argument("--plot", metavar="PATH.png", help="bar chart of ratio to anchor (needs matplotlib)")
     parser.add_argument("--repeats", type=int, metavar="N",
@@ -49,8 +53,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     return args
 
 
-def short_dtype(dtype: torch.dtype) -> str:
-    return SHORT_DTYPES.get(dtype, str(dtype).replace("torch.", ""))
+def matches(case: core.Case, filters: List[str]) -> bool:
+    labels = [label.lower() for label in case.labels()]
+    return all(any(wanted.lower() in label for label in labels) for wanted in filters)
 
 
 def device_name(device: torch.device) -> str:
@@ -98,15 +103,40 @@ def case_fields(case: core.Case) -> Dict[str, Any]:
             "bytes_moved": case.bytes_moved, "flops": case.flops}
 
 
-def run_case(case: core.Case, limits: Dict[str, Any], repeats: Optional[int], budget_seconds: float) -> Dict[str, Any]:
+class CheckFailed(Exception):
+    """A case's function failed its check: it is reported as an error and not timed."""
+
+
+def check_case(case: core.Case) -> None:
+    """Each function once on its own fresh input set: a kernel that silently does nothing would
+    otherwise be timed, and look fast."""
+    for side, run, check in case.functions():
+        try:
+            check(case.setup(), run)
+        except Exception as error:
+            name = "ours" if side == "ours" else case.anchor_name
+            raise CheckFailed(f"check of {name} failed: {type(error).__name__}: {error}") from error
+
+
+def _timing_fields(prefix: str, timing: core.Timing) -> Dict[str, Any]:
+    return {f"{prefix}_iqr_ms": timing.iqr, f"{prefix}_spread": timing.spread,
+            f"{prefix}_warmup_calls": timing.warmup_calls, f"{prefix}_warmup_settled": timing.settled}
+
+
+def run_case(case: core.Case, limits: Dict[str, Any], repeats: Optional[int], budget_seconds: float,
+             warmup_max_seconds: float) -> Dict[str, Any]:
     record = case_fields(case)
+    check_case(case)
     input_sets = [case.setup() for _ in range(core.input_sets_needed(case.bytes_moved, limits["cache_bytes"]))]
-    ours = core.measure(case.run, input_sets, case.device, repeats=repeats, budget_seconds=budget_seconds)
-    anchor = core.measure(case.anchor_run, input_sets, case.device, repeats=repeats, budget_seconds=budget_seconds)
-    time_ms, anchor_ms = statistics.median(ours), statistics.median(anchor)
-    record.update(time_ms=time_ms, repeats=len(ours), anchor_ms=anchor_ms, anchor_repeats=len(anchor),
-                  input_sets=len(input_sets), ratio=anchor_ms / time_ms,
+    ours, anchor = (core.measure(run, input_sets, case.device, repeats=repeats, budget_seconds=budget_seconds,
+                                 warmup_max_seconds=warmup_max_seconds)
+                    for run in (case.run, case.anchor_run))
+    time_ms, anchor_ms = ours.median, anchor.median
+    record.update(time_ms=time_ms, repeats=len(ours.samples), anchor_ms=anchor_ms,
+                  anchor_repeats=len(anchor.samples), input_sets=len(input_sets), ratio=anchor_ms / time_ms,
                   gbps=case.bytes_moved / (time_ms * 1e-3) / 1e9, tflops=None)
+    record.update(check_passed=True, **_timing_fields("time", ours), **_timing_fields("anchor", anchor),
+                  spread_too_wide=max(ours.spread, anchor.spread) > core.MAX_TRUSTED_SPREAD)
     if case.flops:
         record["tflops"] = case.flops / (time_ms * 1e-3) / 1e12
         record.update(limit="matmul peak", fraction=record["tflops"] / limits["matmul_tflops"])
@@ -117,18 +147,30 @@ def run_case(case: core.Case, limits: Dict[str, Any], repeats: Optional[int], bu
     return record
 
 
+def flags(record: Dict[str, Any]) -> List[str]:
+    """Why a measured record is not to be trusted, as short words for the table."""
+    result = []
+    if record.get("spread_too_wide"):
+        result.append("WIDE SPREAD")
+    if record.get("time_warmup_settled") is False or record.get("anchor_warmup_settled") is False:
+        result.append("UNSETTLED")   # warm-up hit its cap before two batches agreed
+    return result
+
+
 def run_all(cases: List[core.Case], all_limits: Dict[str, Dict[str, Any]], repeats: Optional[int],
-            budget_seconds: float) -> List[Dict[str, Any]]:
+            budget_seconds: float, warmup_max_seconds: float) -> List[Dict[str, Any]]:
     records = []
     for index, case in enumerate(cases, 1):
         label = f"[{index}/{len(cases)}] {case.name} {short_dtype(case.dtype)} {case.device} vs {case.anchor_name}"
         print(f"{label} ...", end="", file=sys.stderr, flush=True)
         try:
-            record = run_case(case, all_limits[str(case.device)], repeats, budget_seconds)
-            print(f" {record['time_ms']:.3g} ms, anchor {record['anchor_ms']:.3g} ms, {record['ratio']:.2f}x",
+            record = run_case(case, all_limits[str(case.device)], repeats, budget_seconds, warmup_max_seconds)
+            print(f" {record['time_ms']:.3g} ms (IQR {record['time_spread']:.0%}), anchor {record['anchor_ms']:.3g} ms "
+                  f"(IQR {record['anchor_spread']:.0%}), {record['ratio']:.2f}x {' '.join(flags(record))}".rstrip(),
                   file=sys.stderr, flush=True)
         except Exception as error:   # one broken case must not hide the others' numbers
-            record = {**case_fields(case), "error": f"{type(error).__name__}: {error}"}
+            message = str(error) if isinstance(error, CheckFailed) else f"{type(error).__name__}: {error}"
+            record = {**case_fields(case), "check_passed": not isinstance(error, CheckFailed), "error": message}
             print(f" FAILED: {record['error']}", file=sys.stderr, flush=True)
         records.append(record)
         if case.device.type == "cuda":   # cases differ in sizes: hand cached blocks back between them
@@ -143,13 +185,21 @@ def _format_table(rows: List[List[str]]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
+TABLE_COLUMNS = ["op", "shape", "dtype", "device", "median ms", "IQR", "throughput", "anchor", "anchor median ms",
+                 "IQR", "ratio", "of limit", "flags"]
+TABLE_LEGEND = ("median ms: per call, after a warm-up until stable; IQR: interquartile range, in % of the median; "
+                f"ratio: anchor median / our median; WIDE SPREAD: an IQR above {core.MAX_TRUSTED_SPREAD:.0%}, "
+                "do not trust the ratio; UNSETTLED: the warm-up hit its time cap")
+
+
 def _table_row(record: Dict[str, Any]) -> List[str]:
     head = [record["op"], record["description"], record["dtype"], record["device"]]
     if "error" in record:
-        return head + ["error", "", record["anchor"], "", "", record["error"]]
+        return head + ["error", "", "", record["anchor"], "", "", "", "", record["error"]]
     throughput = f"{record['tflops']:.1f} TFLOP/s" if record["tflops"] else f"{record['gbps']:.1f} GB/s"
-    return head + [f"{record['time_ms']:.3f}", throughput, record["anchor"], f"{record['anchor_ms']:.3f}",
-                   f"{record['ratio']:.2f}x", f"{record['fraction']:.0%} {record['limit']}"]
+    return head + [f"{record['time_ms']:.3f}", f"{record['time_spread']:.0%}", throughput, record["anchor"],
+                   f"{record['anchor_ms']:.3f}", f"{record['anchor_spread']:.0%}", f"{record['ratio']:.2f}x",
+                   f"{record['fraction']:.0%} {record['limit']}", " ".join(flags(record))]
 
 
 def device_header(device: str, limits: Dict[str, Any], info: Dict[str, Any]) -> str:
@@ -165,22 +215,22 @@ def device_header(device: str, limits: Dict[str, Any], info: Dict[str, Any]) -> 
 
 def format_report(environment: Dict[str, Any], records: List[Dict[str, Any]]) -> str:
     dirty = " (uncommitted changes)" if environment["git_dirty"] else ""
-    lines = [f"llmkernels bench {environment['timestamp']} commit {environment['git_commit']}{dirty}"]
-    columns = ["op", "shape", "dtype", "device", "time ms", "throughput", "anchor", "anchor ms", "ratio",
-               "of limit"]
+    lines = [f"llmkernels bench {environment['timestamp']} commit {environment['git_commit']}{dirty}",
+             TABLE_LEGEND]
     for device, limits in environment["devices"].items():
         lines += ["", device_header(device, limits, environment["build_info"])]
         on_device = [r for r in records if r["device"] == device]
         for family in dict.fromkeys(r["family"] for r in on_device):
             in_family = [r for r in on_device if r["family"] == family]
-            lines += ["", f"{family} ({device})", _format_table([columns] + [_table_row(r) for r in in_family])]
+            lines += ["", f"{family} ({device})", _format_table([TABLE_COLUMNS] + [_table_row(r) for r in in_family])]
             targets = [(r, t) for r in in_family for t in r.get("targets", [])]
             if targets:
                 lines.append(f"{family} targets (reported, not asserted):")
             for record, target in targets:
                 verdict = {True: "meets", False: "below", None: "n/a"}[target["meets"]]
+                doubt = " (WIDE SPREAD)" if record.get("spread_too_wide") else ""
                 lines.append(f"  {verdict:5}  {target['text']}: {record['op']} {record['dtype']} vs "
-                             f"{record['anchor']}, {target['metric']} {target['value']:.2f}")
+                             f"{record['anchor']}, {target['metric']} {target['value']:.2f}{doubt}")
     return "\n".join(lines)
 
 
@@ -195,18 +245,30 @@ def write_json(path: str, environment: Dict[str, Any], records: List[Dict[str, A
         json.dump({"environment": environment, "records": records}, file, indent=1)
 
 
-def plot_ratios(path: str, records: List[Dict[str, Any]]) -> None:
+def plot_title(environment: Dict[str, Any]) -> str:
+    """Which machine, which code, when: a chart copied out of its JSON still says what it measured."""
+    names = "; ".join(f"{device}: {limits['name']}" for device, limits in environment["devices"].items())
+    commit = (environment["git_commit"] or "unknown commit")[:12]
+    if environment["git_dirty"]:
+        commit += " (uncommitted changes)"
+    return f"llmkernels bench, commit {commit}, {environment['timestamp'][:10]}\n{names}"
+
+
+def plot_ratios(path: str, environment: Dict[str, Any], records: List[Dict[str, Any]]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
     measured = [r for r in records if "error" not in r]
-    labels = [f"{r['op']} {r['dtype']} {r['device']} vs {r['anchor']}" for r in measured]
-    figure, axes = pyplot.subplots(figsize=(9, 0.35 * len(measured) + 1.2))
-    axes.barh(labels, [r["ratio"] for r in measured])
+    labels = [" ".join([f"{r['op']} {r['dtype']} {r['device']} vs {r['anchor']}"] + [f"({f})" for f in flags(r)])
+              for r in measured]
+    figure, axes = pyplot.subplots(figsize=(10, 0.35 * len(measured) + 1.6))
+    axes.barh(labels, [r["ratio"] for r in measured],
+              color=["tab:gray" if flags(r) else "tab:blue" for r in measured])
     axes.axvline(1.0, color="black", linewidth=0.8)
     axes.invert_yaxis()
-    axes.set_xlabel("anchor time / our time (> 1: llmkernels is faster)")
+    axes.set_xlabel("anchor median / our median (> 1: llmkernels is faster; gray: flagged, see the table)")
+    axes.set_title(plot_title(environment), fontsize=9)
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, dpi=120)
@@ -223,21 +285,22 @@ def matplotlib_installed() -> bool:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.device == "cuda" and not cuda_usable():
-        print("--device cuda: no usable CUDA (torch.cuda.is_available() is "
-              f"{torch.cuda.is_available()}, llmkernels cuda_compiled is {build_info().get('cuda_compiled')})",
-              file=sys.stderr)
+    cuda_usable = llmkernels.cuda_usable()
+    if args.device == "cuda" and not cuda_usable:
+        print(f"--device cuda: CUDA is not usable: {llmkernels.cuda_unusable_reason()}", file=sys.stderr)
         return 2
-    wanted = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu"] + (["cuda"] if cuda_usable() else [])}[args.device]
+    if args.device == "all" and not cuda_usable:
+        print(f"--device all: CPU only; CUDA is not usable: {llmkernels.cuda_unusable_reason()}", file=sys.stderr)
+    wanted = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu"] + (["cuda"] if cuda_usable else [])}[args.device]
     devices = [torch.device(name) for name in wanted]
     plot = args.plot
     if plot and not matplotlib_installed():
         print(f"--plot {plot}: skipped, matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         plot = None
 
-    cases = [case for device in devices for case in core.build_cases(device, args.quick) if args.filter in case.name]
+    cases = [case for device in devices for case in core.build_cases(device, args.quick) if matches(case, args.filter)]
     if not cases:
-        print(f"no benchmark case matches --filter {args.filter!r}", file=sys.stderr)
+        print(f"no benchmark case matches --filter {' '.join(map(repr, args.filter))}", file=sys.stderr)
         return 2
     environment = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -247,18 +310,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         "build_info": build_info(),
         "quick": args.quick,
         "repeats": args.repeats,
+        "filter": args.filter,
+        "spread": "interquartile range (q3 - q1, inclusive quartiles); *_spread fields divide it by the median",
+        "max_trusted_spread": core.MAX_TRUSTED_SPREAD,
+        "warmup_tolerance": core.WARMUP_TOLERANCE,
         "devices": {},
     }
     for device in devices:
         need_matmul = any(case.flops for case in cases if case.device == device)
         environment["devices"][str(device)] = measure_limits(device, need_matmul, args.repeats)
 
-    records = run_all(cases, environment["devices"], args.repeats, BUDGET_SECONDS[args.quick])
+    records = run_all(cases, environment["devices"], args.repeats, BUDGET_SECONDS[args.quick],
+                      WARMUP_MAX_SECONDS[args.quick])
     print(format_report(environment, records), flush=True)
     out = args.out or default_out_path(devices)
     write_json(out, environment, records)
     print(f"\nwrote {out}", flush=True)
     if plot:
-        plot_ratios(plot, records)
+        plot_ratios(plot, environment, records)
         print(f"wrote {plot}", flush=True)
     return 1 if any("error" in record for record in records) else 0
