@@ -125,6 +125,23 @@ void def_testing(py::module_& m) {
         return find_segment(begins.data(), int(begins.size() - 1), item);
       }, py::arg("begins"), py::arg("item"), "common/segments.h: the segment of sorted prefix sums holding item");
 
+  t.def("layout", [](const py::object& capsule) {
+        const TensorView v = tensor(capsule, "x");
+        return py::make_tuple(v.is_contiguous(), v.is_dense());
+      }, py::arg("x"), "(is_contiguous, is_dense) of a tensor as the core sees it");
+
+  t.def("check_view", [](const py::object& capsule, const std::string& name, std::vector<int64_t> shape,
+                         const std::string& dtype) {
+        const TensorView v = tensor(capsule, name);
+        if (shape.size() == 1) v.check_shape({shape[0]});
+        else if (shape.size() == 2) v.check_shape({shape[0], shape[1]});
+        else throw ValueError("check_view takes shapes of 1 or 2 dimensions");
+        if (dtype == "float32") v.data<float>();
+        else if (dtype == "bfloat16") v.data<bf16>();
+        else throw ValueError("check_view takes float32 or bfloat16");
+      }, py::arg("x"), py::arg("name"), py::arg("shape"), py::arg("dtype"),
+      "TensorView::check_shape and data<T>() on a tensor, for their error messages");
+
   t.def("cuda_driver_queries", &cuda_driver_queries,
         "How many CUDA runtime/driver queries this process made (0 right after import)");
 }

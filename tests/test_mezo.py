@@ -575,3 +575,163 @@ def test_build_info_describes_the_build():
         assert not info["gpu_usable"] and "no CUDA kernels" in info["gpu_unusable_reason"]
     if info["gpu_usable"]:
         assert info["cuda_compiled"] and info["cuda_device_count"] >= 1 and torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------
+# Foundation II fixes: each test here failed (or could not run) before its fix
+
+
+@pytest.mark.cuda
+def test_cuda_device_without_index_is_accepted():
+    # torch.device("cuda") and a tensor on cuda:0 are the same device (was: "cuda:0 != cuda").
+    seed = torch.tensor(11, device="cuda")
+    z = mezo.noise(seed, 3, 4097, device="cuda")
+    assert torch.equal(z.cpu(), mezo.noise(11, 3, 4097))
+    params = [torch.randn(5, device="cuda")]
+    mezo.update_(params, seed, 0.1, torch.tensor(0.5, device="cuda"), 1e-3)
+
+
+def test_long_single_dtype_list_matches_reference(device):
+    # 300 float32 tensors: more than the 256 one CUDA launch carries, so the multi-launch path runs.
+    shapes = [(1 + (i * 7919) % 2003,) for i in range(300)]
+    params = make_params(shapes, torch.float32, device, seed=13)
+    check_update_against_reference(params, 5, 0.05, -0.3, 1e-2, 0.1, next_seed=6)
+
+
+def test_scalars_that_overflow_float32_are_refused():
+    params = [torch.randn(4)]
+    before = params[0].clone()
+    for call, match in [
+        (lambda: mezo.perturb_(params, 0, 1e39), "scale must be finite in float32"),
+        (lambda: mezo.update_(params, 0, 1e39, 0.5, 1e-3), "lr must be finite in float32"),
+        (lambda: mezo.update_(params, 0, 0.1, 0.5, 1e39), "eps must be finite in float32"),
+        (lambda: mezo.update_(params, 0, 1e30, 0.5, 1e-3, weight_decay=1e10), r"lr \* weight_decay must be finite"),
+        (lambda: mezo.update_(params, 0, 1e20, 0.5, 1e20, weight_decay=1.0),
+         r"eps \* \(1 - lr \* weight_decay\) must be finite"),
+        (lambda: mezo.update_(params, 0, 0.1, 0.5, 1e-3, next_seed=1, next_scale=1e39), "next_scale must be finite"),
+        (lambda: mezo.MeZO(params, lr=1e39), "lr must be finite in float32"),
+        (lambda: mezo.MeZO(params, eps=1e39), "eps must be finite in float32"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert torch.equal(params[0], before)
+
+
+def test_update_limits_are_the_optimizers():
+    params = [torch.randn(4)]
+    for kwargs, match in [(dict(lr=-1.0), "^lr must be >= 0"), (dict(eps=0.0), "^eps must be > 0"),
+                          (dict(weight_decay=-0.1), "^weight_decay must be >= 0")]:
+        args = dict(lr=0.1, eps=1e-3, weight_decay=0.0) | kwargs
+        with pytest.raises(ValueError, match=match):
+            mezo.update_(params, 0, args["lr"], 0.5, args["eps"], weight_decay=args["weight_decay"])
+        with pytest.raises(ValueError, match=match):
+            mezo.MeZO(params, **args)
+
+
+def test_negative_seeds_are_64_bit_patterns_as_ints_and_tensors():
+    expected = mezo.noise(2**64 - 1, 0, 99)
+    assert torch.equal(mezo.noise(-1, 0, 99), expected)
+    assert torch.equal(mezo.noise(torch.tensor(-1), 0, 99), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad_grad", ["nan", "inf", "tensor-nan", "tensor-float64-overflow"])
+def test_update_with_non_finite_grad_only_restores(device, dtype, bad_grad):
+    grad = {"nan": float("nan"), "inf": float("-inf"), "tensor-nan": torch.tensor(float("nan"), device=device),
+            "tensor-float64-overflow": torch.tensor(1e39, dtype=torch.float64, device=device)}[bad_grad]
+    params = make_params(SHAPES, dtype, device, seed=14)
+    original = [p.clone() for p in params]
+    expected = [p.clone() for p in params]
+    mezo.update_(params, 9, 0.05, grad, 1e-2, weight_decay=0.1, next_seed=10)
+    reference.mezo.update_(expected, 9, 0.05, grad, 1e-2, weight_decay=0.1, next_seed=10)
+    for i, (p, e, o) in enumerate(zip(params, expected, original)):
+        # the restore and the next perturbation, no update: theta + eps z + eps z_next
+        z = mezo.noise(9, i, o.numel()).double().view(o.shape) + mezo.noise(10, i, o.numel()).double().view(o.shape)
+        assert_parity(p, e, o.double().cpu() + 1e-2 * z, f"params[{i}]")
+
+
+def test_optimizer_skips_steps_with_non_finite_loss(device):
+    for fold in (False, True):
+        weights, loss = least_squares(device)
+        optimizer = mezo.MeZO(weights, lr=1e-2, eps=1e-3, seed=4, fold_perturbation=fold)
+        optimizer.step(loss)
+        optimizer.remove_perturbation()
+        theta = [w.detach().clone() for w in weights]
+        bad = torch.tensor(float("nan"), dtype=torch.float64, device=device)
+        optimizer.step(lambda: bad)
+        optimizer.remove_perturbation()
+        for w, t in zip(weights, theta):   # back at theta within the roundings of 3 sweeps
+            torch.testing.assert_close(w, t, rtol=0, atol=1e-6)
+        assert optimizer.skipped_steps == 1
+        optimizer.step(loss)
+        assert optimizer.skipped_steps == 1 and optimizer.state_dict()["mezo"]["skipped_steps"] == 1
+        assert all(torch.isfinite(w).all() for w in weights)
+
+
+@pytest.mark.parametrize("result, error", [(None, TypeError), ("0.5", TypeError), ([1.0], TypeError),
+                                           (torch.ones(2), ValueError), (torch.tensor(True), TypeError)])
+def test_optimizer_restores_params_when_the_closure_returns_no_loss(device, result, error):
+    weights, loss = least_squares(device)
+    with torch.no_grad():
+        for w in weights:
+            w.normal_()
+    original = [w.detach().clone() for w in weights]
+    for fold in (False, True):
+        optimizer = mezo.MeZO(weights, lr=1e-2, eps=1e-2, seed=2, fold_perturbation=fold)
+        for bad_call in (1, 2):
+            calls = []
+
+            def closure():
+                calls.append(1)
+                return result if len(calls) == bad_call else loss()
+
+            with pytest.raises(error, match="closure must return"):
+                optimizer.step(closure)
+            for w, o in zip(weights, original):
+                torch.testing.assert_close(w, o, rtol=0, atol=1e-6)
+
+
+def test_optimizer_leaves_frozen_parameters_alone(device):
+    # The loss depends on weights[1] only: freezing weights[0] must leave it bit-identical and
+    # not change weights[1]'s trajectory (tensor i keeps drawing z(seed, i)).
+    runs = []
+    for frozen in (False, True):
+        weights, _ = least_squares(device)
+        a = torch.randn(16, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+
+        def loss():
+            return ((a @ weights[1].double() - 1.0) ** 2).mean()
+
+        with torch.no_grad():
+            weights[0].fill_(0.5)
+        weights[0].requires_grad_(not frozen)
+        optimizer = mezo.MeZO(weights, lr=1e-2, eps=1e-3, weight_decay=0.1, seed=8)
+        for _ in range(5):
+            optimizer.step(loss)
+        runs.append([w.detach().clone() for w in weights])
+    assert not torch.equal(runs[0][0], torch.full_like(runs[0][0], 0.5))   # trainable: it moved
+    assert torch.equal(runs[1][0], torch.full_like(runs[1][0], 0.5))       # frozen: untouched
+    assert torch.equal(runs[0][1], runs[1][1])
+    weights[1].requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter requires grad"):
+        optimizer.step(loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_layouts_sweep_in_memory_order(device, dtype):
+    # channels_last and transposed parameters are dense: swept as their storage, element j of z
+    # on the j-th element in memory. Oracle: the same sweep on contiguous copies in memory order.
+    base = make_params([(3, 5, 4, 6), (7, 9)], dtype, device, seed=15)
+    params = [base[0].contiguous(memory_format=torch.channels_last), base[1].t()]
+    assert not any(p.is_contiguous() for p in params)
+    # (copies: .contiguous() of a view that already is contiguous would alias the parameter)
+    in_memory_order = [params[0].permute(0, 2, 3, 1).clone(), params[1].t().clone()]
+    assert all(m.is_contiguous() for m in in_memory_order)
+    expected = [p.clone() for p in params]
+    for ps, sweep in ((params, mezo), (in_memory_order, mezo), (expected, reference.mezo)):
+        sweep.perturb_(ps, 3, 0.25)
+        sweep.update_(ps, 3, 0.05, 0.5, 1e-2, weight_decay=0.1, next_seed=4)
+    assert torch.equal(params[0].permute(0, 2, 3, 1), in_memory_order[0])
+    assert torch.equal(params[1].t(), in_memory_order[1])
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p, e, rtol=0, atol=2 * torch.finfo(dtype).eps)
