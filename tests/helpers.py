@@ -1,5 +1,5 @@
 """The one helpers module of the test suite: devices, seeded inputs, poisoned outputs, odd sizes
-and the tolerances (the flash-attn parity rule, DESIGN.md). Test files `import helpers`;
+and the tolerances (the flash-attn parity rule, docs/design.md). Test files `import helpers`;
 nothing imports conftest.
 
 A low-precision kernel's error against a float64 oracle must be at most 2x the error of the same

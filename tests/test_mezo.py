@@ -722,3 +722,36 @@ def test_dense_layouts_sweep_in_memory_order(device, dtype):
     assert torch.equal(params[1].t(), in_memory_order[1])
     for p, e in zip(params, expected):
         torch.testing.assert_close(p, e, rtol=0, atol=2 * torch.finfo(dtype).eps)
+
+
+def test_optimizer_checks_derived_coefficients_before_touching_params():
+    params = [torch.randn(4, requires_grad=True)]
+    before = params[0].detach().clone()
+    with pytest.raises(ValueError, match=r"eps \* \(1 - lr \* weight_decay\) must be finite in float32"):
+        mezo.MeZO(params, lr=1e20, eps=1e20, weight_decay=1.0)
+    optimizer = mezo.MeZO(params, lr=1e-2, eps=1e3)
+    optimizer.param_groups[0]["weight_decay"] = 1e38   # lr * wd = 1e36, eps (1 - lr wd) = -1e39
+    with pytest.raises(ValueError, match=r"eps \* \(1 - param_groups\[0\] lr \* param_groups\[0\] weight_decay\) must"):
+        optimizer.step(lambda: params[0].sum())
+    assert torch.equal(params[0].detach(), before)
+
+
+def test_folded_perturbation_is_removed_from_parameters_frozen_after_the_step(device):
+    # Oracle: the same two folded steps without freezing, then remove_perturbation().
+    weights, loss = least_squares(device)
+    optimizer = mezo.MeZO(weights, lr=1e-2, eps=1e-3, seed=6, fold_perturbation=True)
+    for _ in range(2):
+        optimizer.step(loss)
+    optimizer.remove_perturbation()
+    expected = weights[0].detach().clone()
+    for action in ("remove_perturbation", "step"):
+        weights, loss = least_squares(device)
+        optimizer = mezo.MeZO(weights, lr=1e-2, eps=1e-3, seed=6, fold_perturbation=True)
+        for _ in range(2):
+            optimizer.step(loss)              # leaves theta + eps z_next on both tensors
+        weights[0].requires_grad_(False)      # frozen while it holds the pending perturbation
+        if action == "remove_perturbation":
+            optimizer.remove_perturbation()
+        else:
+            optimizer.step(loss)              # first takes the pending perturbation off weights[0]
+        assert torch.equal(weights[0].detach(), expected), action

@@ -1,7 +1,7 @@
 // The one place that decides which kernels run for a call, and the one owner of the error "this
 // build has no CUDA kernels". A family's entry point validates its arguments, then:
 //
-//   run_on_backend(first_param,
+//   run_on_backend(first_param, stream,
 //       [&] { sweep_cpu(...); },                              // tensors on the CPU
 //       [&](auto stream) { sweep_cuda(..., stream); });      // on a GPU, its device made current
 //

@@ -2,8 +2,10 @@
 
 What is checked where: Python checks what must fail while tracing under torch.compile (types,
 dtypes, devices, shapes, scalar values); the native core checks memory (layouts, overlap between
-tensors, index ranges) for every caller, Python or not. So neither checks the other's half, and
-each error names the argument, what was expected and what was given.
+tensors, index ranges) for every caller, Python or not. Layouts and overlap are checked only by
+the core. The core also re-checks the few things its memory safety rests on (the dtype and device
+of every pointer it dereferences), because callers of `_C` need not come through Python. Each
+error names the argument, what was expected and what was given.
 
 Scalars that the kernels compute with in float32 are checked after rounding to float32: 1e39 is
 finite as a Python float and infinite for the kernel.

@@ -58,16 +58,15 @@ def _grad_arg(projected_grad: Scalar, device: torch.device):
     return check.real(projected_grad, "projected_grad"), None
 
 
-def _check_lr_weight_decay(lr, weight_decay, where: str = ""):
+def _check_hyperparameters(lr, weight_decay, eps, where: str = ""):
+    """lr >= 0, weight_decay >= 0, eps > 0, each and the kernel's coefficients derived from them
+    (docs/mezo.md) finite in float32. Returns (lr, weight_decay, eps)."""
     lr = check.float32_value(lr, f"{where}lr", minimum=0.0)
     weight_decay = check.float32_value(weight_decay, f"{where}weight_decay", minimum=0.0)
-    # the kernel's per-tensor coefficients, derived from them (docs/mezo.md)
-    check.float32_value(lr * weight_decay, f"{where}lr * {where}weight_decay")
-    return lr, weight_decay
-
-
-def _check_eps(eps) -> float:
-    return check.float32_value(eps, "eps", positive=True)
+    eps = check.float32_value(eps, "eps", positive=True)
+    shrink = check.float32_value(lr * weight_decay, f"{where}lr * {where}weight_decay")
+    check.float32_value(eps * (1.0 - shrink), f"eps * (1 - {where}lr * {where}weight_decay)")
+    return lr, weight_decay, eps
 
 
 # -- the two kinds of sweep, shared by the functions and the optimizer ---------------------------
@@ -83,10 +82,7 @@ def _update_sweep(params, indices, seed_value, seed_tensor, lrs, weight_decays, 
     """restore + eps z, then theta -= lr (g z + wd theta): theta + (eps (1 - lr wd) - lr g) z - lr wd theta.
     When g is not finite: the restore alone, theta + eps z."""
     shrink = [lr * wd for lr, wd in zip(lrs, weight_decays)]
-    coef_a = [eps * (1.0 - s) for s in shrink]
-    for value, what in ((min(coef_a, default=0.0), "eps * (1 - lr * weight_decay)"),
-                        (max(coef_a, default=0.0), "eps * (1 - lr * weight_decay)")):
-        check.float32_value(value, what)
+    coef_a = [eps * (1.0 - s) for s in shrink]   # finite in float32: _check_hyperparameters
     has_next = next_value is not None or next_tensor is not None
     _sweep(params, indices, shrink, coef_a, list(lrs), seed_value, seed_tensor, grad_value, grad_tensor, eps,
            has_next, next_value or 0, next_tensor, next_scale if has_next else 0.0)
@@ -133,8 +129,7 @@ def update_(params: Sequence[torch.Tensor], seed: Seed, lr: float, projected_gra
     sweep also adds next_scale * z(next_seed, i) (default next_scale = eps): the next step's +eps
     perturbation. lr >= 0, eps > 0 and weight_decay >= 0 as in MeZO."""
     params, device = check.tensor_list(params, "params")
-    lr, weight_decay = _check_lr_weight_decay(lr, weight_decay)
-    eps = _check_eps(eps)
+    lr, weight_decay, eps = _check_hyperparameters(lr, weight_decay, eps)
     seed_value, seed_tensor = check.seed(seed, "seed", device)
     grad_value, grad_tensor = _grad_arg(projected_grad, device)
     skip = set(check.members(no_decay if no_decay is not None else [], params, "no_decay"))
@@ -179,8 +174,7 @@ class MeZO(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, *,
                  seed: int = 0, fold_perturbation: bool = False, capturable: bool = False):
-        _check_lr_weight_decay(lr, weight_decay)
-        eps = _check_eps(eps)
+        _, _, eps = _check_hyperparameters(lr, weight_decay, eps)
         if isinstance(seed, torch.Tensor):
             raise TypeError("seed must be an int (the optimizer keeps its own device copy when capturable)")
         check.seed(seed, "seed", torch.device("cpu"))
@@ -190,7 +184,8 @@ class MeZO(torch.optim.Optimizer):
         self.fold_perturbation = bool(fold_perturbation)
         self.capturable = bool(capturable)
         self.steps_taken = 0
-        self._perturbed = False  # parameters currently hold theta + eps z(seed of the next step)
+        # (params, indices) that hold theta + eps z(seed of the next step) after a folded step, or None
+        self._pending: Optional[tuple] = None
         self._seed_tensor: Optional[torch.Tensor] = None
         self._skipped: Optional[torch.Tensor] = None  # device counter of skipped steps
         self._skipped_base = 0                        # skipped steps restored from a state_dict
@@ -213,7 +208,8 @@ class MeZO(torch.optim.Optimizer):
         params, indices, lrs, weight_decays = [], [], [], []
         position = 0
         for index, group in enumerate(self.param_groups):
-            lr, weight_decay = _check_lr_weight_decay(group["lr"], group["weight_decay"], f"param_groups[{index}] ")
+            lr, weight_decay, _ = _check_hyperparameters(group["lr"], group["weight_decay"], self.eps,
+                                                         f"param_groups[{index}] ")
             for p in group["params"]:
                 if p.requires_grad:
                     params.append(p)
@@ -242,7 +238,6 @@ class MeZO(torch.optim.Optimizer):
             loss = _as_loss(closure())
         except BaseException:
             self._perturb(params, indices, undo_scale)
-            self._perturbed = False
             raise
         return loss.to(device)
 
@@ -257,8 +252,11 @@ class MeZO(torch.optim.Optimizer):
             raise RuntimeError("MeZO.step is being captured in a CUDA graph but the optimizer was built with "
                                "capturable=False: every replay would reuse one direction; pass capturable=True")
         eps = self.eps
-        if not self._perturbed:
+        if self._pending is not None and not _same_tensors(self._pending, (params, indices)):
+            self.remove_perturbation()   # parameters were frozen or unfrozen since the folded step
+        if self._pending is None:
             self._perturb(params, indices, eps)
+        self._pending = None             # from here on, a failing closure restores to theta
         loss_pos = self._forward(closure, params, indices, -eps, device)
         self._perturb(params, indices, -2.0 * eps)
         loss_neg = self._forward(closure, params, indices, eps, device)
@@ -274,7 +272,7 @@ class MeZO(torch.optim.Optimizer):
         next_value, next_tensor = self._seed(1) if fold else (None, None)
         _update_sweep(params, indices, *self._seed(), lrs, weight_decays, eps, 0.0, grad, next_value, next_tensor,
                       eps if fold else 0.0)
-        self._perturbed = fold
+        self._pending = (params, indices) if fold else None
         self.steps_taken += 1
         if self._seed_tensor is not None:
             self._seed_tensor.add_(1)
@@ -288,11 +286,9 @@ class MeZO(torch.optim.Optimizer):
     @torch.no_grad()
     def remove_perturbation(self) -> None:
         """Subtracts the pending +eps z of the next step (fold_perturbation only); a no-op otherwise."""
-        if self._perturbed:
-            params, indices, _, _, _ = self._flat()
-            if params:
-                self._perturb(params, indices, -self.eps)
-            self._perturbed = False
+        if self._pending is not None:
+            self._perturb(*self._pending, -self.eps)   # the tensors perturbed then, frozen or not now
+            self._pending = None
 
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self):
@@ -301,7 +297,7 @@ class MeZO(torch.optim.Optimizer):
         if self._seed_tensor is not None:  # graph replays advance the device seed, not steps_taken
             steps = (int(self._seed_tensor.item()) - self.seed) % 2**64
         state["mezo"] = dict(seed=self.seed, steps_taken=steps, eps=self.eps, skipped_steps=self.skipped_steps,
-                             fold_perturbation=self.fold_perturbation, perturbed=self._perturbed)
+                             fold_perturbation=self.fold_perturbation, perturbed=self._pending is not None)
         return state
 
     def load_state_dict(self, state_dict):
@@ -314,11 +310,19 @@ class MeZO(torch.optim.Optimizer):
         self.steps_taken = int(mezo_state["steps_taken"])
         self.eps = float(mezo_state["eps"])
         self.fold_perturbation = bool(mezo_state["fold_perturbation"])
-        self._perturbed = bool(mezo_state["perturbed"])
+        self._pending = None
+        if mezo_state["perturbed"]:   # the saved parameters hold the +eps z of the trainable ones
+            params, indices, _, _, _ = self._flat()
+            self._pending = (params, indices)
         self._skipped_base = int(mezo_state.get("skipped_steps", 0))
         self._skipped = None
         if self.capturable:
             self._reset_device_state()
+
+
+def _same_tensors(a, b) -> bool:
+    """Two (params, indices) pairs name the same tensors (by identity) with the same indices."""
+    return a[1] == b[1] and len(a[0]) == len(b[0]) and all(x is y for x, y in zip(a[0], b[0]))
 
 
 def _as_loss(value) -> torch.Tensor:
