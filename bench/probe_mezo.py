@@ -1,6 +1,6 @@
 """Where a MeZO sweep's time goes, for the GPU-check issue (docs/mezo.md, "Performance").
 
-    python3 bench/mezo_probe.py [--device cuda|cpu]
+    python3 bench/probe_mezo.py [--device cuda|cpu]
 
 Separates the three things that can bound a sweep, each measured in this run on this device:
   memory     a DRAM-resident sweep (one 2 GiB fp32 / 1 GiB bf16 tensor) against a device copy of
@@ -13,7 +13,6 @@ Separates the three things that can bound a sweep, each measured in this run on 
 Prints one line per probe; times are medians of CUDA-event (or wall-clock) measurements.
 """
 import argparse
-import statistics
 import time
 
 import torch
@@ -24,7 +23,7 @@ from llmkernels.bench.core import measure
 
 def median_ms(fn, device, repeats=20):
     """Median ms per call of fn(), timed by the benchmark runner's own timer (warm-up included)."""
-    return statistics.median(measure(lambda _: fn(), [None], device, repeats=repeats))
+    return measure(lambda _: fn(), [None], device, repeats=repeats).median
 
 
 def main():

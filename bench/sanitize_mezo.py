@@ -10,7 +10,8 @@ tensor's end is reported instead of landing unseen in a neighbour inside torch's
 Shapes: 0, 1, 3 and 5 elements (shorter than one 4-element group), 4097 (one past a 4096-element
 chunk), 123457 (many chunks, odd), a 2-D tensor, a contiguous view that starts one element into
 its buffer (not 16-byte aligned, and ending exactly at the end of the allocation), and a list of
-100 tensors (more than the 96 that one launch carries).
+300 float32 tensors of odd sizes: more than the 256 tensors of one dtype that one launch carries
+(96 with CUDA < 12.1), so the sweep is split into several launch batches and the last one is partial.
 """
 import torch
 
@@ -45,14 +46,15 @@ def main() -> None:
     device = torch.device("cuda")
     lists = [odd_params(dtype, device) for dtype in DTYPES]
     lists.append([p for params in lists for p in params])                                   # mixed dtypes
-    lists.append([torch.randn(1 + 37 * i, device=device) for i in range(100)])             # 2 launches
+    # One dtype, 300 tensors: launches of 256 (kTensorsPerLaunch in mezo_cuda.cu) + 44.
+    lists.append([torch.randn(1 + 37 * i, device=device) for i in range(300)])
     for params in lists:
         sweep_every_way(params, device)
     for numel in SIZES:
         mezo.noise(11, 3, numel, device=device)
         mezo.noise(torch.tensor(11, device=device), 3, numel, dtype=torch.bfloat16, device=device)
     for fold in (False, True):
-        params = odd_params(torch.float32, device)
+        params = [p.requires_grad_() for p in odd_params(torch.float32, device)]   # MeZO skips frozen ones
         optimizer = mezo.MeZO(params, lr=1e-3, eps=1e-3, weight_decay=0.01, fold_perturbation=fold, capturable=True)
         optimizer.step(lambda: sum(p.float().sum() for p in params))
         optimizer.remove_perturbation()

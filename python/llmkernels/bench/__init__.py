@@ -1,7 +1,10 @@
 """Microbenchmarks: `python -m llmkernels bench` (runner.py) over cases registered by family.
 
 Adding a family: write bench/<family>.py with an `@register("<family>")` function
-`cases(device, quick) -> list[Case]`, and import it below.
+`cases(device, quick) -> list[Case]`, each case with a check for our kernel and one for its anchor
+(core.Case), and import it below. bench/test_bench.py then times it with pytest-benchmark, and
+bench/gpu_check.sh runs the repository's bench/sanitize_<family>.py and bench/probe_<family>.py
+(if any) on a GPU machine.
 """
 from .core import Case, Target, build_cases, register
 from . import mezo  # noqa: F401,E402  (registers "mezo")

@@ -16,20 +16,18 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 from typing import Any, Dict, List, Optional
 
 import torch
 
-import llmkernels
-from .. import build_info
+from .. import build_info, cuda_unusable_reason, cuda_usable
 from . import core
 from .core import short_dtype
 
 COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 1 * 2**30}
 BUDGET_SECONDS = {False: 2.0, True: 0.25}   # seconds of timed calls per function, by --quick
-WARMUP_MAX_SECONDS = {False: core.WARMUP_MAX_SECONDS, True: 1.0}   # warm-up cap per function, by --quick
+WARMUP_MAX_SECONDS = {False: core.WARMUP_MAX_SECONDS, True: 2.0}   # warm-up cap per function, by --quick
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -59,16 +57,25 @@ def matches(case: core.Case, filters: List[str]) -> bool:
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name; for the CPU, its model and widest vector extension, which tells apart VMs
+    that all report "AMD EPYC": two of them measured the default fp32 mezo.update at 17.5 ms (one
+    with AVX-512) and 128 ms (AVX2 only)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    model, flags = "", set()
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "cpu"
+    model = model or platform.processor() or platform.machine() or "cpu"
+    widest = next((isa for isa in ("avx512f", "avx2", "avx", "neon", "asimd") if isa in flags), None)
+    return f"{model} ({widest})" if widest else model
 
 
 def git_state() -> Dict[str, Any]:
@@ -84,6 +91,7 @@ def git_state() -> Dict[str, Any]:
 def measure_limits(device: torch.device, need_matmul: bool, repeats: Optional[int]) -> Dict[str, Any]:
     print(f"measuring {device.type} copy bandwidth{' and matmul peak' if need_matmul else ''} ...",
           file=sys.stderr, flush=True)
+    load_average = os.getloadavg()[0]   # before we add our own load
     copy_bytes = COPY_BYTES[device.type]
     limits = {
         "name": device_name(device),
@@ -93,7 +101,10 @@ def measure_limits(device: torch.device, need_matmul: bool, repeats: Optional[in
         "cache_bytes": core.last_level_cache_bytes(device),
     }
     if device.type == "cpu":
-        limits["threads"] = torch.get_num_threads()
+        # Other processes on the cores stall every parallel region (one late thread holds the
+        # barrier): on a busy 2-core machine the published MeZO loop (~2000 small torch ops a call)
+        # measured 66 ms to 3.8 s, our one-region sweep 38 to 72 ms. The load says how busy it was.
+        limits.update(threads=torch.get_num_threads(), load_average=load_average, cores=os.cpu_count())
     return limits
 
 
@@ -128,9 +139,9 @@ def run_case(case: core.Case, limits: Dict[str, Any], repeats: Optional[int], bu
     record = case_fields(case)
     check_case(case)
     input_sets = [case.setup() for _ in range(core.input_sets_needed(case.bytes_moved, limits["cache_bytes"]))]
-    ours, anchor = (core.measure(run, input_sets, case.device, repeats=repeats, budget_seconds=budget_seconds,
-                                 warmup_max_seconds=warmup_max_seconds)
-                    for run in (case.run, case.anchor_run))
+    timing = dict(repeats=repeats, budget_seconds=budget_seconds, warmup_max_seconds=warmup_max_seconds)
+    ours = core.measure(case.run, input_sets, case.device, **timing)
+    anchor = core.measure(case.anchor_run, input_sets, case.device, **timing)
     time_ms, anchor_ms = ours.median, anchor.median
     record.update(time_ms=time_ms, repeats=len(ours.samples), anchor_ms=anchor_ms,
                   anchor_repeats=len(anchor.samples), input_sets=len(input_sets), ratio=anchor_ms / time_ms,
@@ -206,7 +217,9 @@ def device_header(device: str, limits: Dict[str, Any], info: Dict[str, Any]) -> 
     cuda = f"CUDA built for {info.get('cuda_archs')}" if info.get("cuda_compiled") else "no CUDA build"
     native = (f"llmkernels {info.get('version')} ({cuda}, GPU usable: {info.get('gpu_usable')}, "
               f"OpenMP threads: {info.get('openmp_threads')})")
-    threads = f", {limits['threads']} torch threads" if "threads" in limits else ""
+    threads = ""
+    if "threads" in limits:
+        threads = f", {limits['threads']} torch threads, load {limits['load_average']:.1f} on {limits['cores']} cores"
     ceilings = f"copy {limits['copy_gbps']:.1f} GB/s ({limits['copy_bytes'] // 2**20} MiB)"
     if limits.get("matmul_tflops"):
         ceilings += f", matmul {limits['matmul_tflops']:.1f} TFLOP/s"
@@ -228,7 +241,7 @@ def format_report(environment: Dict[str, Any], records: List[Dict[str, Any]]) ->
                 lines.append(f"{family} targets (reported, not asserted):")
             for record, target in targets:
                 verdict = {True: "meets", False: "below", None: "n/a"}[target["meets"]]
-                doubt = " (WIDE SPREAD)" if record.get("spread_too_wide") else ""
+                doubt = "".join(f" ({flag})" for flag in flags(record))
                 lines.append(f"  {verdict:5}  {target['text']}: {record['op']} {record['dtype']} vs "
                              f"{record['anchor']}, {target['metric']} {target['value']:.2f}{doubt}")
     return "\n".join(lines)
@@ -248,10 +261,10 @@ def write_json(path: str, environment: Dict[str, Any], records: List[Dict[str, A
 def plot_title(environment: Dict[str, Any]) -> str:
     """Which machine, which code, when: a chart copied out of its JSON still says what it measured."""
     names = "; ".join(f"{device}: {limits['name']}" for device, limits in environment["devices"].items())
-    commit = (environment["git_commit"] or "unknown commit")[:12]
+    commit = (environment["git_commit"] or "unknown")[:12]
     if environment["git_dirty"]:
-        commit += " (uncommitted changes)"
-    return f"llmkernels bench, commit {commit}, {environment['timestamp'][:10]}\n{names}"
+        commit += " + uncommitted changes"
+    return f"llmkernels bench, {environment['timestamp'][:10]}, commit {commit}\n{names}"
 
 
 def plot_ratios(path: str, environment: Dict[str, Any], records: List[Dict[str, Any]]) -> None:
@@ -262,14 +275,14 @@ def plot_ratios(path: str, environment: Dict[str, Any], records: List[Dict[str, 
     measured = [r for r in records if "error" not in r]
     labels = [" ".join([f"{r['op']} {r['dtype']} {r['device']} vs {r['anchor']}"] + [f"({f})" for f in flags(r)])
               for r in measured]
-    figure, axes = pyplot.subplots(figsize=(10, 0.35 * len(measured) + 1.6))
+    # Constrained layout keeps the long case labels, the title and the axis label inside the figure.
+    figure, axes = pyplot.subplots(figsize=(11, 0.35 * len(measured) + 1.8), layout="constrained")
     axes.barh(labels, [r["ratio"] for r in measured],
               color=["tab:gray" if flags(r) else "tab:blue" for r in measured])
     axes.axvline(1.0, color="black", linewidth=0.8)
     axes.invert_yaxis()
-    axes.set_xlabel("anchor median / our median (> 1: llmkernels is faster; gray: flagged, see the table)")
-    axes.set_title(plot_title(environment), fontsize=9)
-    figure.tight_layout()
+    axes.set_xlabel("anchor median / our median (> 1: llmkernels faster; gray: flagged in the table)")
+    figure.suptitle(plot_title(environment), fontsize=9)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, dpi=120)
     pyplot.close(figure)
@@ -285,13 +298,13 @@ def matplotlib_installed() -> bool:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    cuda_usable = llmkernels.cuda_usable()
-    if args.device == "cuda" and not cuda_usable:
-        print(f"--device cuda: CUDA is not usable: {llmkernels.cuda_unusable_reason()}", file=sys.stderr)
+    with_cuda = cuda_usable()
+    if args.device == "cuda" and not with_cuda:
+        print(f"--device cuda: CUDA is not usable: {cuda_unusable_reason()}", file=sys.stderr)
         return 2
-    if args.device == "all" and not cuda_usable:
-        print(f"--device all: CPU only; CUDA is not usable: {llmkernels.cuda_unusable_reason()}", file=sys.stderr)
-    wanted = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu"] + (["cuda"] if cuda_usable else [])}[args.device]
+    if args.device == "all" and not with_cuda:
+        print(f"--device all: CPU only; CUDA is not usable: {cuda_unusable_reason()}", file=sys.stderr)
+    wanted = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu"] + (["cuda"] if with_cuda else [])}[args.device]
     devices = [torch.device(name) for name in wanted]
     plot = args.plot
     if plot and not matplotlib_installed():
