@@ -124,10 +124,12 @@ def test_float32_values_are_checked_after_rounding():
     for bad in (1e39, -1e39, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="x must be finite in float32"):
             check.float32_value(bad, "x")
-    with pytest.raises(ValueError, match="x must be > 0; got 0.0"):
+    with pytest.raises(ValueError, match=r"x must be > 0 \(after rounding to float32\); got 0.0"):
         check.float32_value(0.0, "x", positive=True)
     with pytest.raises(ValueError, match="x must be >= 0; got -1.0"):
         check.float32_value(-1, "x", minimum=0.0)
+    with pytest.raises(ValueError, match=r"x must be > 0 \(after rounding to float32\); got 1e-46"):
+        check.float32_value(1e-46, "x", positive=True)   # 0 in float32
     with pytest.raises(TypeError, match="x must be a real number; got bool"):
         check.float32_value(True, "x")
     with pytest.raises(TypeError, match="x must be a real number; got Tensor"):

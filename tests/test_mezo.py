@@ -652,6 +652,7 @@ def test_optimizer_skips_steps_with_non_finite_loss(device):
     ([1.0], TypeError, "closure must return"),
     (torch.ones(2), ValueError, "closure must return"),
     (torch.tensor(True), TypeError, "closure must return"),
+    (torch.tensor(1.0, device="meta"), NotImplementedError, None),  # fails only when moved to the device
 ])
 def test_optimizer_restores_params_when_the_closure_fails(device, bad, error, match):
     weights, loss = least_squares(device)
@@ -755,3 +756,58 @@ def test_folded_perturbation_is_removed_from_parameters_frozen_after_the_step(de
         else:
             optimizer.step(loss)              # first takes the pending perturbation off weights[0]
         assert torch.equal(weights[0].detach(), expected), action
+
+
+def test_eps_whose_double_overflows_or_that_rounds_to_zero_is_refused():
+    params = [torch.zeros(4, requires_grad=True)]
+    with pytest.raises(ValueError, match=r"2 \* eps must be finite in float32"):
+        mezo.MeZO(params, eps=2e38)
+    with pytest.raises(ValueError, match=r"eps must be > 0 \(after rounding to float32\)"):
+        mezo.MeZO(params, eps=1e-46)
+    with pytest.raises(ValueError, match=r"eps must be > 0 \(after rounding to float32\)"):
+        mezo.update_(params, 0, 0.1, 0.5, 1e-46)
+
+
+def test_projected_grad_inside_a_parameter_is_refused(device):
+    params = [torch.randn(8, device=device)]
+    before = params[0].clone()
+    with pytest.raises(ValueError, match=r"projected_grad overlaps params\[0\] in memory"):
+        mezo.update_(params, 0, 0.1, params[0][3], 1e-3)
+    assert torch.equal(params[0], before)
+
+
+def test_state_dict_remembers_which_tensors_hold_the_pending_perturbation(device):
+    weights, loss = least_squares(device)
+    optimizer = mezo.MeZO(weights, lr=1e-2, eps=1e-3, seed=6, fold_perturbation=True)
+    for _ in range(2):
+        optimizer.step(loss)
+    saved_weights = [w.detach().clone() for w in weights]
+    saved_state = copy.deepcopy(optimizer.state_dict())
+    assert saved_state["mezo"]["perturbed_indices"] == [0, 1]
+    optimizer.remove_perturbation()
+    expected = [w.detach().clone() for w in weights]
+
+    resumed_weights, _ = least_squares(device)
+    with torch.no_grad():
+        for w, s in zip(resumed_weights, saved_weights):
+            w.copy_(s)
+    resumed_weights[0].requires_grad_(False)     # frozen at load time: it still holds +eps z
+    resumed = mezo.MeZO(resumed_weights, lr=0.5, eps=0.5)
+    resumed.load_state_dict(saved_state)
+    resumed.remove_perturbation()
+    for w, e in zip(resumed_weights, expected):
+        assert torch.equal(w.detach(), e)
+
+
+def test_load_state_dict_keeps_the_capturable_device_tensors(device):
+    # A step captured in a CUDA graph keeps reading the seed and counter tensors it captured:
+    # load_state_dict must update them in place, not replace them.
+    weights, loss = least_squares(device)
+    optimizer = mezo.MeZO(weights, lr=1e-2, eps=1e-3, seed=3, capturable=True)
+    optimizer.step(loss)
+    state = copy.deepcopy(optimizer.state_dict())
+    seed_tensor, skipped = optimizer._seed_tensor, optimizer._skipped
+    optimizer.step(loss)
+    optimizer.load_state_dict(state)
+    assert optimizer._seed_tensor is seed_tensor and optimizer._skipped is skipped
+    assert int(seed_tensor.item()) == 3 + 1 and optimizer.state_dict()["mezo"]["steps_taken"] == 1

@@ -189,6 +189,7 @@ void check_no_overlap(const std::vector<TensorView>& views) {
   struct Range { uintptr_t begin, end; size_t index; };
   std::vector<Range> ranges;
   for (size_t k = 0; k < views.size(); ++k) {
+    views[k].check_dense();  // its bytes are then exactly [ptr, ptr + nbytes)
     const int64_t bytes = views[k].nbytes();
     if (bytes == 0) continue;
     const auto begin = reinterpret_cast<uintptr_t>(views[k].ptr);

@@ -78,8 +78,8 @@ struct TensorView {
 };
 
 // Throws ValueError when two of `views` share memory (their byte ranges overlap): an in-place
-// kernel over overlapping tensors would race and update shared elements twice. The views must be
-// dense (their bytes are [ptr, ptr + nbytes)).
+// kernel over overlapping tensors would race and update shared elements twice. Checks that every
+// view is dense first (ValueError otherwise), so that its bytes are [ptr, ptr + nbytes).
 void check_no_overlap(const std::vector<TensorView>& views);
 
 // Builds a view of `managed` (not consumed: the capsule's owner still frees it). `name` is the

@@ -35,6 +35,12 @@ void sweep(const std::vector<TensorView>& params, const std::vector<int64_t>& in
   scalars.seed.ptr = static_cast<const int64_t*>(scalar_pointer(seed_tensor, DType::i64));
   scalars.next_seed.ptr = static_cast<const int64_t*>(scalar_pointer(next_seed_tensor, DType::i64));
   scalars.grad.ptr = static_cast<const float*>(scalar_pointer(grad_tensor, DType::f32));
+  // The scalars are read by every CUDA block while other blocks write the parameters: they must
+  // not live inside a parameter.
+  std::vector<TensorView> written_and_read = params;
+  for (const TensorView* t : {seed_tensor, grad_tensor, next_seed_tensor})
+    if (t) written_and_read.push_back(*t);
+  if (written_and_read.size() > n) check_no_overlap(written_and_read);
 
   // Everything is checked; now one kernel call per dtype present (usually one).
   for (DType dtype : {DType::f32, DType::bf16, DType::f16}) {

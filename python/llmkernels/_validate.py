@@ -13,6 +13,7 @@ finite as a Python float and infinite for the kernel.
 from __future__ import annotations
 
 import math
+import struct
 import numbers
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -98,8 +99,8 @@ def float32_value(value, name: str, *, minimum: Optional[float] = None, positive
     value = real(value, name)
     if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
         raise ValueError(f"{name} must be finite in float32 (|{name}| <= {FLOAT32_MAX:.4g}); got {value}")
-    if positive and not value > 0:
-        raise ValueError(f"{name} must be > 0; got {value}")
+    if positive and not struct.unpack("f", struct.pack("f", value))[0] > 0:
+        raise ValueError(f"{name} must be > 0 (after rounding to float32); got {value}")
     if minimum is not None and not value >= minimum:
         raise ValueError(f"{name} must be >= {minimum:g}; got {value}")
     return value

@@ -64,6 +64,7 @@ def _check_hyperparameters(lr, weight_decay, eps, where: str = ""):
     lr = check.float32_value(lr, f"{where}lr", minimum=0.0)
     weight_decay = check.float32_value(weight_decay, f"{where}weight_decay", minimum=0.0)
     eps = check.float32_value(eps, "eps", positive=True)
+    check.float32_value(2.0 * eps, "2 * eps")   # the -2 eps perturbation of a step
     shrink = check.float32_value(lr * weight_decay, f"{where}lr * {where}weight_decay")
     check.float32_value(eps * (1.0 - shrink), f"eps * (1 - {where}lr * {where}weight_decay)")
     return lr, weight_decay, eps
@@ -196,10 +197,15 @@ class MeZO(torch.optim.Optimizer):
         return self.param_groups[0]["params"][0].device
 
     def _reset_device_state(self) -> None:
-        device = self._device()
-        self._seed_tensor = torch.tensor(check.as_int64_pattern(self.seed + self.steps_taken), dtype=torch.int64,
-                                         device=device)
-        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+        """The device seed and skip counter; updated in place when they exist, so that a step
+        captured in a CUDA graph before a load_state_dict keeps reading and advancing them."""
+        seed = check.as_int64_pattern(self.seed + self.steps_taken)
+        if self._seed_tensor is None:
+            device = self._device()
+            self._seed_tensor = torch.tensor(seed, dtype=torch.int64, device=device)
+            self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+        else:
+            self._seed_tensor.fill_(seed)
 
     # -- the trainable parameters as one list, with per-tensor coefficients -------------------
     def _flat(self):
@@ -231,16 +237,6 @@ class MeZO(torch.optim.Optimizer):
     def _perturb(self, params, indices, scale: float, ahead: int = 0) -> None:
         _perturb_sweep(params, indices, *self._seed(ahead), scale)
 
-    def _forward(self, closure, params, indices, undo_scale: float, device: torch.device) -> torch.Tensor:
-        """closure() at the current perturbation, as a one-element tensor on `device`. If it raises
-        or returns something that is not a loss, first perturb by undo_scale (back to theta)."""
-        try:
-            loss = _as_loss(closure())
-        except BaseException:
-            self._perturb(params, indices, undo_scale)
-            raise
-        return loss.to(device)
-
     @torch.no_grad()
     def step(self, closure):
         if closure is None:
@@ -256,18 +252,24 @@ class MeZO(torch.optim.Optimizer):
             self.remove_perturbation()   # parameters were frozen or unfrozen since the folded step
         if self._pending is None:
             self._perturb(params, indices, eps)
-        self._pending = None             # from here on, a failing closure restores to theta
-        loss_pos = self._forward(closure, params, indices, -eps, device)
-        self._perturb(params, indices, -2.0 * eps)
-        loss_neg = self._forward(closure, params, indices, eps, device)
-        # The difference of two nearly equal losses: subtract in the losses' precision (at least
-        # float32; float64 losses stay float64) and only then round g to float32 for the kernel.
-        wide = torch.promote_types(torch.promote_types(loss_pos.dtype, loss_neg.dtype), torch.float32)
-        grad = (loss_pos.to(wide) - loss_neg.to(wide)) / (2.0 * eps)
-        grad = grad.reshape(()).to(torch.float32)
-        if self._skipped is None:
-            self._skipped = torch.zeros((), dtype=torch.int64, device=device)
-        self._skipped += (~torch.isfinite(grad)).to(torch.int64)   # on the device: no sync
+        self._pending = None
+        offset = eps                     # the parameters hold theta + offset z until the update sweep
+        try:                             # whatever fails before it, the parameters go back to theta
+            loss_pos = _as_loss(closure()).to(device)
+            self._perturb(params, indices, -2.0 * eps)
+            offset = -eps
+            loss_neg = _as_loss(closure()).to(device)
+            # The difference of two nearly equal losses: subtract in the losses' precision (at least
+            # float32; float64 losses stay float64) and only then round g to float32 for the kernel.
+            wide = torch.promote_types(torch.promote_types(loss_pos.dtype, loss_neg.dtype), torch.float32)
+            grad = ((loss_pos.to(wide) - loss_neg.to(wide)) / (2.0 * eps)).reshape(()).to(torch.float32)
+            if self._skipped is None or self._skipped.device != grad.device:
+                self._skipped_base = self.skipped_steps
+                self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+            self._skipped += (~torch.isfinite(grad)).to(torch.int64)   # on the device: no sync
+        except BaseException:
+            self._perturb(params, indices, -offset)
+            raise
         fold = self.fold_perturbation
         next_value, next_tensor = self._seed(1) if fold else (None, None)
         _update_sweep(params, indices, *self._seed(), lrs, weight_decays, eps, 0.0, grad, next_value, next_tensor,
@@ -297,7 +299,9 @@ class MeZO(torch.optim.Optimizer):
         if self._seed_tensor is not None:  # graph replays advance the device seed, not steps_taken
             steps = (int(self._seed_tensor.item()) - self.seed) % 2**64
         state["mezo"] = dict(seed=self.seed, steps_taken=steps, eps=self.eps, skipped_steps=self.skipped_steps,
-                             fold_perturbation=self.fold_perturbation, perturbed=self._pending is not None)
+                             fold_perturbation=self.fold_perturbation, perturbed=self._pending is not None,
+                             # positions (in the flattened parameter groups) holding the pending +eps z
+                             perturbed_indices=list(self._pending[1]) if self._pending is not None else [])
         return state
 
     def load_state_dict(self, state_dict):
@@ -310,12 +314,23 @@ class MeZO(torch.optim.Optimizer):
         self.steps_taken = int(mezo_state["steps_taken"])
         self.eps = float(mezo_state["eps"])
         self.fold_perturbation = bool(mezo_state["fold_perturbation"])
+        # The saved parameters hold +eps z on the tensors at these positions (whatever is trainable
+        # now); a pending perturbation of this optimizer's own parameters is replaced, not removed:
+        # loading a state goes with loading the parameters saved with it.
         self._pending = None
-        if mezo_state["perturbed"]:   # the saved parameters hold the +eps z of the trainable ones
-            params, indices, _, _, _ = self._flat()
-            self._pending = (params, indices)
+        if mezo_state["perturbed"]:
+            everything = [p for group in self.param_groups for p in group["params"]]
+            positions = mezo_state.get("perturbed_indices")
+            if positions is None:   # saved before perturbed_indices existed: the trainable ones
+                positions = [i for i, p in enumerate(everything) if p.requires_grad]
+            if any(not 0 <= i < len(everything) for i in positions):
+                raise ValueError(f"state_dict's perturbed_indices {positions} do not fit the "
+                                 f"{len(everything)} parameters of this optimizer")
+            if positions:
+                self._pending = ([everything[i] for i in positions], list(positions))
         self._skipped_base = int(mezo_state.get("skipped_steps", 0))
-        self._skipped = None
+        if self._skipped is not None:
+            self._skipped.zero_()      # in place: a captured CUDA graph keeps using these tensors
         if self.capturable:
             self._reset_device_state()
 

@@ -17,7 +17,7 @@ import json
 import os
 import platform
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Callable, Any, Dict, List, Optional
 
 import torch
 
@@ -169,7 +169,10 @@ def flags(record: Dict[str, Any]) -> List[str]:
 
 
 def run_all(cases: List[core.Case], all_limits: Dict[str, Dict[str, Any]], repeats: Optional[int],
-            budget_seconds: float, warmup_max_seconds: float) -> List[Dict[str, Any]]:
+            budget_seconds: float, warmup_max_seconds: float,
+            after_each: Callable[[List[Dict[str, Any]]], None] = lambda records: None) -> List[Dict[str, Any]]:
+    """Runs every case; `after_each(records so far)` runs after each one (the JSON is rewritten then,
+    so a run killed by a timeout keeps the cases it finished)."""
     records = []
     for index, case in enumerate(cases, 1):
         label = f"[{index}/{len(cases)}] {case.name} {short_dtype(case.dtype)} {case.device} vs {case.anchor_name}"
@@ -184,6 +187,7 @@ def run_all(cases: List[core.Case], all_limits: Dict[str, Dict[str, Any]], repea
             record = {**case_fields(case), "check_passed": not isinstance(error, CheckFailed), "error": message}
             print(f" FAILED: {record['error']}", file=sys.stderr, flush=True)
         records.append(record)
+        after_each(records)
         if case.device.type == "cuda":   # cases differ in sizes: hand cached blocks back between them
             torch.cuda.empty_cache()
     return records
@@ -333,11 +337,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         need_matmul = any(case.flops for case in cases if case.device == device)
         environment["devices"][str(device)] = measure_limits(device, need_matmul, args.repeats)
 
-    records = run_all(cases, environment["devices"], args.repeats, BUDGET_SECONDS[args.quick],
-                      WARMUP_MAX_SECONDS[args.quick])
-    print(format_report(environment, records), flush=True)
     out = args.out or default_out_path(devices)
-    write_json(out, environment, records)
+    records = run_all(cases, environment["devices"], args.repeats, BUDGET_SECONDS[args.quick],
+                      WARMUP_MAX_SECONDS[args.quick], after_each=lambda done: write_json(out, environment, done))
+    print(format_report(environment, records), flush=True)
     print(f"\nwrote {out}", flush=True)
     if plot:
         plot_ratios(plot, environment, records)
