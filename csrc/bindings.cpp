@@ -148,16 +148,6 @@ void def_testing(py::module_& m) {
 
 }  // namespace
 
-#if !defined(LLMK_WITH_CUDA)
-// A build without CUDA answers these without a driver.
-namespace llmk {
-CudaVersions cuda_versions() { return CudaVersions{"none", "none"}; }
-int cuda_device_count() { return 0; }
-std::string cuda_unusable_reason(int) { return "this llmkernels build has no CUDA kernels"; }
-int cuda_driver_queries() { return 0; }
-}  // namespace llmk
-#endif
-
 PYBIND11_MODULE(_C, m) {
   m.doc() = "llmkernels native core (torch-free; tensors cross as DLPack capsules)";
   m.attr("__version__") = LLMK_VERSION;

@@ -25,6 +25,11 @@ inline constexpr bool kCudaBuilt = false;
 
 enum class Backend { cpu, cuda };
 
+// Why a CUDA call cannot run in this build; also what cuda_unusable_reason() says in it.
+inline constexpr const char* kNoCudaKernels =
+    "this llmkernels build has no CUDA kernels (it was built without nvcc or with LLMK_CUDA=OFF); "
+    "reinstall with nvcc on PATH, or LLMK_CUDA=ON to make that an error";
+
 // The stream a CUDA launcher runs on (a cudaStream_t; 0 is the legacy default stream).
 struct CudaStream { void* handle = nullptr; };
 
@@ -33,9 +38,7 @@ inline Backend select_backend(const TensorView& where) {
   if (where.device == DeviceType::cpu) return Backend::cpu;
   LLMK_CHECK(where.device == DeviceType::cuda, DeviceError, where.name, " is on ", where.device_str(),
              "; llmkernels runs on CPU and CUDA devices");
-  LLMK_CHECK(kCudaBuilt, DeviceError, where.name, " is on ", where.device_str(),
-             " but this llmkernels build has no CUDA kernels (it was built without nvcc or with "
-             "LLMK_CUDA=OFF); reinstall with nvcc on PATH, or LLMK_CUDA=ON to make that an error");
+  LLMK_CHECK(kCudaBuilt, DeviceError, where.name, " is on ", where.device_str(), " but ", kNoCudaKernels);
   return Backend::cuda;
 }
 

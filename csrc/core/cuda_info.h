@@ -1,5 +1,6 @@
 // What the CUDA runtime and driver say about this machine, for build_info() and the "is CUDA usable"
-// answer. Declared in every build, defined in cuda_info.cu (CUDA builds only). Nothing here runs at
+// answer. Declared in every build; defined in cuda_info.cu, or in cuda_info_none.cpp for a build
+// without CUDA (answers without a driver). Nothing here runs at
 // import: loading the module must not initialise the driver (forked DataLoader workers, import time).
 #pragma once
 #include <string>

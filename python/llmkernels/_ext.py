@@ -27,8 +27,7 @@ def cuda_unusable_reason() -> Optional[str]:
     image for the GPU's architecture (e.g. built for sm_90a, running on an A100). Asked once per
     process (it initialises the CUDA driver)."""
     if not C.build_config()["cuda_compiled"]:
-        return ("this llmkernels build has no CUDA kernels (built without nvcc or with LLMK_CUDA=OFF; "
-                "reinstall with nvcc on PATH)")
+        return C.cuda_unusable_reason(0)   # the native core's message (no driver call in such a build)
     import torch
     if not torch.cuda.is_available():
         return f"torch {torch.__version__} sees no usable CUDA device (torch.cuda.is_available() is False)"

@@ -13,8 +13,8 @@ finite as a Python float and infinite for the kernel.
 from __future__ import annotations
 
 import math
-import struct
 import numbers
+import struct
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
