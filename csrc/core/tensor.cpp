@@ -185,21 +185,38 @@ void TensorView::check_same_device(const TensorView& other) const {
              "; all tensors must be on one device");
 }
 
-void check_no_overlap(const std::vector<TensorView>& views) {
-  struct Range { uintptr_t begin, end; size_t index; };
-  std::vector<Range> ranges;
-  for (size_t k = 0; k < views.size(); ++k) {
-    views[k].check_dense();  // its bytes are then exactly [ptr, ptr + nbytes)
-    const int64_t bytes = views[k].nbytes();
-    if (bytes == 0) continue;
-    const auto begin = reinterpret_cast<uintptr_t>(views[k].ptr);
-    ranges.push_back(Range{begin, begin + uintptr_t(bytes), k});
-  }
-  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
-  for (size_t r = 1; r < ranges.size(); ++r) {
-    const Range& previous = ranges[r - 1];
-    LLMK_CHECK(ranges[r].begin >= previous.end, ValueError, views[ranges[r].index].name,
-               " overlaps ", views[previous.index].name, " in memory; each tensor must have its own memory");
+namespace {
+
+struct ByteRange { uintptr_t begin, end; const TensorView* view; };
+
+// The bytes of a dense view (checked), or nothing for an empty one.
+bool byte_range(const TensorView& view, ByteRange& range) {
+  view.check_dense();  // its bytes are then exactly [ptr, ptr + nbytes)
+  const auto begin = reinterpret_cast<uintptr_t>(view.ptr);
+  range = ByteRange{begin, begin + uintptr_t(view.nbytes()), &view};
+  return range.end > range.begin;
+}
+
+}  // namespace
+
+void check_no_overlap(const std::vector<TensorView>& written, const std::vector<TensorView>& read) {
+  std::vector<ByteRange> ranges;  // of `written`, sorted by start: disjoint once checked
+  ByteRange range;
+  for (const TensorView& view : written)
+    if (byte_range(view, range)) ranges.push_back(range);
+  std::sort(ranges.begin(), ranges.end(), [](const ByteRange& a, const ByteRange& b) { return a.begin < b.begin; });
+  for (size_t r = 1; r < ranges.size(); ++r)
+    LLMK_CHECK(ranges[r].begin >= ranges[r - 1].end, ValueError, ranges[r].view->name, " overlaps ",
+               ranges[r - 1].view->name, " in memory; each tensor must have its own memory");
+  for (const TensorView& view : read) {
+    if (!byte_range(view, range)) continue;
+    // The only written range that can overlap it: the last one starting before it ends.
+    auto after = std::upper_bound(ranges.begin(), ranges.end(), range.end - 1,
+                                  [](uintptr_t byte, const ByteRange& r) { return byte < r.begin; });
+    if (after == ranges.begin()) continue;
+    const ByteRange& candidate = *(after - 1);
+    LLMK_CHECK(candidate.end <= range.begin, ValueError, view.name, " overlaps ", candidate.view->name,
+               " in memory; it is read while ", candidate.view->name, " is written");
   }
 }
 

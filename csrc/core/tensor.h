@@ -77,10 +77,12 @@ struct TensorView {
   void check_same_device(const TensorView& other) const;       // RuntimeError
 };
 
-// Throws ValueError when two of `views` share memory (their byte ranges overlap): an in-place
-// kernel over overlapping tensors would race and update shared elements twice. Checks that every
-// view is dense first (ValueError otherwise), so that its bytes are [ptr, ptr + nbytes).
-void check_no_overlap(const std::vector<TensorView>& views);
+// Throws ValueError when two of `written` share memory (their byte ranges overlap), or when one of
+// `read` shares memory with one of `written` (read-only views may share memory with each other): an
+// in-place kernel over overlapping tensors would race and update shared elements twice, and a value
+// read while other threads write it is not one value. Checks that every view is dense first
+// (ValueError otherwise), so that its bytes are [ptr, ptr + nbytes).
+void check_no_overlap(const std::vector<TensorView>& written, const std::vector<TensorView>& read = {});
 
 // Builds a view of `managed` (not consumed: the capsule's owner still frees it). `name` is the
 // argument's name as the user wrote it, e.g. "params[3]".

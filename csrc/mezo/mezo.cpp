@@ -18,12 +18,10 @@ void sweep(const std::vector<TensorView>& params, const std::vector<int64_t>& in
   const TensorView& first = params[0];
   for (size_t k = 0; k < n; ++k) {
     params[k].check_same_device(first);
-    params[k].check_floating();
-    params[k].check_dense();
+    params[k].check_floating();  // density: check_no_overlap below
     LLMK_CHECK(indices[k] >= 0 && indices[k] <= std::numeric_limits<uint32_t>::max(), ValueError,
                "indices[", k, "] must be in [0, 2^32); got ", indices[k]);
   }
-  check_no_overlap(params);
   select_backend(first);  // a CUDA tensor in a build without CUDA fails here, before any kernel
   auto scalar_pointer = [&](const TensorView* t, DType dtype) -> const void* {
     if (!t) return nullptr;
@@ -35,12 +33,12 @@ void sweep(const std::vector<TensorView>& params, const std::vector<int64_t>& in
   scalars.seed.ptr = static_cast<const int64_t*>(scalar_pointer(seed_tensor, DType::i64));
   scalars.next_seed.ptr = static_cast<const int64_t*>(scalar_pointer(next_seed_tensor, DType::i64));
   scalars.grad.ptr = static_cast<const float*>(scalar_pointer(grad_tensor, DType::f32));
-  // The scalars are read by every CUDA block while other blocks write the parameters: they must
-  // not live inside a parameter.
-  std::vector<TensorView> written_and_read = params;
+  // No two parameters share memory, and no scalar lives inside a parameter: every CUDA block reads
+  // the scalars while other blocks write the parameters.
+  std::vector<TensorView> read;
   for (const TensorView* t : {seed_tensor, grad_tensor, next_seed_tensor})
-    if (t) written_and_read.push_back(*t);
-  if (written_and_read.size() > n) check_no_overlap(written_and_read);
+    if (t) read.push_back(*t);
+  check_no_overlap(params, read);
 
   // Everything is checked; now one kernel call per dtype present (usually one).
   for (DType dtype : {DType::f32, DType::bf16, DType::f16}) {
