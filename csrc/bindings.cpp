@@ -14,6 +14,7 @@
 #include "core/cuda_info.h"
 #include "core/errors.h"
 #include "core/tensor.h"
+#include "emu/emulator.h"
 #include "mezo/mezo.h"
 
 #if defined(_OPENMP)
@@ -94,6 +95,42 @@ void mezo_sweep(const py::list& params, const std::vector<int64_t>& indices,
               pointer(next_seed_view), stream_pointer(stream));
 }
 
+// -- the SIMT emulator: which backend CPU tensors run, its schedule, and what it saw ----------------
+
+void def_emulator(py::module_& m) {
+  py::module_ e = m.def_submodule("emulator", "The SIMT emulator that runs the CUDA kernels on CPU tensors");
+  e.def("settings", [] {
+        const emu::Settings s = emu::settings();
+        return py::make_tuple(s.enabled, s.schedule == emu::Schedule::shuffled ? "shuffled" : "ordered", s.seed);
+      }, "(enabled, schedule, seed)");
+  e.def("set_settings", [](bool enabled, const std::string& schedule, uint64_t seed) {
+        if (schedule != "ordered" && schedule != "shuffled")
+          throw ValueError("schedule must be 'ordered' or 'shuffled'; got '" + schedule + "'");
+        emu::set_settings(emu::Settings{enabled, schedule == "shuffled" ? emu::Schedule::shuffled : emu::Schedule::ordered, seed});
+      }, py::arg("enabled"), py::arg("schedule"), py::arg("seed"),
+      "While enabled, CPU tensors run the CUDA kernels under the emulator instead of the CPU kernels");
+  e.def("report", [] {
+        py::list out;
+        for (const emu::KernelReport& r : emu::report()) {
+          py::dict d;
+          d["kernel"] = r.kernel;
+          d["launches"] = r.launches;
+          d["blocks"] = r.blocks;
+          d["threads"] = r.threads;
+          d["shared_accesses"] = r.shared_accesses;
+          d["shared_wavefronts"] = r.shared_wavefronts;
+          d["shared_ideal_wavefronts"] = r.shared_ideal_wavefronts;
+          py::dict sites;
+          for (const auto& [site, extra] : r.conflicts_by_site) sites[py::str(site)] = extra;
+          d["bank_conflicts_by_site"] = sites;
+          out.append(d);
+        }
+        return out;
+      }, "Per kernel since the last reset: launches, blocks, threads, warp-wide shared accesses, their "
+         "wavefronts against the conflict-free ideal, and the extra wavefronts (bank conflicts) by source line");
+  e.def("reset_report", &emu::reset_report);
+}
+
 void def_testing(py::module_& m) {
   py::module_ t = m.def_submodule("testing", "Hooks for the tests: not part of the API");
 
@@ -151,6 +188,9 @@ void def_testing(py::module_& m) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "llmkernels native core (torch-free; tensors cross as DLPack capsules)";
   m.attr("__version__") = LLMK_VERSION;
+  // A kernel under the emulator broke a rule (a RuntimeError, as a CUDA error would be).
+  static py::handle emulator_error =
+      py::exception<llmk::EmulatorError>(m, "EmulatorError", PyExc_RuntimeError).release();
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
@@ -160,6 +200,8 @@ PYBIND11_MODULE(_C, m) {
       PyErr_SetString(PyExc_TypeError, e.what());
     } catch (const llmk::DeviceError& e) {
       PyErr_SetString(PyExc_RuntimeError, e.what());
+    } catch (const llmk::EmulatorError& e) {
+      PyErr_SetString(emulator_error.ptr(), e.what());
     }
   });
 
@@ -179,5 +221,6 @@ PYBIND11_MODULE(_C, m) {
         "theta <- theta + (coef_a - coef_b*g)*z(seed) - shrink*theta [+ next_scale*z(next_seed)] over a "
         "tensor list; theta + restore_scale*z [+ ...] instead when g is not finite");
 
+  def_emulator(m);
   def_testing(m);
 }

@@ -19,8 +19,12 @@ import llmkernels
 CUDA_UNUSABLE_REASON = llmkernels.cuda_unusable_reason()
 CUDA_USABLE = CUDA_UNUSABLE_REASON is None
 
-# For @pytest.mark.parametrize("device", DEVICES) or the `device` fixture of conftest.py.
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+# The backends a kernel test runs on, through the `device` fixture of conftest.py: the CPU kernels,
+# the CUDA kernels' own source under the SIMT emulator on CPU tensors ("emu", docs/emulator.md),
+# and the CUDA kernels on a GPU.
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("emu", id="emu", marks=pytest.mark.emu),
+           pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -1,17 +1,27 @@
 // The one place that decides which kernels run for a call, and the one owner of the error "this
 // build has no CUDA kernels". A family's entry point validates its arguments, then:
 //
-//   run_on_backend(first_param, stream,
+//   run_on_backend(first_param, stream, Operands().add(params).add(scale),
 //       [&] { sweep_cpu(...); },                              // tensors on the CPU
-//       [&](auto stream) { sweep_cuda(..., stream); });      // on a GPU, its device made current
+//       [&](auto stream) { sweep_device(..., stream); });    // the .cu file's launcher
 //
-// The CUDA callable is generic (`auto stream`) so that a build without CUDA never instantiates it:
-// the family's CUDA launcher is declared in its header in every build but defined only in its .cu.
+// The device callable is generic (`auto stream`): with a CudaStream it calls the nvcc-compiled
+// launcher (on a GPU, its device made current); with an EmuStream the same source compiled by the
+// host compiler against the SIMT emulator, on CPU tensors (when emulation is switched on:
+// emu/settings.h). A build without CUDA never instantiates the CUDA call: the launcher is declared
+// in the family's header in every build but defined only in its .cu file.
+// `Operands` are the tensors the kernel may touch: the emulator checks the kernel's global accesses
+// against them.
 #pragma once
+#include <vector>
+
 #include "core/errors.h"
 #include "core/tensor.h"
+#include "emu/emulator.h"
 
-#if defined(LLMK_WITH_CUDA)
+// (An emulated kernel file includes this without the CUDA toolkit's headers: LLMK_EMULATED.)
+#if defined(LLMK_WITH_CUDA) && !defined(LLMK_EMULATED)
+#define LLMK_CUDA_RUNTIME_HERE 1
 #include "core/cuda_check.h"
 #endif
 
@@ -23,7 +33,7 @@ inline constexpr bool kCudaBuilt = true;
 inline constexpr bool kCudaBuilt = false;
 #endif
 
-enum class Backend { cpu, cuda };
+enum class Backend { cpu, emu, cuda };
 
 // Why a CUDA call cannot run in this build; also what cuda_unusable_reason() says in it.
 inline constexpr const char* kNoCudaKernels =
@@ -32,29 +42,68 @@ inline constexpr const char* kNoCudaKernels =
 
 // The stream a CUDA launcher runs on (a cudaStream_t; 0 is the legacy default stream).
 struct CudaStream { void* handle = nullptr; };
+// The emulated backend's "stream": launches run synchronously on the calling thread's CPUs.
+struct EmuStream {};
+
+// The tensors a kernel reads or writes, for the emulator's global-memory bounds.
+class Operands {
+ public:
+  Operands& add(const TensorView& view) { views_.push_back(&view); return *this; }
+  Operands& add(const TensorView* view) { if (view) views_.push_back(view); return *this; }
+  Operands& add(const std::vector<TensorView>& views) {
+    for (const TensorView& v : views) views_.push_back(&v);
+    return *this;
+  }
+  // [lowest, highest + 1 element) of each view's bytes.
+  std::vector<emu::MemoryRange> ranges() const {
+    std::vector<emu::MemoryRange> out;
+    for (const TensorView* v : views_) {
+      if (v->numel() == 0) continue;
+      int64_t last = 0;
+      for (int d = 0; d < v->ndim; ++d) last += (v->shape[d] - 1) * v->strides[d];
+      const auto* begin = static_cast<const uint8_t*>(v->ptr);
+      out.push_back(emu::MemoryRange{begin, begin + (last + 1) * dtype_size(v->dtype), v->name});
+    }
+    return out;
+  }
+
+ private:
+  std::vector<const TensorView*> views_;
+};
 
 // The backend for tensors on `where`'s device; DeviceError when this build cannot run it.
+// CPU tensors run the CPU kernels, or the emulated CUDA kernels while emulation is on.
 inline Backend select_backend(const TensorView& where) {
-  if (where.device == DeviceType::cpu) return Backend::cpu;
+  if (where.device == DeviceType::cpu) return emu::settings().enabled ? Backend::emu : Backend::cpu;
   LLMK_CHECK(where.device == DeviceType::cuda, DeviceError, where.name, " is on ", where.device_str(),
              "; llmkernels runs on CPU and CUDA devices");
   LLMK_CHECK(kCudaBuilt, DeviceError, where.name, " is on ", where.device_str(), " but ", kNoCudaKernels);
   return Backend::cuda;
 }
 
-template <typename CpuFn, typename CudaFn>
-void run_on_backend(const TensorView& where, void* stream, CpuFn&& cpu, CudaFn&& cuda) {
-  if (select_backend(where) == Backend::cpu) {
-    cpu();
-    return;
-  }
-#if defined(LLMK_WITH_CUDA)
-  CudaDeviceGuard guard(where.device_index);
-  cuda(CudaStream{stream});
+template <typename CpuFn, typename DeviceFn>
+void run_on_backend(const TensorView& where, void* stream, const Operands& operands, CpuFn&& cpu,
+                    DeviceFn&& device) {
+  switch (select_backend(where)) {
+    case Backend::cpu:
+      cpu();
+      return;
+    case Backend::emu: {
+      emu::OperandScope scope(operands.ranges());
+      device(EmuStream{});
+      return;
+    }
+    case Backend::cuda:
+#if defined(LLMK_CUDA_RUNTIME_HERE)
+    {
+      CudaDeviceGuard guard(where.device_index);
+      device(CudaStream{stream});
+    }
 #else
-  (void)stream;
-  (void)cuda;
+      (void)stream;
 #endif
+      return;
+  }
 }
 
 }  // namespace llmk

@@ -10,6 +10,9 @@ namespace llmk {
 struct ValueError : std::runtime_error { using std::runtime_error::runtime_error; };
 struct TypeError : std::runtime_error { using std::runtime_error::runtime_error; };
 struct DeviceError : std::runtime_error { using std::runtime_error::runtime_error; };
+// A kernel running under the SIMT emulator broke a rule the hardware or compute-sanitizer would
+// catch (out-of-bounds access, race, deadlock, refused launch): csrc/emu/.
+struct EmulatorError : std::runtime_error { using std::runtime_error::runtime_error; };
 
 namespace detail {
 template <typename... Args>

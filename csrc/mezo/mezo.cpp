@@ -49,9 +49,9 @@ void sweep(const std::vector<TensorView>& params, const std::vector<int64_t>& in
                                   float(shrink[k]), float(coef_a[k]), float(coef_b[k])});
     }
     if (group.empty()) continue;
-    run_on_backend(first, stream,
+    run_on_backend(first, stream, Operands().add(params).add(seed_tensor).add(grad_tensor).add(next_seed_tensor),
                    [&] { sweep_cpu(dtype, group, scalars); },
-                   [&](auto cuda_stream) { sweep_cuda(dtype, group, scalars, cuda_stream); });
+                   [&](auto device_stream) { sweep_device(dtype, group, scalars, device_stream); });
   }
 }
 

@@ -81,9 +81,12 @@ void sweep(const std::vector<TensorView>& params, const std::vector<int64_t>& in
            const std::vector<double>& coef_b, SweepScalars scalars, const TensorView* seed_tensor,
            const TensorView* grad_tensor, const TensorView* next_seed_tensor, void* stream);
 
-// The kernels, one call per dtype; their device is current when called.
+// The kernels, one call per dtype; their device is current when called. sweep_device is
+// mezo_cuda.cu: compiled by nvcc (CudaStream) and by the host compiler for the emulator (EmuStream).
 void sweep_cpu(DType dtype, const std::vector<SweepTensor>& tensors, const SweepScalars& scalars);
-void sweep_cuda(DType dtype, const std::vector<SweepTensor>& tensors, const SweepScalars& scalars,
-                CudaStream stream);
+void sweep_device(DType dtype, const std::vector<SweepTensor>& tensors, const SweepScalars& scalars,
+                  CudaStream stream);
+void sweep_device(DType dtype, const std::vector<SweepTensor>& tensors, const SweepScalars& scalars,
+                  EmuStream stream);
 
 }  // namespace llmk::mezo

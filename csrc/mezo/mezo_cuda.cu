@@ -1,4 +1,4 @@
-// CUDA kernel for the MeZO sweep (mezo.h).
+// CUDA kernel for the MeZO sweep (mezo.h); also compiled for the emulated backend (docs/emulator.md).
 //
 // Multi-tensor launch: up to kTensorsPerLaunch tensors travel by value in the kernel parameters.
 // CUDA 12.1+ accepts 32 KB of kernel parameters on sm_70+, so 256 tensors (9.5 KB) per launch: a
@@ -12,14 +12,13 @@
 //
 //   block b:  | g0 g1 ... g255 | g256 ... g511 | ... | g768 ... g1023 |   (groups of 4 elements)
 //   thread t: loads g(t), g(t+256), g(t+512), g(t+768): coalesced 16-byte (fp32) / 8-byte loads
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
+#include "common/launch.h"
 #include "common/segments.h"
-#include "core/cuda_check.h"
+#include "common/vector_io.h"
 #include "core/dispatch.h"
 #include "mezo/mezo.h"
 
@@ -78,7 +77,7 @@ sweep_kernel(const __grid_constant__ LaunchBatch batch, const SweepScalars s) {
 #pragma unroll
   for (int i = 0; i < kGroupsPerThread; ++i) {
     const int64_t g = first_group + i * kThreads + threadIdx.x;
-    if (g < full_groups) values[i] = reinterpret_cast<const Group4<T>*>(data)[g];
+    if (g < full_groups) values[i] = load_global(reinterpret_cast<const Group4<T>*>(data) + g);
   }
 #pragma unroll
   for (int i = 0; i < kGroupsPerThread; ++i) {
@@ -93,12 +92,12 @@ sweep_kernel(const __grid_constant__ LaunchBatch batch, const SweepScalars s) {
       for (int e = 0; e < 4; ++e)
         out.v[e] = from_float<T>(sweep_element(to_float(values[i].v[e]), c.shrink, c.coef, z.z[e],
                                                s.next_scale, z_next.z[e]));
-      reinterpret_cast<Group4<T>*>(data)[g] = out;
+      store_global(reinterpret_cast<Group4<T>*>(data) + g, out);
     } else {  // the partial last group, or a tensor not aligned to 4 elements: one at a time
       for (int e = 0; e < 4 && 4 * g + e < numel; ++e) {
-        T& element = data[4 * g + e];
-        element = from_float<T>(
-            sweep_element(to_float(element), c.shrink, c.coef, z.z[e], s.next_scale, z_next.z[e]));
+        T* element = data + 4 * g + e;
+        store_global(element, from_float<T>(sweep_element(to_float(load_global(element)), c.shrink, c.coef,
+                                                          z.z[e], s.next_scale, z_next.z[e])));
       }
     }
   }
@@ -106,7 +105,7 @@ sweep_kernel(const __grid_constant__ LaunchBatch batch, const SweepScalars s) {
 
 template <typename T>
 void sweep_typed(const std::vector<SweepTensor>& tensors, const SweepScalars& scalars,
-                 cudaStream_t stream) {
+                 DeviceStream stream) {
   // Build (and check) every launch's parameters before the first launch.
   std::vector<LaunchBatch> batches;
   for (size_t start = 0; start < tensors.size(); start += kTensorsPerLaunch) {
@@ -132,17 +131,16 @@ void sweep_typed(const std::vector<SweepTensor>& tensors, const SweepScalars& sc
   }
   for (const LaunchBatch& batch : batches) {
     const int32_t chunks = batch.chunk_begin[batch.num_tensors];
-    sweep_kernel<T><<<dim3(uint32_t(chunks)), dim3(kThreads), 0, stream>>>(batch, scalars);
-    LLMK_CUDA_CHECK_LAUNCH();
+    launch("mezo sweep", sweep_kernel<T>, LaunchShape{dim3(uint32_t(chunks)), dim3(kThreads)}, stream, batch, scalars);
   }
 }
 
 }  // namespace
 
-void sweep_cuda(DType dtype, const std::vector<SweepTensor>& tensors, const SweepScalars& scalars,
-                CudaStream stream) {
+void sweep_device(DType dtype, const std::vector<SweepTensor>& tensors, const SweepScalars& scalars,
+                  DeviceStream stream) {
   dispatch_floating(dtype, "mezo sweep", [&](auto tag) {
-    sweep_typed<typename decltype(tag)::type>(tensors, scalars, static_cast<cudaStream_t>(stream.handle));
+    sweep_typed<typename decltype(tag)::type>(tensors, scalars, stream);
   });
 }
 

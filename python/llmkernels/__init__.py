@@ -9,6 +9,6 @@ from ._ext import C as _C, build_info, cuda_unusable_reason, cuda_usable
 
 __version__ = _C.__version__
 
-from . import mezo, reference  # noqa: E402
+from . import emulator, mezo, reference  # noqa: E402
 
-__all__ = ["build_info", "cuda_usable", "cuda_unusable_reason", "mezo", "reference", "__version__"]
+__all__ = ["build_info", "cuda_usable", "cuda_unusable_reason", "emulator", "mezo", "reference", "__version__"]
