@@ -106,4 +106,22 @@ void run_on_backend(const TensorView& where, void* stream, const Operands& opera
   }
 }
 
+// The CUDA kernels only: on a GPU for CUDA tensors, under the emulator for CPU tensors, whatever the
+// emulation setting (the vocabulary's and the emulator's own test kernels, csrc/testing/).
+template <typename DeviceFn>
+void run_device(const TensorView& where, void* stream, const Operands& operands, DeviceFn&& device) {
+  if (where.device == DeviceType::cpu) {
+    emu::OperandScope scope(operands.ranges());
+    device(EmuStream{});
+    return;
+  }
+  LLMK_CHECK(select_backend(where) == Backend::cuda, DeviceError, where.name, " must be on the CPU or a CUDA device");
+#if defined(LLMK_CUDA_RUNTIME_HERE)
+  CudaDeviceGuard guard(where.device_index);
+  device(CudaStream{stream});
+#else
+  (void)stream;
+#endif
+}
+
 }  // namespace llmk

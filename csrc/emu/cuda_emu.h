@@ -62,8 +62,11 @@ enum class ShuffleKind { index, up, down, exclusive_or };
 template <typename T>
 struct ShuffleIn { T value; int operand; int width; };
 
-// The value lane `lane` reads in a shuffle (PTX shfl.sync: within segments of `width` lanes; a source
-// outside the segment, or outside the mask, reads the lane's own value).
+// The value lane `lane` reads in a shuffle: PTX shfl.sync's source lane, with the operands CUDA's
+// __shfl*_sync pass (b = the lane or offset, of which only b[4:0] counts; c = ((32 - width) << 8) |
+// clamp, the clamp 0 for up and 31 otherwise). A source out of range, or outside the mask, reads the
+// lane's own value. (So an xor whose lane mask reaches past `width` reads earlier segments but not
+// later ones, as the CUDA programming guide says.)
 template <typename T, ShuffleKind kind>
 T shuffle(uint32_t mask, T value, int operand, int width, const char* what, Site site) {
   static_assert(std::is_trivially_copyable_v<T>, "shuffles move trivially copyable values");
@@ -74,16 +77,18 @@ T shuffle(uint32_t mask, T value, int operand, int width, const char* what, Site
     for (int lane = 0; lane < 32; ++lane) {
       if (!((m >> lane) & 1u)) continue;
       const auto& me = *static_cast<const ShuffleIn<T>*>(ins[lane]);
-      const int w = me.width;
-      const int segment_begin = lane & ~(w - 1);
+      const int b = me.operand & 31;
+      const int segment_mask = (32 - me.width) & 31;
+      const int clamp = kind == ShuffleKind::up ? 0 : 31;
+      const int max_lane = (lane & segment_mask) | (clamp & ~segment_mask);
+      const int min_lane = lane & segment_mask;
       int source = lane;
-      if constexpr (kind == ShuffleKind::index) source = segment_begin + (me.operand & (w - 1));
-      if constexpr (kind == ShuffleKind::up) source = lane - me.operand >= segment_begin ? lane - me.operand : lane;
-      if constexpr (kind == ShuffleKind::down) source = lane + me.operand < segment_begin + w ? lane + me.operand : lane;
-      if constexpr (kind == ShuffleKind::exclusive_or) {
-        source = lane ^ me.operand;
-        if (source < segment_begin || source >= segment_begin + w) source = lane;
-      }
+      bool in_range = true;
+      if constexpr (kind == ShuffleKind::index) { source = min_lane | (b & ~segment_mask); in_range = source <= max_lane; }
+      if constexpr (kind == ShuffleKind::up) { source = lane - b; in_range = source >= max_lane; }
+      if constexpr (kind == ShuffleKind::down) { source = lane + b; in_range = source <= max_lane; }
+      if constexpr (kind == ShuffleKind::exclusive_or) { source = lane ^ b; in_range = source <= max_lane; }
+      if (!in_range) source = lane;
       const void* from = ((m >> source) & 1u) ? ins[source] : ins[lane];
       *static_cast<T*>(outs[lane]) = static_cast<const ShuffleIn<T>*>(from)->value;
     }

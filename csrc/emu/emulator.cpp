@@ -386,7 +386,7 @@ bool ordered(const Block& b, const Thread& t, uint16_t other, uint32_t epoch, ui
   return b.warps[t.warp].synced_with[t.lane][o.lane] > seq;
 }
 
-void report_race(Block& b, Thread& t, const char* mine, const char* theirs, uint16_t other,
+void report_race(Block& b, const char* mine, const char* theirs, uint16_t other,
                  uint32_t other_site, size_t offset, Site site) {
   fail(detail::concat("data race on shared memory byte ", offset, ": this thread ", mine, " it at ",
                       site_str(site), ", thread ", dim_str(b.threads[other].coordinates.thread_idx),
@@ -421,7 +421,7 @@ void shared_access(const void* address, size_t bytes, bool write, Site site, boo
                             dim_str(b.threads[s.writer].coordinates.thread_idx), " at ", site_str(s.write_site),
                             ") completed: a missing cp_async_wait()"), site);
       if (!ordered(b, t, s.writer, s.write_epoch, s.write_seq))
-        report_race(b, t, "reads", "wrote", s.writer, s.write_site, k, site);
+        report_race(b, "reads", "wrote", s.writer, s.write_site, k, site);
       if (ordered(b, t, s.reader, s.read_epoch, s.read_seq)) {  // (true for no reader, or this thread)
         if (s.reader != me) s.several_readers = 0;
         s.reader = me;
@@ -433,11 +433,11 @@ void shared_access(const void* address, size_t bytes, bool write, Site site, boo
       }
     } else {
       if (!ordered(b, t, s.writer, s.write_epoch, s.write_seq))
-        report_race(b, t, "writes", "wrote", s.writer, s.write_site, k, site);
+        report_race(b, "writes", "wrote", s.writer, s.write_site, k, site);
       if (!ordered(b, t, s.reader, s.read_epoch, s.read_seq))
-        report_race(b, t, "writes", "read", s.reader, s.read_site, k, site);
+        report_race(b, "writes", "read", s.reader, s.read_site, k, site);
       if (s.several_readers && s.read_epoch == b.epoch)
-        report_race(b, t, "writes", "(among other threads) read", s.reader, s.read_site, k, site);
+        report_race(b, "writes", "(among other threads) read", s.reader, s.read_site, k, site);
       s.state = from_async ? kPending : kWritten;
       s.writer = me;
       s.write_epoch = b.epoch;

@@ -1,0 +1,62 @@
+// The tensor-core GEMM core (docs/gemm.md): out = epilogue(A · Bᵀ), A (m, k) row-major (or rows
+// gathered through an index list), B (n, k) row-major like nn.Linear's weight, fp32 accumulation.
+// The quantized GEMM, MoE and LoRA families are this core with another A loader, B loader or
+// epilogue; users get torch.matmul for the plain case, so the core is exposed to tests and
+// benchmarks only (`llmkernels._gemm`).
+//
+// Epilogue, per output element (row i, column j), in fp32:
+//   v = acc[i][j] * row_scale[i] * col_scale[j]     (each scale optional)
+//   v = v + bias[j]                                  (optional)
+//   v = activation(v)                                none | silu | gelu (erf) |
+//                                                    swiglu: columns are (gate, up) pairs,
+//                                                    out[i][j/2] = silu(v[i][j]) * v[i][j+1], j even
+//   out[i][j'] = v            or   out[i][j'] += v    (accumulate: adds into the existing output)
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/hd_math.h"
+#include "core/backend.h"
+#include "core/tensor.h"
+
+namespace llmk::gemm {
+
+enum class Activation : int { none = 0, silu = 1, gelu = 2, swiglu = 3 };
+
+struct Problem {
+  DType dtype = DType::bf16;      // of A and B: bf16 or f16 (f32 too on the CPU backend)
+  DType out_dtype = DType::bf16;  // dtype, or f32
+  int64_t m = 0, n = 0, k = 0;    // out is (m, n) or (m, n / 2) for swiglu; n and k multiples of 8
+  const void* a = nullptr;
+  int64_t lda = 0;                // elements between rows of A
+  const int32_t* a_rows = nullptr;  // optional: row i of A is a + a_rows[i] * lda (gathered rows)
+  const void* b = nullptr;
+  int64_t ldb = 0;
+  void* out = nullptr;
+  int64_t ldo = 0;
+  const float* bias = nullptr;       // (n,)
+  const float* row_scale = nullptr;  // (m,)
+  const float* col_scale = nullptr;  // (n,)
+  Activation activation = Activation::none;
+  bool accumulate = false;
+
+  int64_t out_columns() const { return activation == Activation::swiglu ? n / 2 : n; }
+};
+
+// Entry point: validates (the checks in gemm.cpp), then runs the CPU kernel, the emulated CUDA
+// kernel or the CUDA kernel. Optional views may be null.
+void gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, const TensorView& out,
+          const TensorView* bias, const TensorView* row_scale, const TensorView* col_scale,
+          Activation activation, bool accumulate, void* stream);
+
+// The kernels: gemm_cpu.cpp, and gemm_cuda.cu compiled by nvcc (CudaStream) and for the emulator
+// (EmuStream).
+void gemm_cpu(const Problem& problem);
+void gemm_device(const Problem& problem, CudaStream stream);
+void gemm_device(const Problem& problem, EmuStream stream);
+
+// The epilogue's activations, shared by the CPU and CUDA kernels.
+LLMK_HD float silu(float v) { return v / (1.0f + expf(-v)); }
+LLMK_HD float gelu(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
+
+}  // namespace llmk::gemm
