@@ -15,7 +15,10 @@
 #include "core/errors.h"
 #include "core/tensor.h"
 #include "emu/emulator.h"
+#include "gemm/gemm.h"
 #include "mezo/mezo.h"
+#include "testing/emulator_kernels.h"
+#include "testing/vocabulary_kernels.h"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -93,6 +96,23 @@ void mezo_sweep(const py::list& params, const std::vector<int64_t>& indices,
   py::gil_scoped_release no_gil;
   mezo::sweep(views, indices, shrink, coef_a, coef_b, scalars, pointer(seed_view), pointer(grad_view),
               pointer(next_seed_view), stream_pointer(stream));
+}
+
+void gemm_core(const py::object& a, const py::object& a_rows, const py::object& b, const py::object& bias,
+          const py::object& row_scale, const py::object& col_scale, int64_t activation, bool accumulate,
+          const py::object& out, uintptr_t stream) {
+  if (activation < 0 || activation > 3)
+    throw ValueError("activation must be 0 (none), 1 (silu), 2 (gelu) or 3 (swiglu); got " + std::to_string(activation));
+  const TensorView a_view = tensor(a, "a");
+  const auto rows_view = optional_tensor(a_rows, "a_rows");
+  const TensorView b_view = tensor(b, "b");
+  const auto bias_view = optional_tensor(bias, "bias");
+  const auto row_scale_view = optional_tensor(row_scale, "row_scale");
+  const auto col_scale_view = optional_tensor(col_scale, "col_scale");
+  const TensorView out_view = tensor(out, "out");
+  py::gil_scoped_release no_gil;
+  gemm::gemm(a_view, pointer(rows_view), b_view, out_view, pointer(bias_view), pointer(row_scale_view),
+             pointer(col_scale_view), static_cast<gemm::Activation>(activation), accumulate, stream_pointer(stream));
 }
 
 // -- the SIMT emulator: which backend CPU tensors run, its schedule, and what it saw ----------------
@@ -179,6 +199,61 @@ void def_testing(py::module_& m) {
       }, py::arg("x"), py::arg("name"), py::arg("shape"), py::arg("dtype"),
       "TensorView::check_shape and data<T>() on a tensor, for their error messages");
 
+  t.def("emulator_kernel", [](const std::string& name, const py::object& out, const py::object& input,
+                              uintptr_t stream) {
+        const TensorView out_view = tensor(out, "out");
+        const std::optional<TensorView> input_view = optional_tensor(input, "input");
+        testing::emulator_kernel(name, out_view, pointer(input_view), stream_pointer(stream));
+      }, py::arg("name"), py::arg("out"), py::arg("input") = py::none(), py::arg("stream") = 0,
+      "Runs one of the emulator's test kernels (csrc/testing/emulator_kernels.h): under the emulator for "
+      "CPU tensors, on the GPU for CUDA tensors");
+
+  // The device vocabulary's test kernels (csrc/testing/vocabulary_kernels.h): emulated for CPU
+  // tensors, on the GPU for CUDA tensors.
+  t.def("vocab_mma", [](const py::object& a, const py::object& w, const py::object& c, const py::object& d,
+                        bool via_shared, uintptr_t stream) {
+        const TensorView av = tensor(a, "a"), wv = tensor(w, "w"), cv = tensor(c, "c"), dv = tensor(d, "d");
+        py::gil_scoped_release no_gil;
+        testing::vocabulary::mma(av, wv, cv, dv, via_shared, stream_pointer(stream));
+      }, py::arg("a"), py::arg("w"), py::arg("c"), py::arg("d"), py::arg("via_shared"), py::arg("stream") = 0,
+      "d = a @ w.T + c by one mma.sync (bf16/f16: m16n8k16, int8: m16n8k32)");
+  t.def("vocab_ldmatrix", [](const py::object& rows, const py::object& slots, const py::object& out, int count,
+                             bool transposed, uintptr_t stream) {
+        const TensorView rv = tensor(rows, "rows"), sv = tensor(slots, "slots"), ov = tensor(out, "out");
+        py::gil_scoped_release no_gil;
+        testing::vocabulary::ldmatrix(rv, sv, ov, count, transposed, stream_pointer(stream));
+      }, py::arg("rows"), py::arg("slots"), py::arg("out"), py::arg("count"), py::arg("transposed"),
+      py::arg("stream") = 0, "Each lane's registers after ldmatrix(.trans).x<count>");
+  t.def("vocab_cp_async", [](const py::object& source, const py::object& source_bytes, const py::object& out,
+                             bool read_early, uintptr_t stream) {
+        const TensorView v = tensor(source, "source"), b = tensor(source_bytes, "source_bytes"), o = tensor(out, "out");
+        py::gil_scoped_release no_gil;
+        testing::vocabulary::cp_async(v, b, o, read_early, stream_pointer(stream));
+      }, py::arg("source"), py::arg("source_bytes"), py::arg("out"), py::arg("read_early") = false,
+      py::arg("stream") = 0, "cp.async of 4/8/16 bytes in three groups, each read after its wait");
+  t.def("vocab_warp_reduce", [](const py::object& x, const py::object& sum, const py::object& max, uintptr_t stream) {
+        const TensorView xv = tensor(x, "x"), sv = tensor(sum, "sum"), mv = tensor(max, "max");
+        py::gil_scoped_release no_gil;
+        testing::vocabulary::warp_reduce(xv, sv, mv, stream_pointer(stream));
+      }, py::arg("x"), py::arg("sum"), py::arg("max"), py::arg("stream") = 0, "warp_sum and warp_max of each warp");
+  t.def("vocab_vector_copy", [](const py::object& source, const py::object& out, int bytes, bool once,
+                                uintptr_t stream) {
+        const TensorView sv = tensor(source, "source"), ov = tensor(out, "out");
+        py::gil_scoped_release no_gil;
+        testing::vocabulary::vector_copy(sv, ov, bytes, once, stream_pointer(stream));
+      }, py::arg("source"), py::arg("out"), py::arg("bytes"), py::arg("once"), py::arg("stream") = 0,
+      "Vec loads (load_global or load_global_once), reversed through shared memory, stored");
+  t.def("vocab_ldmatrix_tile", [](const py::object& source, const py::object& out, bool swizzled, uintptr_t stream) {
+        const TensorView sv = tensor(source, "source"), ov = tensor(out, "out");
+        py::gil_scoped_release no_gil;
+        testing::vocabulary::ldmatrix_tile(sv, ov, swizzled, stream_pointer(stream));
+      }, py::arg("source"), py::arg("out"), py::arg("swizzled"), py::arg("stream") = 0,
+      "cp.async a tile into shared memory (SwizzledTile or row-major), read it back with ldmatrix.x4");
+  t.def("mma_fragment_coordinates", &testing::vocabulary::mma_fragment_coordinates, py::arg("operand"),
+        "mma.h's coordinate functions: flat (row, col) per lane and element; a16, b16, c, a_s8, b_s8");
+  t.def("swizzled_offsets", &testing::vocabulary::swizzled_offsets, py::arg("row_bytes"), py::arg("rows"),
+        "SwizzledTile{row_bytes}.offset(row, byte) for every row and byte, row-major");
+
   t.def("cuda_driver_queries", &cuda_driver_queries,
         "How many CUDA runtime/driver queries this process made (0 right after import)");
 }
@@ -220,6 +295,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("next_seed"), py::arg("next_seed_tensor"), py::arg("next_scale"), py::arg("stream"),
         "theta <- theta + (coef_a - coef_b*g)*z(seed) - shrink*theta [+ next_scale*z(next_seed)] over a "
         "tensor list; theta + restore_scale*z [+ ...] instead when g is not finite");
+
+  m.def("gemm", &gemm_core, py::arg("a"), py::arg("a_rows"), py::arg("b"), py::arg("bias"), py::arg("row_scale"),
+        py::arg("col_scale"), py::arg("activation"), py::arg("accumulate"), py::arg("out"), py::arg("stream"),
+        "The GEMM core: out (=|+=) epilogue(A[a_rows] @ B^T) with fp32 accumulation; epilogue: scales, bias, "
+        "activation 0 none | 1 silu | 2 gelu | 3 swiglu (csrc/gemm/gemm.h)");
 
   def_emulator(m);
   def_testing(m);

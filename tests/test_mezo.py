@@ -3,6 +3,7 @@ float64 Box-Muller (philox_numpy.py), Random123's published known-answer vectors
 the normal distribution, and llmkernels.reference.mezo (the paper's algorithm in plain PyTorch)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -137,6 +138,23 @@ def test_cpu_and_cuda_sweeps_identical_bits(dtype):
                      no_decay=[params[2]], next_seed=4)
     for i, (c, g) in enumerate(zip(cpu, cuda)):
         assert torch.equal(c, g.cpu()), f"params[{i}]"
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_kernel_and_emulated_cuda_kernel_identical_bits(dtype):
+    """The CUDA kernel's own source, run by the emulator, gives the CPU kernel's bits: the same z and
+    the same FMA-free arithmetic, and a partial last group and a misaligned tensor take the scalar path."""
+    native = make_params(SHAPES + [(70_001,)], dtype, "cpu", seed=12)
+    native.append(torch.randn(1003, generator=torch.Generator().manual_seed(1)).to(dtype)[1:])  # misaligned
+    emulated = [p.clone() for p in native]
+    for params, emulate in ((native, False), (emulated, True)):
+        with (llmkernels.emulator.emulate() if emulate else contextlib.nullcontext()):
+            mezo.perturb_(params, 3, 1e-2)
+            mezo.update_(params, 3, 0.05, torch.tensor(-0.7), 1e-2, weight_decay=0.1,
+                         no_decay=[params[2]], next_seed=4)
+    for i, (a, b) in enumerate(zip(native, emulated)):
+        assert torch.equal(a, b), f"params[{i}]"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
 """Plain-PyTorch oracles, one module per kernel family, with the same signatures as the ops."""
-from . import mezo
+from . import gemm, mezo
 
-__all__ = ["mezo"]
+__all__ = ["gemm", "mezo"]
