@@ -364,9 +364,10 @@ def test_barrier_after_early_return_is_a_deadlock(schedule, seed):
 
 def test_shuffle_that_half_the_warp_skips_is_a_deadlock():
     waits = r"waits at __shfl_xor_sync\(mask 0xffffffff\) at " + site("missing_lanes_shuffle")
+    barrier = r"waits at __syncthreads\(\) at " + site("missing_lanes_barrier")
     pattern = (r"^deadlock in kernel 'shuffle_missing_lanes' block \(0,0,0\): no thread can continue\. Where each "
-               rf"thread is:\n  threads 0\.\.15: {waits}\n  threads 16\.\.31: exited\n  threads 32\.\.47: {waits}\n"
-               r"  threads 48\.\.63: exited$")
+               rf"thread is:\n  threads 0\.\.15: {waits}\n  threads 16\.\.31: {barrier}\n  threads 32\.\.47: {waits}\n"
+               rf"  threads 48\.\.63: {barrier}$")
     with pytest.raises(EmulatorError, match=pattern):
         buggy("shuffle_missing_lanes", "shuffled", 4)
 

@@ -28,10 +28,12 @@ LLMK_DEVICE void cp_async(void* shared_destination, const void* global_source, i
   const uint32_t destination = static_cast<uint32_t>(__cvta_generic_to_shared(shared_destination));
   if constexpr (Bytes == 16) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(global_source),
-                 "r"(source_bytes));
+                 "r"(source_bytes)
+                 : "memory");
   } else {
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(destination), "l"(global_source),
-                 "n"(Bytes), "r"(source_bytes));
+                 "n"(Bytes), "r"(source_bytes)
+                 : "memory");
   }
 #endif
 }
@@ -41,7 +43,7 @@ LLMK_DEVICE void cp_async_commit() {
 #if defined(LLMK_EMULATED)
   emu::cp_async_commit();
 #else
-  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
@@ -53,7 +55,8 @@ LLMK_DEVICE void cp_async_wait(LLMK_SITE_ONLY) {
 #if defined(LLMK_EMULATED)
   emu::cp_async_wait(Pending, site);
 #else
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
+  // "memory": the compiler must not move this thread's shared-memory accesses across the wait.
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
 #endif
 }
 

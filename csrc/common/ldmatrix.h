@@ -28,10 +28,13 @@ LLMK_DEVICE void ldmatrix_emulated(uint32_t (&registers)[Count], const void* row
   }
   struct Out { uint32_t r[Count]; } out;
   auto combine = [](void*, const void* const* inputs, void* const* outputs) {
+    for (int l = 0; l < 8 * Count; ++l)
+      if (!inputs[l]) emu::fail("ldmatrix: a lane that gives a row address has exited", emu::Site::here());
     auto row = [&](int matrix, int r) {
       return *static_cast<const uint8_t* const*>(inputs[8 * matrix + r]);
     };
     for (int l = 0; l < 32; ++l) {
+      if (!outputs[l]) continue;  // exited
       Out& o = *static_cast<Out*>(outputs[l]);
       for (int j = 0; j < Count; ++j) {
         uint16_t lo, hi;
@@ -62,13 +65,13 @@ LLMK_DEVICE void ldmatrix(uint32_t (&registers)[Count], const void* row_address 
 #else
   const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row_address));
   if constexpr (Count == 1)
-    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(registers[0]) : "r"(a));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(registers[0]) : "r"(a) : "memory");
   else if constexpr (Count == 2)
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
-                 : "=r"(registers[0]), "=r"(registers[1]) : "r"(a));
+                 : "=r"(registers[0]), "=r"(registers[1]) : "r"(a) : "memory");
   else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(registers[0]), "=r"(registers[1]), "=r"(registers[2]), "=r"(registers[3]) : "r"(a));
+                 : "=r"(registers[0]), "=r"(registers[1]), "=r"(registers[2]), "=r"(registers[3]) : "r"(a) : "memory");
 #endif
 }
 
@@ -80,13 +83,13 @@ LLMK_DEVICE void ldmatrix_trans(uint32_t (&registers)[Count], const void* row_ad
 #else
   const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row_address));
   if constexpr (Count == 1)
-    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(registers[0]) : "r"(a));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(registers[0]) : "r"(a) : "memory");
   else if constexpr (Count == 2)
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-                 : "=r"(registers[0]), "=r"(registers[1]) : "r"(a));
+                 : "=r"(registers[0]), "=r"(registers[1]) : "r"(a) : "memory");
   else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(registers[0]), "=r"(registers[1]), "=r"(registers[2]), "=r"(registers[3]) : "r"(a));
+                 : "=r"(registers[0]), "=r"(registers[1]), "=r"(registers[2]), "=r"(registers[3]) : "r"(a) : "memory");
 #endif
 }
 

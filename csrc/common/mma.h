@@ -72,6 +72,8 @@ inline float half_bits_to_float(uint16_t bits, bool is_bf16) {
 
 template <bool IsBf16>
 void mma_16bit_combine(void*, const void* const* inputs, void* const* outputs) {
+  for (int lane = 0; lane < 32; ++lane)
+    if (!inputs[lane]) emu::fail("mma.sync needs all 32 lanes; a lane has exited", emu::Site::here());
   double a[16][16], b[16][8];
   for (int lane = 0; lane < 32; ++lane) {
     const auto& in = *static_cast<const MmaFragmentsF32*>(inputs[lane]);
@@ -97,6 +99,8 @@ void mma_16bit_combine(void*, const void* const* inputs, void* const* outputs) {
 }
 
 inline void mma_s8_combine(void*, const void* const* inputs, void* const* outputs) {
+  for (int lane = 0; lane < 32; ++lane)
+    if (!inputs[lane]) emu::fail("mma.sync needs all 32 lanes; a lane has exited", emu::Site::here());
   int32_t a[16][32], b[32][8];
   for (int lane = 0; lane < 32; ++lane) {
     const auto& in = *static_cast<const MmaFragmentsS32*>(inputs[lane]);

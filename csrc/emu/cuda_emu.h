@@ -13,6 +13,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "core/errors.h"
 #include "emu/emulator.h"
 
 // -- qualifiers ---------------------------------------------------------------------------------------
@@ -64,18 +65,21 @@ struct ShuffleIn { T value; int operand; int width; };
 
 // The value lane `lane` reads in a shuffle: PTX shfl.sync's source lane, with the operands CUDA's
 // __shfl*_sync pass (b = the lane or offset, of which only b[4:0] counts; c = ((32 - width) << 8) |
-// clamp, the clamp 0 for up and 31 otherwise). A source out of range, or outside the mask, reads the
-// lane's own value. (So an xor whose lane mask reaches past `width` reads earlier segments but not
-// later ones, as the CUDA programming guide says.)
+// clamp, the clamp 0 for up and 31 otherwise). A source out of range reads the lane's own value (so an
+// xor whose lane mask reaches past `width` reads earlier segments but not later ones, as the CUDA
+// programming guide says). A source in range but outside the mask (or exited) is undefined in PTX: it
+// reads poison (0xFF bytes, NaN for floats), so a result that is used shows up.
 template <typename T, ShuffleKind kind>
 T shuffle(uint32_t mask, T value, int operand, int width, const char* what, Site site) {
   static_assert(std::is_trivially_copyable_v<T>, "shuffles move trivially copyable values");
+  if (width < 1 || width > 32 || (width & (width - 1)))
+    fail(::llmk::detail::concat(what, " with width ", width, " (a power of two from 1 to 32)"), site);
   ShuffleIn<T> in{value, operand, width};
   T out{};
   auto combine = [](void* ctx, const void* const* ins, void* const* outs) {
     const uint32_t m = *static_cast<const uint32_t*>(ctx);
     for (int lane = 0; lane < 32; ++lane) {
-      if (!((m >> lane) & 1u)) continue;
+      if (!outs[lane]) continue;  // outside the mask, or exited
       const auto& me = *static_cast<const ShuffleIn<T>*>(ins[lane]);
       const int b = me.operand & 31;
       const int segment_mask = (32 - me.width) & 31;
@@ -89,8 +93,8 @@ T shuffle(uint32_t mask, T value, int operand, int width, const char* what, Site
       if constexpr (kind == ShuffleKind::down) { source = lane + b; in_range = source <= max_lane; }
       if constexpr (kind == ShuffleKind::exclusive_or) { source = lane ^ b; in_range = source <= max_lane; }
       if (!in_range) source = lane;
-      const void* from = ((m >> source) & 1u) ? ins[source] : ins[lane];
-      *static_cast<T*>(outs[lane]) = static_cast<const ShuffleIn<T>*>(from)->value;
+      if (((m >> source) & 1u) && ins[source]) *static_cast<T*>(outs[lane]) = static_cast<const ShuffleIn<T>*>(ins[source])->value;
+      else std::memset(outs[lane], 0xff, sizeof(T));
     }
   };
   warp_collective(what, mask, &in, &out, combine, &mask, site);
@@ -104,10 +108,10 @@ uint32_t vote(uint32_t mask, uint32_t predicate, const char* what, Site site, Op
   auto combine = [](void* c, const void* const* ins, void* const* outs) {
     const auto& context = *static_cast<Context*>(c);
     uint32_t result = context.op.initial;
+    for (int lane = 0; lane < 32; ++lane)  // the lanes of the mask that arrived (not exited)
+      if (ins[lane]) result = context.op(result, *static_cast<const uint32_t*>(ins[lane]), lane);
     for (int lane = 0; lane < 32; ++lane)
-      if ((context.mask >> lane) & 1u) result = context.op(result, *static_cast<const uint32_t*>(ins[lane]), lane);
-    for (int lane = 0; lane < 32; ++lane)
-      if ((context.mask >> lane) & 1u) *static_cast<uint32_t*>(outs[lane]) = result;
+      if (outs[lane]) *static_cast<uint32_t*>(outs[lane]) = result;
   };
   warp_collective(what, mask, &predicate, &out, combine, &ctx, site);
   return out;
@@ -186,6 +190,9 @@ inline unsigned __reduce_xor_sync(uint32_t mask, unsigned value, LLMK_EMU_SITE_A
 }
 
 // -- atomics: real ones, blocks run in parallel ---------------------------------------------------------
+// Every atomic checks its address: inside the block's shared memory, or inside the kernel's operands.
+#define LLMK_EMU_ATOMIC_CHECK(address) ::llmk::emu::atomic_access((address), sizeof(*(address)), site)
+
 template <typename T>
 T llmk_emu_atomic_update(T* address, T (*update)(T, T), T operand) {
   static_assert(sizeof(T) == 4 || sizeof(T) == 8, "atomics of 4 or 8 bytes");
@@ -202,25 +209,34 @@ T llmk_emu_atomic_update(T* address, T (*update)(T, T), T operand) {
   }
 }
 template <typename T>
-T atomicAdd(T* address, T value) {
+T atomicAdd(T* address, T value, LLMK_EMU_SITE_ARG) {
+  LLMK_EMU_ATOMIC_CHECK(address);
   if constexpr (std::is_integral_v<T>) return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST);
   else return llmk_emu_atomic_update<T>(address, [](T a, T b) { return T(a + b); }, value);
 }
-template <typename T> T atomicSub(T* address, T value) { return __atomic_fetch_sub(address, value, __ATOMIC_SEQ_CST); }
-template <typename T> T atomicAnd(T* address, T value) { return __atomic_fetch_and(address, value, __ATOMIC_SEQ_CST); }
-template <typename T> T atomicOr(T* address, T value) { return __atomic_fetch_or(address, value, __ATOMIC_SEQ_CST); }
-template <typename T> T atomicXor(T* address, T value) { return __atomic_fetch_xor(address, value, __ATOMIC_SEQ_CST); }
-template <typename T> T atomicExch(T* address, T value) {
+template <typename T> T atomicSub(T* address, T value, LLMK_EMU_SITE_ARG) {
+  LLMK_EMU_ATOMIC_CHECK(address); return __atomic_fetch_sub(address, value, __ATOMIC_SEQ_CST); }
+template <typename T> T atomicAnd(T* address, T value, LLMK_EMU_SITE_ARG) {
+  LLMK_EMU_ATOMIC_CHECK(address); return __atomic_fetch_and(address, value, __ATOMIC_SEQ_CST); }
+template <typename T> T atomicOr(T* address, T value, LLMK_EMU_SITE_ARG) {
+  LLMK_EMU_ATOMIC_CHECK(address); return __atomic_fetch_or(address, value, __ATOMIC_SEQ_CST); }
+template <typename T> T atomicXor(T* address, T value, LLMK_EMU_SITE_ARG) {
+  LLMK_EMU_ATOMIC_CHECK(address); return __atomic_fetch_xor(address, value, __ATOMIC_SEQ_CST); }
+template <typename T> T atomicExch(T* address, T value, LLMK_EMU_SITE_ARG) {
+  LLMK_EMU_ATOMIC_CHECK(address);
   if constexpr (std::is_integral_v<T>) return __atomic_exchange_n(address, value, __ATOMIC_SEQ_CST);
   else return llmk_emu_atomic_update<T>(address, [](T, T b) { return b; }, value);
 }
-template <typename T> T atomicMax(T* address, T value) {
+template <typename T> T atomicMax(T* address, T value, LLMK_EMU_SITE_ARG) {
+  LLMK_EMU_ATOMIC_CHECK(address);
   return llmk_emu_atomic_update<T>(address, [](T a, T b) { return a < b ? b : a; }, value);
 }
-template <typename T> T atomicMin(T* address, T value) {
+template <typename T> T atomicMin(T* address, T value, LLMK_EMU_SITE_ARG) {
+  LLMK_EMU_ATOMIC_CHECK(address);
   return llmk_emu_atomic_update<T>(address, [](T a, T b) { return b < a ? b : a; }, value);
 }
-template <typename T> T atomicCAS(T* address, T compare, T value) {
+template <typename T> T atomicCAS(T* address, T compare, T value, LLMK_EMU_SITE_ARG) {
+  LLMK_EMU_ATOMIC_CHECK(address);
   __atomic_compare_exchange_n(address, &compare, value, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
   return compare;  // the old value either way
 }

@@ -117,6 +117,8 @@ struct Rendezvous {
   uint32_t mask = 0, arrived = 0;
   Site site;
   int first_lane = 0;
+  CombineFn combine = nullptr;  // the first lane's (every lane passes the same operation)
+  void* context = nullptr;
   const void* inputs[32];
   void* outputs[32];
 };
@@ -125,6 +127,7 @@ struct Thread {
   ThreadCoordinates coordinates;
   int lane = 0, warp = 0;
   Status status = Status::ready;
+  bool yielded = false;  // its last run ended in a spin-wait's yield (__nanosleep)
   const char* wait_what = "";
   Site wait_site;
   uint32_t wait_mask = 0;
@@ -147,10 +150,13 @@ struct Warp {
 
 // The shadow of one byte of shared memory.
 enum : uint8_t { kUnwritten = 0, kPending = 1, kWritten = 2 };
+// The reads since the last write are kept as a set: the lanes of one warp (`reader_lanes` of
+// `reader`'s warp, with the largest __syncwarp count any of them read at) plus one reader from
+// another warp, if any, all in barrier epoch `read_epoch`.
 struct Shadow {
   uint8_t state;
-  uint8_t several_readers;  // more than one unordered reader since the last write
-  uint16_t writer, reader;  // thread indices
+  uint16_t writer, reader, other_warp_reader;  // thread indices
+  uint32_t reader_lanes;
   uint32_t write_epoch, read_epoch, write_seq, read_seq, write_site, read_site;
 };
 constexpr uint16_t kNobody = 0xffff;
@@ -266,6 +272,8 @@ void suspend() {
 #endif
 }
 
+bool try_complete(Block& b, int warp, Rendezvous& r);
+
 [[noreturn]] void fiber_main() {
   Block& b = *this_block;
   try {
@@ -276,6 +284,13 @@ void suspend() {
   Thread& t = *b.current;
   t.status = Status::exited;
   t.copies.clear();
+  // Collectives this lane's warp waits in may now have every remaining lane.
+  try {
+    for (Rendezvous& r : b.warps[t.warp].rendezvous)
+      if (r.active && ((r.mask >> t.lane) & 1u)) try_complete(b, t.warp, r);
+  } catch (...) {
+    if (!b.error) b.error = std::current_exception();
+  }
   suspend();
   std::abort();  // never resumed
 }
@@ -395,6 +410,29 @@ void report_race(Block& b, const char* mine, const char* theirs, uint16_t other,
        site);
 }
 
+// An access of a power-of-two size must be aligned to it (PTX: a vector access faults otherwise).
+void check_alignment(const void* address, size_t bytes, const char* space, bool write, Site site) {
+  if ((bytes & (bytes - 1)) == 0 && reinterpret_cast<uintptr_t>(address) % bytes != 0)
+    fail(detail::concat(space, " ", write ? "write" : "read", " of ", bytes, " bytes at an address not aligned to ",
+                        bytes, " bytes (a misaligned-address fault on the GPU)"), site);
+}
+
+// The first reader of byte `s`'s recorded reads that the running thread's access is not ordered
+// after, or kNobody.
+uint16_t unordered_reader(const Block& b, const Thread& t, const Shadow& s) {
+  if (s.read_epoch < b.epoch || s.reader == kNobody) return kNobody;
+  const Thread& first = b.threads[s.reader];
+  const int base = first.warp * 32;
+  for (uint32_t lanes = s.reader_lanes; lanes; lanes &= lanes - 1) {
+    const int lane = __builtin_ctz(lanes);
+    const uint16_t r = uint16_t(base + lane);
+    if (!ordered(b, t, r, s.read_epoch, s.read_seq)) return r;
+  }
+  if (s.other_warp_reader != kNobody && !ordered(b, t, s.other_warp_reader, s.read_epoch, s.read_seq))
+    return s.other_warp_reader;
+  return kNobody;
+}
+
 void shared_access(const void* address, size_t bytes, bool write, Site site, bool from_async = false) {
   Block& b = block();
   Thread& t = *b.current;
@@ -405,56 +443,69 @@ void shared_access(const void* address, size_t bytes, bool write, Site site, boo
                         p >= base ? detail::concat("offset ", p - base) : std::string("an address below the base"),
                         " is outside the block's ", b.shared.size(), " bytes of dynamic shared memory"),
          site);
+  check_alignment(address, bytes, "shared-memory", write, site);
   const size_t offset = size_t(p - base);
   const uint32_t site_id = intern(site);
   const uint16_t me = uint16_t(t.coordinates.linear);
   const uint32_t seq = b.warps[t.warp].sync_seq;
   for (size_t k = offset; k < offset + bytes; ++k) {
     Shadow& s = b.shadow[k];
+    if (s.state == kPending) {
+      const std::string copy = detail::concat("the cp.async that writes byte ", k, " (issued by thread ",
+                                              dim_str(b.threads[s.writer].coordinates.thread_idx), " at ",
+                                              site_str(s.write_site), ")");
+      if (!write)
+        fail(detail::concat("shared-memory read of ", bytes, " bytes at offset ", offset, " before ", copy,
+                            " completed: a missing cp_async_wait()"), site);
+      fail(detail::concat(from_async ? "cp.async to " : "shared-memory write of ", bytes, " bytes at offset ", offset,
+                          " while ", copy, " is in flight: its data would land later (a missing cp_async_wait()"
+                          " or barrier)"), site);
+    }
     if (!write) {
       if (s.state == kUnwritten)
         fail(detail::concat("shared-memory read of ", bytes, " bytes at offset ", offset, " before byte ", k,
                             " was written (shared memory is poisoned at block start)"), site);
-      if (s.state == kPending)
-        fail(detail::concat("shared-memory read of ", bytes, " bytes at offset ", offset,
-                            " before the cp.async that writes byte ", k, " (issued by thread ",
-                            dim_str(b.threads[s.writer].coordinates.thread_idx), " at ", site_str(s.write_site),
-                            ") completed: a missing cp_async_wait()"), site);
       if (!ordered(b, t, s.writer, s.write_epoch, s.write_seq))
         report_race(b, "reads", "wrote", s.writer, s.write_site, k, site);
-      if (ordered(b, t, s.reader, s.read_epoch, s.read_seq)) {  // (true for no reader, or this thread)
-        if (s.reader != me) s.several_readers = 0;
+      if (s.read_epoch < b.epoch || s.reader == kNobody) {  // a new set of readers
         s.reader = me;
+        s.reader_lanes = 1u << t.lane;
+        s.other_warp_reader = kNobody;
         s.read_epoch = b.epoch;
         s.read_seq = seq;
         s.read_site = site_id;
+      } else if (b.threads[s.reader].warp == t.warp) {
+        s.reader_lanes |= 1u << t.lane;
+        s.read_seq = std::max(s.read_seq, seq);
       } else {
-        s.several_readers = 1;  // keep the first unordered reader for reports
+        s.other_warp_reader = me;
       }
     } else {
       if (!ordered(b, t, s.writer, s.write_epoch, s.write_seq))
         report_race(b, "writes", "wrote", s.writer, s.write_site, k, site);
-      if (!ordered(b, t, s.reader, s.read_epoch, s.read_seq))
-        report_race(b, "writes", "read", s.reader, s.read_site, k, site);
-      if (s.several_readers && s.read_epoch == b.epoch)
-        report_race(b, "writes", "(among other threads) read", s.reader, s.read_site, k, site);
+      const uint16_t reader = unordered_reader(b, t, s);
+      if (reader != kNobody) report_race(b, "writes", "read", reader, s.read_site, k, site);
       s.state = from_async ? kPending : kWritten;
       s.writer = me;
       s.write_epoch = b.epoch;
       s.write_seq = seq;
       s.write_site = site_id;
       s.reader = kNobody;
-      s.several_readers = 0;
+      s.reader_lanes = 0;
+      s.other_warp_reader = kNobody;
     }
   }
   record_bank_access(b, t, site_id, offset, bytes);
 }
 
 // -- the scheduler ---------------------------------------------------------------------------------------
-std::string deadlock_report(const Block& b) {
+std::string deadlock_report(const Block& b, const std::string& header = "") {
   std::ostringstream out;
-  out << "deadlock in kernel '" << b.launch->name << "' block " << dim_str(b.index)
-      << ": no thread can continue. Where each thread is:";
+  if (header.empty())
+    out << "deadlock in kernel '" << b.launch->name << "' block " << dim_str(b.index)
+        << ": no thread can continue. Where each thread is:";
+  else
+    out << header << " Where each thread is:";
   int k = 0;
   const int n = b.threads_per_block;
   while (k < n) {
@@ -465,7 +516,7 @@ std::string deadlock_report(const Block& b) {
         case Status::barrier: return "waits at __syncthreads() at " + site_str(x.wait_site);
         case Status::warp:
           return detail::concat("waits at ", x.wait_what, "(mask ", hex(x.wait_mask), ") at ", site_str(x.wait_site));
-        default: return std::string("runnable");
+        default: return std::string(x.yielded ? "spins (__nanosleep) at " + site_str(x.wait_site) : "runnable");
       }
     };
     const std::string d = describe(t);
@@ -499,15 +550,13 @@ void run_block(Block& b, const Launch& launch, int64_t linear_index) {
   b.barrier_arrived = 0;
   b.error = nullptr;
   b.shared.assign(launch.shared_bytes, 0xff);  // poison: NaN in every float format
-  b.shadow.assign(launch.shared_bytes, Shadow{kUnwritten, 0, kNobody, kNobody, 0, 0, 0, 0, 0, 0});
+  b.shadow.assign(launch.shared_bytes, Shadow{kUnwritten, kNobody, kNobody, kNobody, 0, 0, 0, 0, 0, 0, 0});
   b.bank_log.clear();
   b.rng.seed(launch.settings.seed * 0x9e3779b97f4a7c15ull + uint64_t(linear_index));
   for (int i = 0; i < n; ++i) {
     Thread& t = b.threads[i];
     t.coordinates = ThreadCoordinates{Index3{unsigned(i % d.x), unsigned((i / d.x) % d.y), unsigned(i / (d.x * d.y))},
-                                      b.index, g, d, i};
-    t.coordinates.grid_dim = g;
-    t.coordinates.block_dim = d;
+                                      b.index, d, g, i};
     t.lane = i % 32;
     t.warp = i / 32;
     t.status = Status::ready;
@@ -520,20 +569,32 @@ void run_block(Block& b, const Launch& launch, int64_t linear_index) {
 
   std::vector<int> order(n);
   for (int i = 0; i < n; ++i) order[i] = i;
+  // Rounds in which every thread that ran only yielded (spin-waits): a flag nobody sets would
+  // otherwise spin forever. 2^20 rounds is seconds of emulation.
+  constexpr int64_t kMaxSpinRounds = int64_t(1) << 20;
+  int64_t spin_rounds = 0;
   for (;;) {
     if (launch.settings.schedule == Schedule::shuffled) std::shuffle(order.begin(), order.end(), b.rng);
-    bool progress = false, all_exited = true;
+    bool progress = false, only_yields = true, all_exited = true;
     for (int i : order) {
       Thread& t = b.threads[i];
       if (t.status == Status::ready) {
         progress = true;
+        t.yielded = false;
         resume(b, t);
+        only_yields &= t.yielded;
         if (b.error) std::rethrow_exception(b.error);
       }
     }
     for (int i = 0; i < n; ++i) all_exited &= b.threads[i].status == Status::exited;
     if (all_exited) break;
     if (!progress) throw EmulatorError(deadlock_report(b));
+    spin_rounds = only_yields ? spin_rounds + 1 : 0;
+    if (spin_rounds > kMaxSpinRounds)
+      throw EmulatorError(deadlock_report(
+          b, detail::concat("kernel '", launch.name, "' block ", dim_str(b.index), ": every running thread has only ",
+                            "spun (__nanosleep) for ", kMaxSpinRounds, " rounds: a wait on a flag that nothing sets? ",
+                            "(or that another block sets: blocks are not guaranteed to run concurrently)")));
   }
   flush_bank_log(b);
 }
@@ -660,18 +721,40 @@ void syncthreads(Site site) {
   suspend();
 }
 
+namespace {
+
+// Lanes of `warp` that have exited, or that the block does not have (a partial last warp): PTX's
+// warp collectives wait only for the non-exited lanes of their mask.
+uint32_t gone_lanes(const Block& b, int warp) {
+  uint32_t gone = 0;
+  for (int l = 0; l < 32; ++l) {
+    const int index = warp * 32 + l;
+    if (index >= b.threads_per_block || b.threads[index].status == Status::exited) gone |= 1u << l;
+  }
+  return gone;
+}
+
+// Runs the rendezvous' operation when every lane of its mask that is still there has arrived.
+bool try_complete(Block& b, int warp, Rendezvous& r) {
+  const uint32_t required = r.mask & ~gone_lanes(b, warp);
+  if (r.arrived == 0 || (r.arrived & required) != required) return false;
+  r.active = false;
+  r.combine(r.context, r.inputs, r.outputs);
+  for (int l = 0; l < 32 && warp * 32 + l < b.threads_per_block; ++l) {
+    Thread& other = b.threads[warp * 32 + l];
+    if (((r.mask >> l) & 1u) && other.status == Status::warp) other.status = Status::ready;
+  }
+  return true;
+}
+
+}  // namespace
+
 void warp_collective(const char* what, uint32_t mask, const void* input, void* output, CombineFn combine,
                      void* context, Site site) {
   Block& b = block();
   Thread& t = *b.current;
   const uint32_t bit = 1u << t.lane;
   if (!(mask & bit)) fail(detail::concat(what, " with mask ", hex(mask), " that excludes the calling lane ", t.lane), site);
-  const int first = t.warp * 32;
-  const int lanes = std::min(32, b.threads_per_block - first);
-  const uint32_t existing = lanes == 32 ? ~0u : ((1u << lanes) - 1u);
-  if (mask & ~existing)
-    fail(detail::concat(what, " with mask ", hex(mask), " names lanes this warp does not have (it has ", lanes,
-                        ")"), site);
   Warp& w = b.warps[t.warp];
   Rendezvous* r = nullptr;
   for (auto& candidate : w.rendezvous) {
@@ -692,19 +775,15 @@ void warp_collective(const char* what, uint32_t mask, const void* input, void* o
     r->arrived = 0;
     r->site = site;
     r->first_lane = t.lane;
+    r->combine = combine;
+    r->context = context;
     for (int l = 0; l < 32; ++l) { r->inputs[l] = nullptr; r->outputs[l] = nullptr; }
   }
   r->inputs[t.lane] = input;
   r->outputs[t.lane] = output;
   r->arrived |= bit;
-  if (r->arrived == mask) {
-    r->active = false;
-    combine(context, r->inputs, r->outputs);
-    for (int l = 0; l < lanes; ++l) {
-      Thread& other = b.threads[first + l];
-      if (((mask >> l) & 1u) && other.status == Status::warp) other.status = Status::ready;
-    }
-    t.status = Status::ready;
+  if (try_complete(b, t.warp, *r)) {
+    t.status = Status::ready;  // let the scheduler order who runs first after the collective
   } else {
     t.status = Status::warp;
     t.wait_what = what;
@@ -740,8 +819,11 @@ uint32_t active_mask() {
 
 int lane_id() { return thread().lane; }
 
-void yield(Site) {
-  thread().status = Status::ready;
+void yield(Site site) {
+  Thread& t = thread();
+  t.status = Status::ready;
+  t.yielded = true;
+  t.wait_site = site;
   suspend();
 }
 
@@ -753,6 +835,7 @@ void shared_write(const void* address, size_t bytes, Site site) { shared_access(
 
 void global_access(const void* address, size_t bytes, bool write, Site site) {
   const Block& b = block();
+  check_alignment(address, bytes, "global-memory", write, site);
   const auto& ranges = b.launch->operands;
   const auto* p = static_cast<const uint8_t*>(address);
   // the last range starting at or before p, and the few before it (ranges may overlap)
@@ -771,6 +854,21 @@ void global_access(const void* address, size_t bytes, bool write, Site site) {
   }
   fail(detail::concat("global-memory ", write ? "write" : "read", " of ", bytes, " bytes outside the kernel's operands (",
                       "nearest: ", nearest, ")"), site);
+}
+
+void atomic_access(const void* address, size_t bytes, Site site) {
+  Block& b = block();
+  const auto* p = static_cast<const uint8_t*>(address);
+  const uint8_t* base = b.shared.data();
+  if (p >= base && p < base + b.shared.size()) {
+    if (p + bytes > base + b.shared.size())
+      fail(detail::concat("atomic of ", bytes, " bytes at shared offset ", p - base, " past the block's ",
+                          b.shared.size(), " bytes"), site);
+    return;
+  }
+  // (A static __shared__ variable is neither: the emulator cannot see it. Kernels keep their shared
+  // memory in dynamic_shared_memory(); docs/emulator.md.)
+  global_access(address, bytes, true, site);
 }
 
 void cp_async(void* destination, const void* source, int copy_bytes, int source_bytes, Site site) {
@@ -809,11 +907,12 @@ void cp_async_wait(int pending_groups, Site site) {
   auto keep = t.copies.begin();
   for (auto it = t.copies.begin(); it != t.copies.end(); ++it) {
     if (it->group < complete_below) {
-      std::memcpy(it->destination, it->data, size_t(it->bytes));
       const size_t offset = size_t(it->destination - b.shared.data());
       for (int k = 0; k < it->bytes; ++k) {
         Shadow& s = b.shadow[offset + k];
-        if (s.state != kPending || s.writer != uint16_t(t.coordinates.linear)) continue;  // rewritten since
+        // (shared_access refuses any access to pending bytes, so this copy still owns them)
+        if (s.state != kPending || s.writer != uint16_t(t.coordinates.linear)) continue;
+        it->destination[k] = it->data[k];
         s.state = kWritten;
         s.write_epoch = b.epoch;
         s.write_seq = seq;

@@ -102,6 +102,9 @@ void shared_write(const void* address, size_t bytes, Site site);
 
 // -- global memory (through the vocabulary's accessors) ---------------------------------------------
 void global_access(const void* address, size_t bytes, bool write, Site site);
+// An atomic's address: in bounds of the block's shared memory (no race check: atomics do not race)
+// or of the kernel's operands.
+void atomic_access(const void* address, size_t bytes, Site site);
 
 // -- cp.async (common/cp_async.h) -----------------------------------------------------------------
 // Issue: the source is bounds-checked and read now, the destination is poisoned and marked pending;

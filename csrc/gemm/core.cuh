@@ -176,15 +176,14 @@ struct Epilogue {
       v0 *= s;
       v1 *= s;
     }
+    // (scalar loads: the Python layer does not promise these vectors 8-byte alignment)
     if (col_scale) {
-      const Vec<float, 2> s = load_global(reinterpret_cast<const Vec<float, 2>*>(col_scale + col));
-      v0 *= s[0];
-      v1 *= s[1];
+      v0 *= load_global(col_scale + col);
+      v1 *= load_global(col_scale + col + 1);
     }
     if (bias) {
-      const Vec<float, 2> b = load_global(reinterpret_cast<const Vec<float, 2>*>(bias + col));
-      v0 += b[0];
-      v1 += b[1];
+      v0 += load_global(bias + col);
+      v1 += load_global(bias + col + 1);
     }
     OutT* base = static_cast<OutT*>(out) + row * ldo;
     if (activation == Activation::swiglu) {

@@ -232,11 +232,14 @@ __global__ void barrier_after_early_return_kernel(int* out) {
   store_global(out + t, t);
 }
 
-// Half of each warp skips a full-mask shuffle that the other half waits in.
+// Half of each warp skips a full-mask shuffle that the other half waits in, and waits at a barrier
+// instead. (Had the skipping lanes exited, the shuffle would complete: PTX's shfl.sync waits only for
+// the mask's non-exited lanes.)
 __global__ void shuffle_missing_lanes_kernel(int* out) {
   const int t = int(threadIdx.x);
   int r = t;
   if (t % 32 < 16) r = __shfl_xor_sync(kFull, t, 1);  // @missing_lanes_shuffle
+  else __syncthreads();  // @missing_lanes_barrier
   store_global(out + t, r);
 }
 
