@@ -471,3 +471,44 @@ def test_warp_exchange_uses_no_block_barrier():
         run_correct("warp_exchange", 0)
     (entry,) = llmkernels.emulator.report()
     assert entry["kernel"] == "warp_exchange" and entry["shared_accesses"] == 2 * 4 * 6  # 8 warps, 6 each
+
+
+# -- checks added after review: alignment, writes under a pending cp.async, spin-waits, exited lanes --
+
+def test_misaligned_vector_access_is_reported():
+    pattern = (WHO.format("misaligned_vector") + site("misaligned_store")
+               + r": global-memory write of 8 bytes at an address not aligned to 8 bytes")
+    with pytest.raises(EmulatorError, match=pattern):
+        buggy("misaligned_vector")
+
+
+@pytest.mark.parametrize("schedule,seed", SCHEDULES[:2], ids=SCHEDULE_IDS[:2])
+def test_write_to_bytes_a_cp_async_has_not_landed_is_reported(schedule, seed):
+    pattern = (WHO.format("write_while_copy_pending") + site("write_pending")
+               + r": shared-memory write of 4 bytes at offset 0 while the cp.async that writes byte 0 \(issued by "
+               r"thread \(0,0,0\) at " + site("pending_copy") + r"\) is in flight")
+    with pytest.raises(EmulatorError, match=pattern):
+        buggy("write_while_copy_pending", schedule, seed, out=torch.arange(64, dtype=torch.int32))
+
+
+def test_second_cp_async_onto_pending_bytes_is_reported():
+    pattern = WHO.format("copy_twice") + site("copy_twice") + r": cp.async to 16 bytes at offset 0 while the cp.async"
+    with pytest.raises(EmulatorError, match=pattern):
+        buggy("copy_twice", out=torch.arange(64, dtype=torch.int32))
+
+
+def test_endless_spin_wait_is_reported_not_a_hang():
+    pattern = (r"kernel 'spin_forever' block \(0,0,0\): every running thread has only spun \(__nanosleep\) for "
+               r"1048576 rounds.*\n  threads 0\.\.0: spins \(__nanosleep\) at " + site("spin")
+               + r"\n  threads 1\.\.63: exited$")
+    with pytest.raises(EmulatorError, match=pattern):
+        buggy("spin_forever")
+
+
+@pytest.mark.parametrize("schedule,seed", SCHEDULES, ids=SCHEDULE_IDS)
+def test_broadcast_read_ordered_by_syncwarp_and_collectives_after_lanes_exit_are_clean(schedule, seed):
+    out = torch.zeros(64, dtype=torch.int32)
+    buggy("broadcast_then_exit", schedule, seed, out=out)   # no report
+    lane = torch.arange(64) % 32
+    expected = torch.where(lane < 16, 7 + (torch.arange(64) ^ 1), torch.full((64,), 7))
+    assert torch.equal(out, expected.to(torch.int32))

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 
+#include "common/cp_async.h"
 #include "common/launch.h"
 #include "common/vector_io.h"
 #include "testing/emulator_kernels.h"
@@ -261,6 +262,68 @@ __global__ void collective_mismatch_kernel(int* out) {
   store_global(out + t, r);
 }
 
+// A vector load from an address not aligned to its size (a misaligned-address fault on the GPU).
+__global__ void misaligned_vector_kernel(int* out) {
+  const int t = int(threadIdx.x);
+  if (t == 0) store_global(reinterpret_cast<Vec<int, 2>*>(out + 1), Vec<int, 2>{{1, 2}});  // @misaligned_store
+}
+
+// Thread 32 writes bytes a cp.async of thread 0 has not yet landed: its data would overwrite them.
+__global__ void write_while_copy_pending_kernel(int* out) {
+  int* shared = reinterpret_cast<int*>(dynamic_shared_memory());
+  const int t = int(threadIdx.x);
+  if (t == 0) cp_async<16>(shared, out, 16);  // @pending_copy
+  cp_async_commit();
+  __syncthreads();
+  if (t == 32) store_shared(shared, 12345);  // @write_pending
+  __syncthreads();
+  cp_async_wait<0>();
+  __syncthreads();
+  store_global(out + t, load_shared(shared + t % 4));
+}
+
+// Two copies in flight to the same bytes (the second lands after the first's wait).
+__global__ void copy_twice_kernel(int* out) {
+  int* shared = reinterpret_cast<int*>(dynamic_shared_memory());
+  const int t = int(threadIdx.x);
+  if (t == 0) {
+    cp_async<16>(shared, out, 16);
+    cp_async_commit();
+    cp_async<16>(shared, out + 4, 16);  // @copy_twice
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  store_global(out + t, load_shared(shared + t % 4));
+}
+
+// Never finishes: thread 0 spins on a shared flag nobody sets.
+__global__ void spin_forever_kernel(int* out) {
+  int* shared = reinterpret_cast<int*>(dynamic_shared_memory());
+  const int t = int(threadIdx.x);
+  if (t == 0) store_shared(shared, 0);
+  __syncthreads();
+  if (t == 0)
+    while (load_shared(shared) == 0) __nanosleep(100);  // @spin
+  store_global(out + t, t);
+}
+
+// Correct (no report): every lane reads a word, __syncwarp orders those reads before lane 0's write;
+// then the upper half of each warp exits and the lower half shuffles with a full mask (PTX waits for
+// the non-exited lanes only). out[t] = 7 + (t ^ 1) for lanes < 16, 7 otherwise.
+__global__ void broadcast_then_exit_kernel(int* out) {
+  int* shared = reinterpret_cast<int*>(dynamic_shared_memory());
+  const int t = int(threadIdx.x), warp = t / 32;
+  if (t % 32 == 0) store_shared(shared + warp, 7);
+  __syncwarp();
+  const int seven = load_shared(shared + warp);
+  __syncwarp();
+  if (t % 32 == 0) store_shared(shared + warp, 8);
+  store_global(out + t, seven);
+  if (t % 32 >= 16) return;
+  store_global(out + t, seven + __shfl_xor_sync(kFull, t, 1));
+}
+
 // For the launches the hardware refuses.
 __global__ void trivial_kernel(int* out) {
   if (threadIdx.x == 0 && blockIdx.x == 0) store_global(out, 1);
@@ -345,6 +408,11 @@ void emulator_kernel_device(const std::string& name, const TensorView& out, cons
     else if (name == "shuffle_missing_lanes") buggy = shuffle_missing_lanes_kernel;
     else if (name == "shuffle_mask_excludes_lane") buggy = shuffle_mask_excludes_lane_kernel;
     else if (name == "collective_mismatch") buggy = collective_mismatch_kernel;
+    else if (name == "misaligned_vector") buggy = misaligned_vector_kernel;
+    else if (name == "write_while_copy_pending") buggy = write_while_copy_pending_kernel;
+    else if (name == "copy_twice") buggy = copy_twice_kernel;
+    else if (name == "spin_forever") buggy = spin_forever_kernel;
+    else if (name == "broadcast_then_exit") buggy = broadcast_then_exit_kernel;
     LLMK_CHECK(buggy != nullptr, ValueError, "unknown emulator test kernel '", name, "'");
     out.check_numel(kBuggyThreads);
     launch(kernel, buggy, LaunchShape{dim3(1), dim3(kBuggyThreads), shared}, stream, out.data<int32_t>());
