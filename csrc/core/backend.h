@@ -81,31 +81,6 @@ inline Backend select_backend(const TensorView& where) {
   return Backend::cuda;
 }
 
-template <typename CpuFn, typename DeviceFn>
-void run_on_backend(const TensorView& where, void* stream, const Operands& operands, CpuFn&& cpu,
-                    DeviceFn&& device) {
-  switch (select_backend(where)) {
-    case Backend::cpu:
-      cpu();
-      return;
-    case Backend::emu: {
-      emu::OperandScope scope(operands.ranges());
-      device(EmuStream{});
-      return;
-    }
-    case Backend::cuda:
-#if defined(LLMK_CUDA_RUNTIME_HERE)
-    {
-      CudaDeviceGuard guard(where.device_index);
-      device(CudaStream{stream});
-    }
-#else
-      (void)stream;
-#endif
-      return;
-  }
-}
-
 // The CUDA kernels only: on a GPU for CUDA tensors, under the emulator for CPU tensors, whatever the
 // emulation setting (the vocabulary's and the emulator's own test kernels, csrc/testing/).
 template <typename DeviceFn>
@@ -115,13 +90,23 @@ void run_device(const TensorView& where, void* stream, const Operands& operands,
     device(EmuStream{});
     return;
   }
-  LLMK_CHECK(select_backend(where) == Backend::cuda, DeviceError, where.name, " must be on the CPU or a CUDA device");
+  select_backend(where);  // DeviceError for other devices, and for CUDA tensors in a build without CUDA
 #if defined(LLMK_CUDA_RUNTIME_HERE)
   CudaDeviceGuard guard(where.device_index);
   device(CudaStream{stream});
 #else
   (void)stream;
 #endif
+}
+
+template <typename CpuFn, typename DeviceFn>
+void run_on_backend(const TensorView& where, void* stream, const Operands& operands, CpuFn&& cpu,
+                    DeviceFn&& device) {
+  if (select_backend(where) == Backend::cpu) {
+    cpu();
+    return;
+  }
+  run_device(where, stream, operands, device);  // emulated (CPU tensors) or CUDA
 }
 
 }  // namespace llmk
