@@ -19,6 +19,11 @@
 # At most 8 files come back from a GPU run, so $OUT holds only summary.txt, bench-cuda.json and
 # logs.tar.gz (every log: device, install, tests, sanitizers, benchmark, probes).
 #
+# The emulator-versus-hardware tests (tests/test_vocabulary.py, tests/test_emulator.py: the same test
+# kernels on the GPU and under the emulator, compared bit for bit where the hardware is exact) are
+# `cuda` tests of the suite, so step 3 runs them; bench/sanitize_testing.py runs them again under the
+# sanitizers.
+#
 # Conventions for the scripts found by glob:
 #   bench/sanitize_<family>.py  runs its family's kernels once on CUDA and prints "sanitize: ok"
 #       last; it runs under memcheck, and also under the tools named on a line
@@ -165,30 +170,36 @@ fi
 record tests "$tests_result: $(pytest_counts "$LOGS/tests.log") ($((SECONDS - step_start)) s)"
 
 # 4. compute-sanitizer over every bench/sanitize_*.py ------------------------------------------
+# memcheck over every script here; the slower racecheck and synccheck (scripts that name them on a
+# "# sanitize:" line) after the benchmark, so that a tight budget still measures every family.
 sanitizer=$(command -v compute-sanitizer || true)
 scripts=(bench/sanitize_*.py)
 [ "${#scripts[@]}" -eq 0 ] && record sanitize "FAILED: no bench/sanitize_*.py found"
-for script in "${scripts[@]}"; do
-  name=$(name_of "$script")
-  tools="memcheck $(sed -n 's/^# sanitize://p' "$script" | head -n 1)"
-  for tool in $tools; do
-    label="$tool:$name"
-    if [ -z "$sanitizer" ]; then
-      record "$label" "FAILED: compute-sanitizer not found"
-      continue
-    fi
-    step_start=$SECONDS
-    log="$LOGS/sanitize-$name-$tool.log"
-    # Without torch's caching allocator each tensor is its own allocation, so memcheck sees an
-    # access past a tensor's end instead of a silent write into a neighbour in the pool.
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(step_timeout 120)" "$sanitizer" --tool "$tool" --error-exitcode 1 \
-      python3 "$script" > "$log" 2>&1
-    sanitize_rc=$?
-    verdict=$(grep -E '(ERROR|RACECHECK) SUMMARY' "$log" | tail -n 1 | sed 's/^=* *//')
-    grep -q '^sanitize: ok' "$log" || verdict="${verdict:+$verdict; }script did not finish: $(grep -v '^=====' "$log" | tail -n 1)"
-    record "$label" "$(describe_rc "$sanitize_rc"): ${verdict:-no summary line} ($((SECONDS - step_start)) s)"
+run_sanitizers() {   # "memcheck" or "extra": which tools to run over every script
+  local script name tools tool label log verdict sanitize_rc
+  for script in "${scripts[@]}"; do
+    name=$(name_of "$script")
+    if [ "$1" = memcheck ]; then tools=memcheck; else tools=$(sed -n 's/^# sanitize://p' "$script" | head -n 1); fi
+    for tool in $tools; do
+      label="$tool:$name"
+      if [ -z "$sanitizer" ]; then
+        record "$label" "FAILED: compute-sanitizer not found"
+        continue
+      fi
+      step_start=$SECONDS
+      log="$LOGS/sanitize-$name-$tool.log"
+      # Without torch's caching allocator each tensor is its own allocation, so memcheck sees an
+      # access past a tensor's end instead of a silent write into a neighbour in the pool.
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(step_timeout 120)" "$sanitizer" --tool "$tool" --error-exitcode 1 \
+        python3 "$script" > "$log" 2>&1
+      sanitize_rc=$?
+      verdict=$(grep -E '(ERROR|RACECHECK) SUMMARY' "$log" | tail -n 1 | sed 's/^=* *//')
+      grep -q '^sanitize: ok' "$log" || verdict="${verdict:+$verdict; }script did not finish: $(grep -v '^=====' "$log" | tail -n 1)"
+      record "$label" "$(describe_rc "$sanitize_rc"): ${verdict:-no summary line} ($((SECONDS - step_start)) s)"
+    done
   done
-done
+}
+run_sanitizers memcheck
 
 # 5. benchmark: every family's cases against their anchors --------------------------------------
 step_start=$SECONDS
@@ -211,7 +222,10 @@ while IFS= read -r target; do
   record target "$target"
 done < <(grep -E '^  (meets|below|n/a) ' "$LOGS/bench.log" | sed 's/^ *//')
 
-# 6. probes: where each family's time goes ------------------------------------------------------
+# 6. racecheck and synccheck for the scripts whose kernels use shared memory -------------------
+run_sanitizers extra
+
+# 7. probes: where each family's time goes ------------------------------------------------------
 for script in bench/probe_*.py; do
   name=$(name_of "$script")
   step_start=$SECONDS
