@@ -8,6 +8,7 @@
 // even) into out, or added to out's existing value and rounded once (accumulate).
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common/float_types.h"
@@ -84,6 +85,23 @@ void tile_products(const float* a_tile, const float* b_tile, int64_t rows, int64
       dot_rx4<1>(a_tile + r * kc, nullptr, b_tile + c * kc, kc, acc + r * kBlockCols + c, nullptr);
 }
 
+// One row of A against `cols` bf16 rows of B read in place (a bf16 is the top half of a float: one
+// shift), for decode (M = 1): converting B into a float tile first moved every weight byte three
+// times, and ran at 0.44x torch.matmul at 1 x 4096 x 4096 on a 2-core AVX2 EPYC.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+void row_products_bf16(const float* __restrict a, const uint16_t* __restrict b, int64_t ldb, int64_t cols,
+                       int64_t kc, float* __restrict acc) {
+  for (int64_t c = 0; c < cols; ++c) {
+    const uint16_t* __restrict row = b + c * ldb;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t kk = 0; kk < kc; ++kk) sum += a[kk] * bits_float(uint32_t(row[kk]) << 16);
+    acc[c] += sum;
+  }
+}
+
 // v = acc * row_scale[i] * col_scale[j] + bias[j], in fp32 (gemm.h's order).
 inline float scaled(const Problem& p, float acc, int64_t i, int64_t j) {
   float v = acc;
@@ -129,6 +147,25 @@ void gemm_typed(const Problem& p) {
   const int64_t row_blocks = (p.m + kBlockRows - 1) / kBlockRows;
   const int64_t col_blocks = (p.n + kBlockCols - 1) / kBlockCols;
   const int64_t tiles = row_blocks * col_blocks;
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (p.m == 1) {  // decode: whole rows of B, read in place, one after another (prefetch-friendly)
+      std::vector<float> a_row(size_t(p.k));
+      load_rows(a, p.lda, p.a_rows, 0, 1, 0, p.k, a_row.data());
+#pragma omp parallel
+      {
+        std::vector<float> acc(kBlockCols);
+#pragma omp for schedule(static)
+        for (int64_t j0 = 0; j0 < p.n; j0 += kBlockCols) {
+          const int64_t cols = std::min(kBlockCols, p.n - j0);
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          row_products_bf16(a_row.data(), reinterpret_cast<const uint16_t*>(b + j0 * p.ldb), p.ldb, cols, p.k,
+                            acc.data());
+          epilogue_row<O>(p, 0, j0, cols, acc.data());
+        }
+      }
+      return;
+    }
+  }
 #pragma omp parallel
   {
     std::vector<float> a_tile(kBlockRows * kBlockK), b_tile(kBlockCols * kBlockK), acc(kBlockRows * kBlockCols);
