@@ -100,7 +100,7 @@ void mezo_sweep(const py::list& params, const std::vector<int64_t>& indices,
 
 void gemm_core(const py::object& a, const py::object& a_rows, const py::object& b, const py::object& bias,
           const py::object& row_scale, const py::object& col_scale, int64_t activation, bool accumulate,
-          const py::object& out, uintptr_t stream) {
+          const py::object& out, const py::object& workspace, uintptr_t stream) {
   if (activation < 0 || activation > 3)
     throw ValueError("activation must be 0 (none), 1 (silu), 2 (gelu) or 3 (swiglu); got " + std::to_string(activation));
   const TensorView a_view = tensor(a, "a");
@@ -109,10 +109,12 @@ void gemm_core(const py::object& a, const py::object& a_rows, const py::object& 
   const auto bias_view = optional_tensor(bias, "bias");
   const auto row_scale_view = optional_tensor(row_scale, "row_scale");
   const auto col_scale_view = optional_tensor(col_scale, "col_scale");
+  const TensorView workspace_view = tensor(workspace, "workspace");
   const TensorView out_view = tensor(out, "out");
   py::gil_scoped_release no_gil;
   gemm::gemm(a_view, pointer(rows_view), b_view, out_view, pointer(bias_view), pointer(row_scale_view),
-             pointer(col_scale_view), static_cast<gemm::Activation>(activation), accumulate, stream_pointer(stream));
+             pointer(col_scale_view), static_cast<gemm::Activation>(activation), accumulate, workspace_view,
+             stream_pointer(stream));
 }
 
 // -- the SIMT emulator: which backend CPU tensors run, its schedule, and what it saw ----------------
@@ -296,8 +298,11 @@ PYBIND11_MODULE(_C, m) {
         "theta <- theta + (coef_a - coef_b*g)*z(seed) - shrink*theta [+ next_scale*z(next_seed)] over a "
         "tensor list; theta + restore_scale*z [+ ...] instead when g is not finite");
 
+  m.def("gemm_workspace", &gemm::split_k_workspace, py::arg("m"), py::arg("n"), py::arg("k"),
+        "float32 elements of the GEMM core's split-K workspace for (m, n, k) (0: no split)");
   m.def("gemm", &gemm_core, py::arg("a"), py::arg("a_rows"), py::arg("b"), py::arg("bias"), py::arg("row_scale"),
-        py::arg("col_scale"), py::arg("activation"), py::arg("accumulate"), py::arg("out"), py::arg("stream"),
+        py::arg("col_scale"), py::arg("activation"), py::arg("accumulate"), py::arg("out"), py::arg("workspace"),
+        py::arg("stream"),
         "The GEMM core: out (=|+=) epilogue(A[a_rows] @ B^T) with fp32 accumulation; epilogue: scales, bias, "
         "activation 0 none | 1 silu | 2 gelu | 3 swiglu (csrc/gemm/gemm.h)");
 

@@ -101,7 +101,8 @@ def run_core(x, w, *, bias=None, row_scale=None, col_scale=None, activation="non
     else:
         out = old.clone()
     a = x if rows is not None else x.reshape(-1, k)
-    _gemm._gemm(a, rows, w, bias, row_scale, col_scale, _gemm.ACTIVATIONS[activation], old is not None, out)
+    _gemm._gemm(a, rows, w, bias, row_scale, col_scale, _gemm.ACTIVATIONS[activation], old is not None, out,
+                _gemm.workspace(m, n, k, x.device))
     return out
 
 
@@ -234,7 +235,7 @@ def test_touches_nothing_outside_out(device):
     x, w, extras = make(17, 40, 24, dtype, device, bias=True)
     storage = poisoned((17 * 40 + 64,), dtype=dtype, device=device)
     out = storage[8:8 + 17 * 40].view(17, 40)   # 16-byte aligned inside a larger buffer
-    _gemm._gemm(x, None, w, extras["bias"], None, None, 0, False, out)
+    _gemm._gemm(x, None, w, extras["bias"], None, None, 0, False, out, _gemm.workspace(17, 40, 24, device))
     assert torch.isnan(storage[:8]).all() and torch.isnan(storage[8 + 17 * 40:]).all()
     assert torch.isfinite(out).all()
 
@@ -254,10 +255,18 @@ def test_larger_shapes(device, m, n, k):
 def test_opcheck_gemm(device):
     x, w, extras = make(5, 24, 40, torch.bfloat16, device, t=7, bias=True, row_scale=True, col_scale=True, rows=True)
     out = poisoned((5, 12), dtype=torch.float32, device=device)
-    args = (x, extras["rows"], w, extras["bias"], extras["row_scale"], extras["col_scale"], 3, False, out)
+    args = (x, extras["rows"], w, extras["bias"], extras["row_scale"], extras["col_scale"], 3, False, out,
+            _gemm.workspace(5, 24, 40, device))
     torch.library.opcheck(torch.ops.llmkernels.gemm.default, args)
     out = randn((5, 24), dtype=torch.bfloat16, device=device)
-    torch.library.opcheck(torch.ops.llmkernels.gemm.default, (x[:5], None, w, None, None, None, 2, True, out))
+    torch.library.opcheck(torch.ops.llmkernels.gemm.default,
+                          (x[:5], None, w, None, None, None, 2, True, out, _gemm.workspace(5, 24, 40, device)))
+    # a split-K problem (small M, long K): the workspace is used on CUDA and under the emulator
+    x, w, _ = make(5, 24, 1032, torch.bfloat16, device)
+    scratch = torch.zeros(_gemm.workspace_elements(5, 24, 1032), device=device)
+    assert scratch.numel() > 0
+    out = poisoned((5, 24), dtype=torch.bfloat16, device=device)
+    torch.library.opcheck(torch.ops.llmkernels.gemm.default, (x, None, w, None, None, None, 0, False, out, scratch))
 
 
 @pytest.mark.slow
@@ -329,8 +338,13 @@ def capsules(*tensors):
     return [None if t is None else to_dlpack(t) for t in tensors]
 
 
-def native(a, rows, b, out, *, bias=None, row_scale=None, col_scale=None, activation=0, accumulate=False):
-    C.gemm(*capsules(a, rows, b, bias, row_scale, col_scale), activation, accumulate, to_dlpack(out), 0)
+def native(a, rows, b, out, *, bias=None, row_scale=None, col_scale=None, activation=0, accumulate=False,
+           workspace=None):
+    m = rows.shape[0] if rows is not None else a.shape[0]
+    if workspace is None:
+        workspace = _gemm.workspace(m, b.shape[0], b.shape[1], a.device)
+    C.gemm(*capsules(a, rows, b, bias, row_scale, col_scale), activation, accumulate, to_dlpack(out),
+           to_dlpack(workspace), 0)
 
 
 def test_native_core_checks_its_own_inputs():
@@ -448,3 +462,20 @@ def test_emulated_kernel_gives_the_same_bits_under_shuffled_schedules(seed):
     with llmkernels.emulator.emulate(schedule="shuffled", seed=seed):
         shuffled = _gemm.gemm(x, w, **extras, activation="swiglu")
     assert torch.equal(ordered, shuffled)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_split_k_small_m_long_k(device, activation, accumulate):
+    """M <= 16 with few column tiles: the CUDA kernel splits K into ranges of whole k tiles and adds
+    the partial sums in a second kernel, which runs the epilogue (gemm.h: split_k). K has a partial
+    last tile, and one range is shorter than the others."""
+    m, n, k = 5, 40, 17 * 64 - 56
+    assert _gemm.workspace_elements(m, n, k) == 4 * m * n   # 17 k tiles of 64 (the last partial): 5, 5, 5, 2
+    x, w, extras = make(m, n, k, torch.bfloat16, device, seed=11, bias=True, row_scale=True, rows=True, t=9)
+    old = randn((m, n // 2 if activation == "swiglu" else n), device=device, seed=12) if accumulate else None
+    llmkernels.emulator.reset_report()
+    check(x, w, f"split-K {activation}", old=old, activation=activation, **extras)
+    if emulating():
+        kernels = {r["kernel"]: r["launches"] for r in llmkernels.emulator.report()}
+        assert kernels == {"gemm": 1, "gemm split-k reduce": 1}, kernels

@@ -113,12 +113,13 @@ LLMK_DEVICE void multiply_tile(Accumulators<Tiling>& acc, const uint8_t* a_tile,
   }
 }
 
-// The main loop: acc = A[block rows] · B[block cols]ᵀ over all of K, through the cp.async ring.
-// One barrier per k tile: after it, tile kt has landed for everyone, and every thread has finished
-// reading the stage that the prefetch of tile kt + stages - 1 overwrites (it held tile kt - 1).
+// The main loop: acc = A[block rows] · B[block cols]ᵀ over k tiles [first_tile, first_tile + k_tiles)
+// (all of K, or one split-K range), through the cp.async ring. One barrier per k tile: after it,
+// tile kt has landed for everyone, and every thread has finished reading the stage that the
+// prefetch of tile kt + stages - 1 overwrites (it held tile kt - 1).
 template <typename T, typename Tiling, typename LoaderA, typename LoaderB>
 LLMK_DEVICE void main_loop(Accumulators<Tiling>& acc, const LoaderA& a, const LoaderB& b, int64_t row0, int64_t col0,
-                           int64_t k) {
+                           int64_t first_tile, int64_t k_tiles) {
   uint8_t* shared = dynamic_shared_memory();
   const int thread = int(threadIdx.x), lane = thread % 32, warp = thread / 32;
   const int warp_row0 = (warp / Tiling::warps_n) * Tiling::warp_m;
@@ -132,10 +133,9 @@ LLMK_DEVICE void main_loop(Accumulators<Tiling>& acc, const LoaderA& a, const Lo
 
   auto stage = [&](int s) { return shared + s * Tiling::stage_bytes; };
   auto load = [&](int s, int64_t kt) {
-    a.load(stage(s), row0, kt * Tiling::bk, thread);
-    b.load(stage(s) + Tiling::a_bytes, col0, kt * Tiling::bk, thread);
+    a.load(stage(s), row0, (first_tile + kt) * Tiling::bk, thread);
+    b.load(stage(s) + Tiling::a_bytes, col0, (first_tile + kt) * Tiling::bk, thread);
   };
-  const int64_t k_tiles = (k + Tiling::bk - 1) / Tiling::bk;
 #pragma unroll
   for (int s = 0; s < Tiling::stages - 1; ++s) {
     if (s < k_tiles) load(s, s);
@@ -204,6 +204,27 @@ struct Epilogue {
       v1 += to_float(old[1]);
     }
     store_global(p, Vec<OutT, 2>{{from_float<OutT>(v0), from_float<OutT>(v1)}});
+  }
+
+  // Split-K: this range's raw sums, fp32, into partial[row * n + col] (the epilogue runs after the
+  // ranges are added: split_k_reduce_kernel).
+  template <typename Tiling>
+  LLMK_DEVICE void store_partial(const Accumulators<Tiling>& acc, int64_t row0, int64_t col0, float* partial) const {
+    const int thread = int(threadIdx.x), lane = thread % 32, warp = thread / 32;
+    const int64_t warp_row0 = row0 + (warp / Tiling::warps_n) * Tiling::warp_m;
+    const int64_t warp_col0 = col0 + (warp % Tiling::warps_n) * Tiling::warp_n;
+#pragma unroll
+    for (int i = 0; i < Tiling::mma_m; ++i)
+#pragma unroll
+      for (int j = 0; j < Tiling::mma_n; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const FragmentCoord c = mma_c_coord(lane, 2 * h);
+          const int64_t row = warp_row0 + 16 * i + c.row, col = warp_col0 + 8 * j + c.col;
+          if (row < m && col < n)
+            store_global(reinterpret_cast<Vec<float, 2>*>(partial + row * n + col),
+                         Vec<float, 2>{{acc.v[i][j][2 * h], acc.v[i][j][2 * h + 1]}});
+        }
   }
 
   template <typename OutT, typename Tiling>

@@ -41,7 +41,7 @@ TensorView span_of(const TensorView& a, int64_t rows, int64_t lda, int64_t k) {
 
 void gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, const TensorView& out,
           const TensorView* bias, const TensorView* row_scale, const TensorView* col_scale,
-          Activation activation, bool accumulate, void* stream) {
+          Activation activation, bool accumulate, const TensorView& workspace, void* stream) {
   const int activation_code = static_cast<int>(activation);
   LLMK_CHECK(activation_code >= 0 && activation_code <= 3, ValueError,
              "activation must be 0 (none), 1 (silu), 2 (gelu) or 3 (swiglu); got ", activation_code);
@@ -120,6 +120,18 @@ void gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, co
     if (view) read.push_back(*view);
   check_no_overlap({out}, read);
 
+  // The split-K workspace: float32 on the same device, sharing memory with nothing else.
+  workspace.check_same_device(a);
+  workspace.check_dtype(DType::f32);
+  workspace.check_contiguous();
+  const int64_t workspace_needed = split_k_workspace(m, n, k);
+  LLMK_CHECK(workspace.numel() >= workspace_needed, ValueError, workspace.name, " must have at least ",
+             workspace_needed, " elements (split_k_workspace(m, n, k)); got ", workspace.numel());
+  if (workspace_needed > 0) {
+    read.push_back(out);
+    check_no_overlap({workspace}, read);
+  }
+
   if (m == 0) return;
 
   Problem p;
@@ -140,8 +152,10 @@ void gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, co
   p.col_scale = col_scale ? col_scale->data<float>() : nullptr;
   p.activation = activation;
   p.accumulate = accumulate;
+  p.workspace = workspace_needed > 0 ? workspace.data<float>() : nullptr;
 
-  run_on_backend(a, stream, Operands().add(a).add(a_rows).add(b).add(out).add(bias).add(row_scale).add(col_scale),
+  run_on_backend(a, stream,
+                 Operands().add(a).add(a_rows).add(b).add(out).add(bias).add(row_scale).add(col_scale).add(workspace),
                  [&] { gemm_cpu(p); },
                  [&](auto device_stream) { gemm_device(p, device_stream); });
 }

@@ -12,6 +12,7 @@
 //                                                    out[i][j/2] = silu(v[i][j]) * v[i][j+1], j even
 //   out[i][j'] = v            or   out[i][j'] += v    (accumulate: adds into the existing output)
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -39,15 +40,41 @@ struct Problem {
   const float* col_scale = nullptr;  // (n,)
   Activation activation = Activation::none;
   bool accumulate = false;
+  float* workspace = nullptr;        // split_k_workspace(m, n, k) floats, for the CUDA kernel's split-K
 
   int64_t out_columns() const { return activation == Activation::swiglu ? n / 2 : n; }
 };
 
+// Split-K of the CUDA kernel (gemm_cuda.cu) for small M: with M <= 16 the GEMM reads the weights and
+// little else, and N / 32 column tiles alone leave most SMs idle (N = 1024: 32 blocks for 132 SMs).
+// So K is cut into `splits` ranges of whole k tiles (at least 4 of 64 each, at most 16 ranges,
+// aiming at two blocks per H100 SM); each writes fp32 partial sums to a workspace of
+// splits * m * n floats, and a second kernel adds them and runs the epilogue. 1 means no split.
+struct SplitK {
+  int splits = 1;
+  int64_t tiles_per_split = 0;  // of kSplitTileK elements
+};
+constexpr int64_t kSplitMaxRows = 16, kSplitTileN = 32, kSplitTileK = 64;
+inline SplitK split_k(int64_t m, int64_t n, int64_t k) {
+  const int64_t k_tiles = (k + kSplitTileK - 1) / kSplitTileK;
+  if (m == 0 || m > kSplitMaxRows) return SplitK{1, k_tiles};
+  const int64_t blocks = (n + kSplitTileN - 1) / kSplitTileN, target = 2 * 132;
+  int64_t splits = std::min<int64_t>(std::min<int64_t>((target + blocks - 1) / blocks, k_tiles / 4), 16);
+  if (splits <= 1) return SplitK{1, k_tiles};
+  const int64_t per = (k_tiles + splits - 1) / splits;
+  return SplitK{int((k_tiles + per - 1) / per), per};  // no empty range
+}
+inline int64_t split_k_workspace(int64_t m, int64_t n, int64_t k) {
+  const SplitK s = split_k(m, n, k);
+  return s.splits > 1 ? int64_t(s.splits) * m * n : 0;
+}
+
 // Entry point: validates (the checks in gemm.cpp), then runs the CPU kernel, the emulated CUDA
-// kernel or the CUDA kernel. Optional views may be null.
+// kernel or the CUDA kernel. Optional views may be null. `workspace` is float32 with at least
+// split_k_workspace(m, n, k) elements (the CPU kernel does not use it).
 void gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, const TensorView& out,
           const TensorView* bias, const TensorView* row_scale, const TensorView* col_scale,
-          Activation activation, bool accumulate, void* stream);
+          Activation activation, bool accumulate, const TensorView& workspace, void* stream);
 
 // The kernels: gemm_cpu.cpp, and gemm_cuda.cu compiled by nvcc (CudaStream) and for the emulator
 // (EmuStream).

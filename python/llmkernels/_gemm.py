@@ -17,13 +17,14 @@ from typing import Optional
 import torch
 
 from . import _validate as check
+from ._ext import C
 from ._ops import native_op
 
 ACTIVATIONS = {"none": 0, "silu": 1, "gelu": 2, "swiglu": 3}
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-@native_op("gemm", mutates_args=("out",))
+@native_op("gemm", mutates_args=("out", "workspace"))
 def _gemm(
     a: torch.Tensor,
     a_rows: Optional[torch.Tensor],
@@ -34,8 +35,22 @@ def _gemm(
     activation: int,
     accumulate: bool,
     out: torch.Tensor,
+    workspace: torch.Tensor,
 ) -> None:
-    """In place: out (=, or += when accumulate) epilogue(a[a_rows] @ b.T)."""
+    """In place: out (=, or += when accumulate) epilogue(a[a_rows] @ b.T). `workspace`: float32 scratch
+    of at least workspace_elements(m, n, k), the CUDA kernel's split-K partial sums for small M."""
+
+
+@torch.compiler.assume_constant_result
+def workspace_elements(m: int, n: int, k: int) -> int:
+    """float32 elements of the split-K workspace (csrc/gemm/gemm.h: split_k); 0 when K is not split.
+    A constant for given sizes: torch.compile calls it while tracing (shapes are guarded), and the
+    native core refuses a workspace that is too small."""
+    return C.gemm_workspace(m, n, k)
+
+
+def workspace(m: int, n: int, k: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(workspace_elements(m, n, k), dtype=torch.float32, device=device)
 
 
 # Not differentiable: the core serves inference paths and the other families' kernels; the op has no
@@ -102,7 +117,8 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, *, bias: Optional[torch.Tensor] 
         raise TypeError(f"out_dtype must be x's dtype {check.dtype_names([x.dtype])} or float32; got {out_dtype}")
     if accumulate_into is None:
         out = torch.empty((m, columns), dtype=out_dtype or x.dtype, device=device)
-        _gemm(a, rows, weight, bias, row_scale, col_scale, ACTIVATIONS[activation], False, out)
+        _gemm(a, rows, weight, bias, row_scale, col_scale, ACTIVATIONS[activation], False, out,
+              workspace(m, n, k, device))
         return out.view(*lead, columns)
 
     check.check_tensor(accumulate_into, "accumulate_into", dtypes=(x.dtype, torch.float32))
@@ -119,5 +135,5 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, *, bias: Optional[torch.Tensor] 
             raise ValueError(f"accumulate_into must be contiguous; got shape {tuple(accumulate_into.shape)} "
                              f"with strides {accumulate_into.stride()}")
         out = accumulate_into.view(m, columns)
-    _gemm(a, rows, weight, bias, row_scale, col_scale, ACTIVATIONS[activation], True, out)
+    _gemm(a, rows, weight, bias, row_scale, col_scale, ACTIVATIONS[activation], True, out, workspace(m, n, k, device))
     return accumulate_into

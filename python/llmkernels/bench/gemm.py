@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import torch
 
-from .._gemm import ACTIVATIONS, _gemm
+from .._gemm import ACTIVATIONS, _gemm, workspace
 from .core import Case, Target, register
 
 LLAMA3_8B = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)}
@@ -33,18 +33,19 @@ class GemmInputs:
     weight: torch.Tensor
     out: torch.Tensor          # ours writes here, the anchor into anchor_out (matmul(out=))
     anchor_out: torch.Tensor
+    workspace: torch.Tensor    # ours' split-K scratch (small M), preallocated like out
 
 
 def make_inputs(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> GemmInputs:
     x = torch.randn(m, k, device=device).to(dtype)
     weight = (torch.randn(n, k, device=device) * k ** -0.5).to(dtype)
     return GemmInputs(x, weight, torch.empty(m, n, device=device, dtype=dtype),
-                      torch.empty(m, n, device=device, dtype=dtype))
+                      torch.empty(m, n, device=device, dtype=dtype), workspace(m, n, k, device))
 
 
 def _ours(inputs: GemmInputs) -> None:
     # the op itself into a preallocated output, as the anchor's matmul(out=)
-    _gemm(inputs.x, None, inputs.weight, None, None, None, ACTIVATIONS["none"], False, inputs.out)
+    _gemm(inputs.x, None, inputs.weight, None, None, None, ACTIVATIONS["none"], False, inputs.out, inputs.workspace)
 
 
 def _matmul(inputs: GemmInputs) -> None:
