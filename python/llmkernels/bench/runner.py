@@ -207,11 +207,16 @@ TABLE_LEGEND = ("median ms: per call, after a warm-up until stable; IQR: interqu
                 "do not trust the ratio; UNSETTLED: the warm-up hit its time cap")
 
 
+
+def _flops_text(tflops: float) -> str:
+    """TFLOP/s on a GPU; GFLOP/s below 1 TFLOP/s (a CPU), where one decimal of TFLOP/s reads 0.0."""
+    return f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.1f} GFLOP/s"
+
 def _table_row(record: Dict[str, Any]) -> List[str]:
     head = [record["op"], record["description"], record["dtype"], record["device"]]
     if "error" in record:
         return head + ["error", "", "", record["anchor"], "", "", "", "", record["error"]]
-    throughput = f"{record['tflops']:.1f} TFLOP/s" if record["tflops"] else f"{record['gbps']:.1f} GB/s"
+    throughput = _flops_text(record["tflops"]) if record["tflops"] else f"{record['gbps']:.1f} GB/s"
     return head + [f"{record['time_ms']:.3f}", f"{record['time_spread']:.0%}", throughput, record["anchor"],
                    f"{record['anchor_ms']:.3f}", f"{record['anchor_spread']:.0%}", f"{record['ratio']:.2f}x",
                    f"{record['fraction']:.0%} {record['limit']}", " ".join(flags(record))]
@@ -226,7 +231,7 @@ def device_header(device: str, limits: Dict[str, Any], info: Dict[str, Any]) -> 
         threads = f", {limits['threads']} torch threads, load {limits['load_average']:.1f} on {limits['cores']} cores"
     ceilings = f"copy {limits['copy_gbps']:.1f} GB/s ({limits['copy_bytes'] // 2**20} MiB)"
     if limits.get("matmul_tflops"):
-        ceilings += f", matmul {limits['matmul_tflops']:.1f} TFLOP/s"
+        ceilings += f", matmul {_flops_text(limits['matmul_tflops'])}"
     return f"== {device}: {limits['name']}{threads} | torch {torch.__version__} | {native} | {ceilings}"
 
 
