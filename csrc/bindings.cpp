@@ -300,6 +300,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("gemm_workspace", &gemm::split_k_workspace, py::arg("m"), py::arg("n"), py::arg("k"),
         "float32 elements of the GEMM core's split-K workspace for (m, n, k) (0: no split)");
+  m.def("gemm_split_limits", [] { return py::make_tuple(gemm::kSplitMaxRows, gemm::kSplitMaxRanges); },
+        "(most rows M that split K, most K ranges): the split-K workspace is at most ranges * M * N floats");
   m.def("gemm", &gemm_core, py::arg("a"), py::arg("a_rows"), py::arg("b"), py::arg("bias"), py::arg("row_scale"),
         py::arg("col_scale"), py::arg("activation"), py::arg("accumulate"), py::arg("out"), py::arg("workspace"),
         py::arg("stream"),

@@ -263,8 +263,8 @@ def test_opcheck_gemm(device):
                           (x[:5], None, w, None, None, None, 2, True, out, _gemm.workspace(5, 24, 40, device)))
     # a split-K problem (small M, long K): the workspace is used on CUDA and under the emulator
     x, w, _ = make(5, 24, 1032, torch.bfloat16, device)
+    assert C.gemm_workspace(5, 24, 1032) > 0
     scratch = torch.zeros(_gemm.workspace_elements(5, 24, 1032), device=device)
-    assert scratch.numel() > 0
     out = poisoned((5, 24), dtype=torch.bfloat16, device=device)
     torch.library.opcheck(torch.ops.llmkernels.gemm.default, (x, None, w, None, None, None, 0, False, out, scratch))
 
@@ -471,7 +471,7 @@ def test_split_k_small_m_long_k(device, activation, accumulate):
     the partial sums in a second kernel, which runs the epilogue (gemm.h: split_k). K has a partial
     last tile, and one range is shorter than the others."""
     m, n, k = 5, 40, 17 * 64 - 56
-    assert _gemm.workspace_elements(m, n, k) == 4 * m * n   # 17 k tiles of 64 (the last partial): 5, 5, 5, 2
+    assert C.gemm_workspace(m, n, k) == 4 * m * n   # 17 k tiles of 64 (the last partial): 5, 5, 5, 2
     x, w, extras = make(m, n, k, torch.bfloat16, device, seed=11, bias=True, row_scale=True, rows=True, t=9)
     old = randn((m, n // 2 if activation == "swiglu" else n), device=device, seed=12) if accumulate else None
     llmkernels.emulator.reset_report()
@@ -479,3 +479,25 @@ def test_split_k_small_m_long_k(device, activation, accumulate):
     if emulating():
         kernels = {r["kernel"]: r["launches"] for r in llmkernels.emulator.report()}
         assert kernels == {"gemm": 1, "gemm split-k reduce": 1}, kernels
+
+
+def test_workspace_bound_covers_what_the_kernel_needs():
+    """The Python layer allocates a bound it can compute while tracing; the kernel's exact need
+    (gemm.h: split_k) never exceeds it, and a workspace smaller than the need is refused."""
+    for m in (1, 2, 5, 16, 17, 64):
+        for n in (8, 40, 1024, 4096, 14336):
+            for k in (8, 256, 1032, 4096, 14336):
+                assert C.gemm_workspace(m, n, k) <= _gemm.workspace_elements(m, n, k), (m, n, k)
+    x, w, _ = make(5, 24, 1032, torch.bfloat16, "cpu")
+    with pytest.raises(ValueError, match=r"workspace must have at least 480 elements \(split_k_workspace\(m, n, k\)\); got 479"):
+        native(x, None, w, torch.empty(5, 24, dtype=torch.bfloat16), workspace=torch.empty(479))
+
+
+@pytest.mark.slow
+def test_torch_compile_follows_changing_m():
+    """A second M makes torch.compile retrace with a symbolic M: the workspace size must stay traceable."""
+    compiled = torch.compile(lambda x, w: _gemm.gemm(x, w, activation="silu"), fullgraph=True)
+    w = randn((40, 1032), dtype=torch.bfloat16, seed=3)
+    for m in (3, 5, 17, 33):
+        x = randn((m, 1032), dtype=torch.bfloat16, seed=m)
+        assert torch.equal(compiled(x, w), _gemm.gemm(x, w, activation="silu")), m

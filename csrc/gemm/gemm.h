@@ -54,16 +54,18 @@ struct SplitK {
   int splits = 1;
   int64_t tiles_per_split = 0;  // of kSplitTileK elements
 };
-constexpr int64_t kSplitMaxRows = 16, kSplitTileN = 32, kSplitTileK = 64;
+constexpr int64_t kSplitMaxRows = 16, kSplitMaxRanges = 16, kSplitTileN = 32, kSplitTileK = 64;
 inline SplitK split_k(int64_t m, int64_t n, int64_t k) {
   const int64_t k_tiles = (k + kSplitTileK - 1) / kSplitTileK;
   if (m == 0 || m > kSplitMaxRows) return SplitK{1, k_tiles};
   const int64_t blocks = (n + kSplitTileN - 1) / kSplitTileN, target = 2 * 132;
-  int64_t splits = std::min<int64_t>(std::min<int64_t>((target + blocks - 1) / blocks, k_tiles / 4), 16);
+  int64_t splits = std::min<int64_t>(std::min<int64_t>((target + blocks - 1) / blocks, k_tiles / 4), kSplitMaxRanges);
   if (splits <= 1) return SplitK{1, k_tiles};
   const int64_t per = (k_tiles + splits - 1) / splits;
   return SplitK{int((k_tiles + per - 1) / per), per};  // no empty range
 }
+// The floats split-K needs for (m, n, k): at most kSplitMaxRanges * m * n, and only for m <= kSplitMaxRows
+// (the Python layer allocates that bound: a size it can compute while torch.compile traces).
 inline int64_t split_k_workspace(int64_t m, int64_t n, int64_t k) {
   const SplitK s = split_k(m, n, k);
   return s.splits > 1 ? int64_t(s.splits) * m * n : 0;

@@ -41,12 +41,17 @@ def _gemm(
     of at least workspace_elements(m, n, k), the CUDA kernel's split-K partial sums for small M."""
 
 
-@torch.compiler.assume_constant_result
+# The CUDA kernel splits K only for M <= SPLIT_MAX_ROWS, into at most SPLIT_MAX_RANGES ranges
+# (csrc/gemm/gemm.h: split_k). Read once at import, so the size below is plain arithmetic that
+# torch.compile traces for any (symbolic) M; the native core refuses a workspace that is too small.
+SPLIT_MAX_ROWS, SPLIT_MAX_RANGES = C.gemm_split_limits()
+
+
 def workspace_elements(m: int, n: int, k: int) -> int:
-    """float32 elements of the split-K workspace (csrc/gemm/gemm.h: split_k); 0 when K is not split.
-    A constant for given sizes: torch.compile calls it while tracing (shapes are guarded), and the
-    native core refuses a workspace that is too small."""
-    return C.gemm_workspace(m, n, k)
+    """float32 elements of split-K scratch to allocate for an (m, n, k) problem: the bound
+    SPLIT_MAX_RANGES * m * n for small m (what the kernel uses is C.gemm_workspace(m, n, k), at
+    most that; torch.empty does not touch the rest), 0 otherwise."""
+    return SPLIT_MAX_RANGES * m * n if m <= SPLIT_MAX_ROWS else 0
 
 
 def workspace(m: int, n: int, k: int, device: torch.device) -> torch.Tensor:
