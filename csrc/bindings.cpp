@@ -15,6 +15,7 @@
 #include "core/errors.h"
 #include "core/tensor.h"
 #include "emu/emulator.h"
+#include "attention/attention.h"
 #include "gemm/gemm.h"
 #include "mezo/mezo.h"
 #include "testing/emulator_kernels.h"
@@ -118,6 +119,23 @@ void gemm_core(const py::object& a, const py::object& a_rows, const py::object& 
 }
 
 // -- the SIMT emulator: which backend CPU tensors run, its schedule, and what it saw ----------------
+
+void attention_forward(const py::object& q, const py::object& k, const py::object& v, const py::object& cu_seqlens_q,
+                       const py::object& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+                       double softcap, bool causal, int64_t window_left, int64_t window_right,
+                       const py::object& alibi_slopes, const py::object& out, const py::object& lse,
+                       uintptr_t stream) {
+  const TensorView q_view = tensor(q, "q"), k_view = tensor(k, "k"), v_view = tensor(v, "v");
+  const auto cu_q = optional_tensor(cu_seqlens_q, "cu_seqlens_q");
+  const auto cu_k = optional_tensor(cu_seqlens_k, "cu_seqlens_k");
+  const auto slopes = optional_tensor(alibi_slopes, "alibi_slopes");
+  const TensorView out_view = tensor(out, "out");
+  const auto lse_view = optional_tensor(lse, "lse");
+  py::gil_scoped_release no_gil;
+  attention::forward(q_view, k_view, v_view, pointer(cu_q), pointer(cu_k), max_seqlen_q, max_seqlen_k, out_view,
+                     pointer(lse_view), scale, softcap, causal, window_left, window_right, pointer(slopes),
+                     stream_pointer(stream));
+}
 
 void def_emulator(py::module_& m) {
   py::module_ e = m.def_submodule("emulator", "The SIMT emulator that runs the CUDA kernels on CPU tensors");
@@ -298,6 +316,11 @@ PYBIND11_MODULE(_C, m) {
         "theta <- theta + (coef_a - coef_b*g)*z(seed) - shrink*theta [+ next_scale*z(next_seed)] over a "
         "tensor list; theta + restore_scale*z [+ ...] instead when g is not finite");
 
+  m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"),
+        py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("scale"),
+        py::arg("softcap"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"),
+        py::arg("alibi_slopes"), py::arg("out"), py::arg("lse"), py::arg("stream"),
+        "Attention forward (csrc/attention/attention.h): out and the float32 log-sum-exp; CPU kernel only so far");
   m.def("gemm_workspace", &gemm::split_k_workspace, py::arg("m"), py::arg("n"), py::arg("k"),
         "float32 elements of the GEMM core's split-K workspace for (m, n, k) (0: no split)");
   m.def("gemm_split_limits", [] { return py::make_tuple(gemm::kSplitMaxRows, gemm::kSplitMaxRanges); },

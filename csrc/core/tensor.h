@@ -84,6 +84,22 @@ struct TensorView {
 // (ValueError otherwise), so that its bytes are [ptr, ptr + nbytes).
 void check_no_overlap(const std::vector<TensorView>& written, const std::vector<TensorView>& read = {});
 
+// The dense 1-D view from a view's first to its last element (strides are non-negative): what a
+// strided input (a slice of a packed qkv, rows with a stride) occupies, for check_no_overlap.
+inline TensorView extent(const TensorView& view) {
+  TensorView span = view;
+  int64_t last = 0;
+  bool empty = false;
+  for (int d = 0; d < view.ndim; ++d) {
+    empty |= view.shape[d] == 0;
+    last += (view.shape[d] - 1) * view.strides[d];
+  }
+  span.ndim = 1;
+  span.shape[0] = empty ? 0 : last + 1;
+  span.strides[0] = 1;
+  return span;
+}
+
 // Builds a view of `managed` (not consumed: the capsule's owner still frees it). `name` is the
 // argument's name as the user wrote it, e.g. "params[3]".
 TensorView view_from_dlpack(const DLManagedTensor* managed, std::string name);

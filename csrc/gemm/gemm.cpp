@@ -27,16 +27,6 @@ void check_vector(const TensorView* view, int64_t size, const TensorView& where)
   view->check_contiguous();
 }
 
-// The bytes of A that the kernel may read, as a dense one-dimensional view: A's rows are strided
-// (lda >= k), so A itself need not be dense, but its span [first element, last element] is.
-TensorView span_of(const TensorView& a, int64_t rows, int64_t lda, int64_t k) {
-  TensorView span = a;
-  span.ndim = 1;
-  span.shape[0] = rows == 0 ? 0 : (rows - 1) * lda + k;
-  span.strides[0] = 1;
-  return span;
-}
-
 }  // namespace
 
 void gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, const TensorView& out,
@@ -115,7 +105,7 @@ void gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, co
   }
 
   // The output must not share memory with anything the kernel reads (A's span, B, the vectors).
-  std::vector<TensorView> read{span_of(a, a_row_count, lda, k), b};
+  std::vector<TensorView> read{extent(a), b};
   for (const TensorView* view : {a_rows, bias, row_scale, col_scale})
     if (view) read.push_back(*view);
   check_no_overlap({out}, read);

@@ -1,0 +1,143 @@
+// Entry point of attention (attention.h): every check before any kernel runs.
+#include "attention/attention.h"
+
+#include <cmath>
+#include <vector>
+
+#include "core/errors.h"
+
+namespace llmk::attention {
+namespace {
+
+Layout layout_of(const TensorView& t, bool varlen) {
+  if (varlen) return Layout{0, t.strides[0], t.strides[1]};
+  return Layout{t.strides[0], t.strides[1], t.strides[2]};
+}
+
+// cu_seqlens on the CPU: int32 (batch + 1,), 0 first, non-decreasing, ending at `total`, no sequence
+// longer than `max_seqlen`. (For CUDA tensors, reading them would synchronize the host: the caller's
+// contract, as in flash-attn.)
+void check_cu_seqlens(const TensorView& cu, int64_t batch, int64_t total, int64_t max_seqlen, const char* max_name) {
+  cu.check_dtype(DType::i32);
+  cu.check_contiguous();
+  cu.check_shape({batch + 1});
+  if (cu.device != DeviceType::cpu) return;
+  const int32_t* c = cu.data<int32_t>();
+  LLMK_CHECK(c[0] == 0, ValueError, cu.name, "[0] must be 0; got ", c[0]);
+  for (int64_t b = 0; b < batch; ++b) {
+    LLMK_CHECK(c[b + 1] >= c[b], ValueError, cu.name, " must be non-decreasing; got ", c[b], " then ", c[b + 1],
+               " at index ", b);
+    LLMK_CHECK(c[b + 1] - c[b] <= max_seqlen, ValueError, "sequence ", b, " has ", c[b + 1] - c[b], " tokens (",
+               cu.name, "), more than ", max_name, " = ", max_seqlen);
+  }
+  LLMK_CHECK(c[batch] == total, ValueError, cu.name, "[-1] must equal the packed tokens (", total, "); got ",
+             c[batch]);
+}
+
+}  // namespace
+
+void forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* cu_seqlens_q,
+             const TensorView* cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, const TensorView& out,
+             const TensorView* lse, double scale, double softcap, bool causal, int64_t window_left,
+             int64_t window_right, const TensorView* alibi_slopes, void* stream) {
+  LLMK_CHECK((cu_seqlens_q == nullptr) == (cu_seqlens_k == nullptr), ValueError,
+             "cu_seqlens_q and cu_seqlens_k must be given together");
+  const bool varlen = cu_seqlens_q != nullptr;
+  const int dims = varlen ? 3 : 4;
+  for (const TensorView* t : {&q, &k, &v, &out}) {
+    t->check_ndim(dims);
+    t->check_floating();
+    t->check_same_dtype(q);
+    t->check_same_device(q);
+    LLMK_CHECK(t->strides[dims - 1] == 1, ValueError, t->name, " must have a contiguous last dimension (head_dim); got strides ",
+               t->strides_str());
+  }
+  const int64_t head_dim = q.shape[dims - 1], heads_q = q.shape[dims - 2], heads_k = k.shape[dims - 2];
+  LLMK_CHECK(head_dim > 0 && head_dim <= 256 && head_dim % 8 == 0, ValueError,
+             "head_dim must be a multiple of 8 up to 256; got ", head_dim);
+  for (int i = 0; i < dims; ++i)
+    LLMK_CHECK(v.shape[i] == k.shape[i], ValueError, "v must have k's shape ", k.shape_str(), "; got ", v.shape_str());
+  LLMK_CHECK(k.shape[dims - 1] == head_dim, ValueError, "k must have q's head_dim ", head_dim, "; got shape ",
+             k.shape_str());
+  LLMK_CHECK(heads_k > 0 && heads_q % heads_k == 0, ValueError, "q's heads (", heads_q,
+             ") must be a multiple of k's heads (", heads_k, ")");
+  for (int i = 0; i < dims; ++i)
+    LLMK_CHECK(out.shape[i] == q.shape[i], ValueError, "out must have q's shape ", q.shape_str(), "; got ",
+               out.shape_str());
+  LLMK_CHECK(std::isfinite(scale) && std::isfinite(softcap) && softcap >= 0.0, ValueError,
+             "softmax_scale must be finite and softcap finite and >= 0; got ", scale, " and ", softcap);
+  LLMK_CHECK(window_left >= -1 && window_right >= -1, ValueError, "window entries must be >= -1; got (", window_left,
+             ", ", window_right, ")");
+
+  Problem p;
+  p.dtype = q.dtype;
+  p.heads_q = heads_q;
+  p.heads_k = heads_k;
+  p.head_dim = head_dim;
+  if (varlen) {
+    p.batch = cu_seqlens_q->numel() - 1;
+    LLMK_CHECK(p.batch >= 0, ValueError, cu_seqlens_q->name, " must have batch + 1 >= 1 entries");
+    cu_seqlens_q->check_same_device(q);
+    cu_seqlens_k->check_same_device(q);
+    check_cu_seqlens(*cu_seqlens_q, p.batch, q.shape[0], max_seqlen_q, "max_seqlen_q");
+    check_cu_seqlens(*cu_seqlens_k, p.batch, k.shape[0], max_seqlen_k, "max_seqlen_k");
+    p.cu_seqlens_q = cu_seqlens_q->data<int32_t>();
+    p.cu_seqlens_k = cu_seqlens_k->data<int32_t>();
+    p.seqlen_q = max_seqlen_q;
+    p.seqlen_k = max_seqlen_k;
+  } else {
+    LLMK_CHECK(k.shape[0] == q.shape[0], ValueError, "k must have q's batch ", q.shape[0], "; got shape ",
+               k.shape_str());
+    p.batch = q.shape[0];
+    p.seqlen_q = q.shape[1];
+    p.seqlen_k = k.shape[1];
+  }
+  const int64_t total_q = varlen ? q.shape[0] : p.seqlen_q;
+  if (lse) {
+    lse->check_dtype(DType::f32);
+    lse->check_contiguous();
+    lse->check_same_device(q);
+    if (varlen) lse->check_shape({heads_q, total_q});
+    else lse->check_shape({p.batch, heads_q, p.seqlen_q});
+    p.lse = lse->data<float>();
+    p.lse_batch_stride = varlen ? 0 : heads_q * p.seqlen_q;
+    p.lse_head_stride = total_q;
+  }
+  if (alibi_slopes) {
+    alibi_slopes->check_dtype(DType::f32);
+    alibi_slopes->check_contiguous();
+    alibi_slopes->check_same_device(q);
+    LLMK_CHECK((alibi_slopes->ndim == 1 && alibi_slopes->shape[0] == heads_q) ||
+                   (alibi_slopes->ndim == 2 && alibi_slopes->shape[0] == p.batch && alibi_slopes->shape[1] == heads_q),
+               ValueError, "alibi_slopes must have shape (", heads_q, ",) or (", p.batch, ", ", heads_q, "); got ",
+               alibi_slopes->shape_str());
+    p.alibi_slopes = alibi_slopes->data<float>();
+    p.alibi_batch_stride = alibi_slopes->ndim == 2 ? heads_q : 0;
+  }
+  std::vector<TensorView> read{extent(q), extent(k), extent(v)};
+  for (const TensorView* t : {cu_seqlens_q, cu_seqlens_k, alibi_slopes})
+    if (t) read.push_back(*t);
+  std::vector<TensorView> written{extent(out)};
+  if (lse) written.push_back(*lse);
+  check_no_overlap(written, read);
+
+  p.q = q.ptr;
+  p.k = k.ptr;
+  p.v = v.ptr;
+  p.out = out.ptr;
+  p.q_layout = layout_of(q, varlen);
+  p.k_layout = layout_of(k, varlen);
+  p.v_layout = layout_of(v, varlen);
+  p.out_layout = layout_of(out, varlen);
+  p.scale = float(scale);
+  p.softcap = float(softcap);
+  p.mask = Mask{causal, window_left, window_right};
+
+  LLMK_CHECK(select_backend(q) == Backend::cpu, DeviceError,
+             "attention runs on the CPU kernel only so far: its CUDA kernel (and so the emulated backend) is not "
+             "written yet (issue 10)");
+  (void)stream;
+  forward_cpu(p);
+}
+
+}  // namespace llmk::attention
