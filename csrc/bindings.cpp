@@ -137,6 +137,25 @@ void attention_forward(const py::object& q, const py::object& k, const py::objec
                      stream_pointer(stream));
 }
 
+void attention_backward(const py::object& dout, const py::object& q, const py::object& k, const py::object& v,
+                        const py::object& out, const py::object& lse, const py::object& dlse,
+                        const py::object& cu_seqlens_q, const py::object& cu_seqlens_k, int64_t max_seqlen_q,
+                        int64_t max_seqlen_k, double scale, double softcap, bool causal, int64_t window_left,
+                        int64_t window_right, const py::object& alibi_slopes, const py::object& dq,
+                        const py::object& dk, const py::object& dv, uintptr_t stream) {
+  const TensorView dout_view = tensor(dout, "dout"), q_view = tensor(q, "q"), k_view = tensor(k, "k");
+  const TensorView v_view = tensor(v, "v"), out_view = tensor(out, "out"), lse_view = tensor(lse, "lse");
+  const auto dlse_view = optional_tensor(dlse, "dlse");
+  const auto cu_q = optional_tensor(cu_seqlens_q, "cu_seqlens_q");
+  const auto cu_k = optional_tensor(cu_seqlens_k, "cu_seqlens_k");
+  const auto slopes = optional_tensor(alibi_slopes, "alibi_slopes");
+  const TensorView dq_view = tensor(dq, "dq"), dk_view = tensor(dk, "dk"), dv_view = tensor(dv, "dv");
+  py::gil_scoped_release no_gil;
+  attention::backward(dout_view, q_view, k_view, v_view, out_view, lse_view, pointer(dlse_view), pointer(cu_q),
+                      pointer(cu_k), max_seqlen_q, max_seqlen_k, dq_view, dk_view, dv_view, scale, softcap, causal,
+                      window_left, window_right, pointer(slopes), stream_pointer(stream));
+}
+
 void def_emulator(py::module_& m) {
   py::module_ e = m.def_submodule("emulator", "The SIMT emulator that runs the CUDA kernels on CPU tensors");
   e.def("settings", [] {
@@ -321,6 +340,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("softcap"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"),
         py::arg("alibi_slopes"), py::arg("out"), py::arg("lse"), py::arg("stream"),
         "Attention forward (csrc/attention/attention.h): out and the float32 log-sum-exp; CPU kernel only so far");
+  m.def("attention_backward", &attention_backward, py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("dlse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
+        py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("scale"), py::arg("softcap"), py::arg("causal"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("alibi_slopes"), py::arg("dq"), py::arg("dk"),
+        py::arg("dv"), py::arg("stream"),
+        "Attention backward (FlashAttention-2's, recomputing P from lse): dq, dk, dv; CPU kernel only so far");
   m.def("gemm_workspace", &gemm::split_k_workspace, py::arg("m"), py::arg("n"), py::arg("k"),
         "float32 elements of the GEMM core's split-K workspace for (m, n, k) (0: no split)");
   m.def("gemm_split_limits", [] { return py::make_tuple(gemm::kSplitMaxRows, gemm::kSplitMaxRanges); },

@@ -134,3 +134,93 @@ def test_opcheck_forward():
     q, k, v = inputs(17, 23, 4, 2, 32, torch.float32)
     torch.library.opcheck(torch.ops.llmkernels.attention_forward.default,
                           (q, k, v, None, None, 0, 0, 0.2, 0.0, True, -1, -1, None))
+
+
+# -- the backward (CPU kernel, through autograd) ------------------------------------------------------
+
+def gradients(fn, q, k, v, dout, dlse, **options):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = fn(q, k, v, **options)
+    finite = torch.isfinite(lse)
+    loss = (out.double() * dout).sum() + (lse.double().where(finite, 0) * dlse).sum()
+    return torch.autograd.grad(loss, (q, k, v))
+
+
+def reference_forward(q, k, v, **options):
+    if options.get("cu_seqlens_q") is not None:
+        cu_q, cu_k = options.pop("cu_seqlens_q"), options.pop("cu_seqlens_k")
+        max_q, max_k = options.pop("max_seqlen_q"), options.pop("max_seqlen_k")
+        return reference.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True, **options)
+    return reference.attention(q, k, v, return_lse=True, **options)
+
+
+def check_gradients(q, k, v, name, **options):
+    out_shape = q.shape
+    lse_shape = attention.forward(q, k, v, **options)[1].shape
+    dout = randn(out_shape, dtype=torch.float64, seed=21)
+    dlse = randn(lse_shape, dtype=torch.float64, seed=22, scale=0.5)
+    ours = gradients(attention.forward, q, k, v, dout, dlse, **options)
+    oracle = gradients(reference_forward, q.double(), k.double(), v.double(), dout, dlse, **dict(options))
+    same = gradients(reference_forward, q, k, v, dout, dlse, **dict(options))
+    for label, a, s, o in zip(("dq", "dk", "dv"), ours, same, oracle):
+        assert a.dtype == q.dtype
+        assert_parity(a, s, o, f"{name} {label}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(17, 17, 4, 1, 64), (113, 17, 4, 2, 40), (17, 113, 2, 2, 32), (65, 65, 8, 1, 128)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_backward_matches_reference(shape, dtype):
+    q, k, v = inputs(*shape, dtype, seed=4)
+    check_gradients(q, k, v, f"{shape} {dtype}")
+
+
+@pytest.mark.parametrize("mask", MASKS[1:], ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()))
+def test_backward_masks_softcap_alibi(mask):
+    q, k, v = inputs(70, 90, 4, 2, 64, torch.float32, seed=6)
+    check_gradients(q, k, v, f"{mask}", **mask)
+    check_gradients(q, k, v, f"{mask} softcap alibi", softcap=8.0, alibi_slopes=torch.rand(4), **mask)
+
+
+def test_backward_varlen_and_strided_inputs():
+    lengths_q, lengths_k = [0, 1, 17, 40, 1], [3, 1, 0, 55, 9]
+    cu_q = torch.tensor([0] + torch.tensor(lengths_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lengths_k).cumsum(0).tolist(), dtype=torch.int32)
+    q = randn((sum(lengths_q), 4, 32), seed=14)
+    k = randn((sum(lengths_k), 2, 32), seed=15)
+    v = randn((sum(lengths_k), 2, 32), seed=16)
+    check_gradients(q, k, v, "varlen causal", cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=40, max_seqlen_k=55,
+                    causal=True)
+    qkv = randn((2, 33, 3, 4, 32), seed=17)
+    check_gradients(*qkv.unbind(2), "packed qkv", window=(6, 2))
+
+
+def test_opcheck_backward_and_compile():
+    q, k, v = inputs(17, 23, 4, 2, 32, torch.float32)
+    out, lse = attention.forward(q, k, v, causal=True)
+    args = (randn(out.shape, seed=1), q, k, v, out, lse, None, None, None, 0, 0, 0.2, 0.0, True, -1, -1, None)
+    torch.library.opcheck(torch.ops.llmkernels.attention_backward.default, args)
+    torch.library.opcheck(torch.ops.llmkernels.attention_forward.default,
+                          tuple(t.requires_grad_() if isinstance(t, torch.Tensor) else t
+                                for t in (q.clone(), k.clone(), v.clone(), None, None, 0, 0, 0.2, 0.0, True, -1, -1,
+                                          None)))
+
+    def block(x, wq, wk, wv):
+        b, s, _ = x.shape
+        heads = lambda t, h: t.view(b, s, h, 16)
+        return attention.attention(heads(x @ wq, 4), heads(x @ wk, 2), heads(x @ wv, 2), causal=True).sum()
+
+    x = randn((2, 19, 32), seed=2)
+    weights = [randn((32, n), seed=3 + i, scale=0.2).requires_grad_() for i, n in enumerate((64, 32, 32))]
+    eager = torch.autograd.grad(block(x, *weights), weights)
+    compiled = torch.autograd.grad(torch.compile(block, fullgraph=True)(x, *weights), weights)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_cuda_tensors_are_refused_until_the_cuda_kernel_exists():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device to build the tensors")
+    q = torch.randn(1, 4, 2, 32, device="cuda")
+    with pytest.raises(RuntimeError, match="CPU kernel only so far"):
+        attention.attention(q, q, q)

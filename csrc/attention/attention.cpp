@@ -34,12 +34,12 @@ void check_cu_seqlens(const TensorView& cu, int64_t batch, int64_t total, int64_
              c[batch]);
 }
 
-}  // namespace
-
-void forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* cu_seqlens_q,
-             const TensorView* cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, const TensorView& out,
-             const TensorView* lse, double scale, double softcap, bool causal, int64_t window_left,
-             int64_t window_right, const TensorView* alibi_slopes, void* stream) {
+// The checks the forward and the backward share; `out` is the forward's output (written by the forward,
+// read by the backward), `lse` likewise.
+Problem make_problem(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* cu_seqlens_q,
+                     const TensorView* cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, const TensorView& out,
+                     const TensorView* lse, double scale, double softcap, bool causal, int64_t window_left,
+                     int64_t window_right, const TensorView* alibi_slopes) {
   LLMK_CHECK((cu_seqlens_q == nullptr) == (cu_seqlens_k == nullptr), ValueError,
              "cu_seqlens_q and cu_seqlens_k must be given together");
   const bool varlen = cu_seqlens_q != nullptr;
@@ -114,13 +114,6 @@ void forward(const TensorView& q, const TensorView& k, const TensorView& v, cons
     p.alibi_slopes = alibi_slopes->data<float>();
     p.alibi_batch_stride = alibi_slopes->ndim == 2 ? heads_q : 0;
   }
-  std::vector<TensorView> read{extent(q), extent(k), extent(v)};
-  for (const TensorView* t : {cu_seqlens_q, cu_seqlens_k, alibi_slopes})
-    if (t) read.push_back(*t);
-  std::vector<TensorView> written{extent(out)};
-  if (lse) written.push_back(*lse);
-  check_no_overlap(written, read);
-
   p.q = q.ptr;
   p.k = k.ptr;
   p.v = v.ptr;
@@ -132,12 +125,85 @@ void forward(const TensorView& q, const TensorView& k, const TensorView& v, cons
   p.scale = float(scale);
   p.softcap = float(softcap);
   p.mask = Mask{causal, window_left, window_right};
-
   LLMK_CHECK(select_backend(q) == Backend::cpu, DeviceError,
              "attention runs on the CPU kernel only so far: its CUDA kernel (and so the emulated backend) is not "
              "written yet (issue 10)");
+  return p;
+}
+
+std::vector<TensorView> inputs_read(const TensorView& q, const TensorView& k, const TensorView& v,
+                                    std::initializer_list<const TensorView*> others) {
+  std::vector<TensorView> read{extent(q), extent(k), extent(v)};
+  for (const TensorView* t : others)
+    if (t) read.push_back(extent(*t));
+  return read;
+}
+
+// A gradient or dout like `like` (same shape, dtype, device, contiguous last dimension).
+void check_like(const TensorView& t, const TensorView& like) {
+  t.check_same_dtype(like);
+  t.check_same_device(like);
+  LLMK_CHECK(t.ndim == like.ndim, ValueError, t.name, " must have ", like.name, "'s shape ", like.shape_str(),
+             "; got ", t.shape_str());
+  for (int i = 0; i < like.ndim; ++i)
+    LLMK_CHECK(t.shape[i] == like.shape[i], ValueError, t.name, " must have ", like.name, "'s shape ",
+               like.shape_str(), "; got ", t.shape_str());
+  LLMK_CHECK(t.strides[t.ndim - 1] == 1, ValueError, t.name, " must have a contiguous last dimension; got strides ",
+             t.strides_str());
+}
+
+}  // namespace
+
+void forward(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* cu_seqlens_q,
+             const TensorView* cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, const TensorView& out,
+             const TensorView* lse, double scale, double softcap, bool causal, int64_t window_left,
+             int64_t window_right, const TensorView* alibi_slopes, void* stream) {
+  const Problem p = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse, scale,
+                                 softcap, causal, window_left, window_right, alibi_slopes);
+  std::vector<TensorView> written{extent(out)};
+  if (lse) written.push_back(*lse);
+  check_no_overlap(written, inputs_read(q, k, v, {cu_seqlens_q, cu_seqlens_k, alibi_slopes}));
   (void)stream;
   forward_cpu(p);
+}
+
+void backward(const TensorView& dout, const TensorView& q, const TensorView& k, const TensorView& v,
+              const TensorView& out, const TensorView& lse, const TensorView* dlse, const TensorView* cu_seqlens_q,
+              const TensorView* cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, const TensorView& dq,
+              const TensorView& dk, const TensorView& dv, double scale, double softcap, bool causal,
+              int64_t window_left, int64_t window_right, const TensorView* alibi_slopes, void* stream) {
+  const Problem p = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, &lse, scale,
+                                 softcap, causal, window_left, window_right, alibi_slopes);
+  check_like(dout, q);
+  check_like(dq, q);
+  check_like(dk, k);
+  check_like(dv, k);
+  if (dlse) {
+    dlse->check_dtype(DType::f32);
+    dlse->check_contiguous();
+    dlse->check_same_device(q);
+    for (int i = 0; i < lse.ndim; ++i)
+      LLMK_CHECK(dlse->ndim == lse.ndim && dlse->shape[i] == lse.shape[i], ValueError, "dlse must have lse's shape ",
+                 lse.shape_str(), "; got ", dlse->shape_str());
+  }
+  check_no_overlap({extent(dq), extent(dk), extent(dv)},
+                   inputs_read(q, k, v, {&dout, &out, &lse, dlse, cu_seqlens_q, cu_seqlens_k, alibi_slopes}));
+  const bool varlen = cu_seqlens_q != nullptr;
+  Gradients g;
+  g.dout = dout.ptr;
+  g.out_values = out.ptr;
+  g.lse = lse.data<float>();
+  g.dlse = dlse ? dlse->data<float>() : nullptr;
+  g.dq = dq.ptr;
+  g.dk = dk.ptr;
+  g.dv = dv.ptr;
+  g.dout_layout = layout_of(dout, varlen);
+  g.out_layout = layout_of(out, varlen);
+  g.dq_layout = layout_of(dq, varlen);
+  g.dk_layout = layout_of(dk, varlen);
+  g.dv_layout = layout_of(dv, varlen);
+  (void)stream;
+  backward_cpu(p, g);
 }
 
 }  // namespace llmk::attention

@@ -80,4 +80,28 @@ void forward(const TensorView& q, const TensorView& k, const TensorView& v, cons
 
 void forward_cpu(const Problem& problem);
 
+// Gradients (FlashAttention-2's backward, recomputing P = exp(score - lse) from the saved lse):
+//   D_i = dout_i . out_i - dlse_i,  dP_ij = dout_i . v_j,  dS_ij = P_ij (dP_ij - D_i),
+//   dscore/dqk = scale (times 1 - (score/cap)^2 under softcap), dq_i = sum_j dS_ij k_j, dk_j = sum_i dS_ij q_i,
+//   dv_j = sum_i P_ij dout_i.
+// dout, out and dq share q's layout; dk and dv share k's; dlse (optional) lse's.
+struct Gradients {
+  const void* dout = nullptr;
+  const void* out_values = nullptr;  // the forward's out
+  const float* lse = nullptr;        // the forward's lse (required)
+  const float* dlse = nullptr;       // optional
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  Layout dout_layout, out_layout, dq_layout, dk_layout, dv_layout;
+};
+
+void backward(const TensorView& dout, const TensorView& q, const TensorView& k, const TensorView& v,
+              const TensorView& out, const TensorView& lse, const TensorView* dlse, const TensorView* cu_seqlens_q,
+              const TensorView* cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, const TensorView& dq,
+              const TensorView& dk, const TensorView& dv, double scale, double softcap, bool causal,
+              int64_t window_left, int64_t window_right, const TensorView* alibi_slopes, void* stream);
+
+void backward_cpu(const Problem& problem, const Gradients& gradients);
+
 }  // namespace llmk::attention

@@ -1,17 +1,19 @@
 """Flash-style attention (csrc/attention/, docs/attention.md): IN PROGRESS (issue 10).
 
-So far: the CPU forward kernel (blocked online softmax, no materialized scores) behind the op
-`llmkernels::attention_forward`, checked against `llmkernels.reference.attention`. Not yet: the
-backward, autograd, the CUDA kernels (and so the emulated backend), and the public
-`llmkernels.attention` / `attention_varlen` API, which this module will export once they exist.
+So far the CPU kernels: the forward (blocked online softmax, no materialized scores) and the
+backward (FlashAttention-2's, recomputing P from the saved log-sum-exp), registered as the ops
+`llmkernels::attention_forward` / `attention_backward` with autograd, behind `attention` and
+`attention_varlen` (flash-attn's signatures, checked against `llmkernels.reference.attention`). Not
+yet: the CUDA kernels (and so the emulated backend): CUDA tensors are refused with a clear error.
 """
-
 import math
 from typing import Optional, Tuple
 
 import torch
 
 from ._ops import native_op
+
+__all__ = ["attention", "attention_varlen"]
 
 
 @native_op("attention_forward")
@@ -39,9 +41,96 @@ def _forward(
     return out, lse
 
 
+@native_op("attention_backward")
+def _backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: Optional[torch.Tensor],
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    softcap: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    alibi_slopes: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), shaped like q, k, v."""
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, softcap, causal, left, right, slopes = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, slopes)
+    ctx.options = (max_q, max_k, scale, softcap, causal, left, right)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _autograd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, slopes = ctx.saved_tensors
+    max_q, max_k, scale, softcap, causal, left, right = ctx.options
+    dout = torch.zeros_like(out) if dout is None else _last_dim_contiguous(dout)
+    dlse = None if dlse is None else dlse.contiguous()
+    dq, dk, dv = _backward(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, softcap, causal, left,
+                           right, slopes)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("llmkernels::attention_forward", _autograd_backward, setup_context=_setup_context)
+
+
+def _options(q, softmax_scale, window, softcap):
+    if not (isinstance(window, (tuple, list)) and len(window) == 2 and all(isinstance(w, int) for w in window)):
+        raise ValueError(f"window must be a pair of ints (left, right), -1 meaning unbounded; got {window!r}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    return scale, float(softcap), int(window[0]), int(window[1])
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              softmax_scale: Optional[float] = None, window: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+              alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = False, return_lse: bool = False):
+    """softmax(q kᵀ · scale [softcap, ALiBi, masks]) v, flash-attn's conventions (docs/attention.md).
+
+    q (batch, seqlen_q, heads_q, head_dim), k and v (batch, seqlen_k, heads_k, head_dim) with
+    heads_q % heads_k == 0; causal masks align bottom-right. Returns out (like q), and the float32
+    log-sum-exp (batch, heads_q, seqlen_q) when `return_lse`. Differentiable in q, k and v. The CPU
+    backward is deterministic whatever `deterministic` says."""
+    scale, softcap, left, right = _options(q, softmax_scale, window, softcap)
+    out, lse = _forward(q, k, v, None, None, 0, 0, scale, softcap, bool(causal), left, right, alibi_slopes)
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                     softmax_scale: Optional[float] = None, window: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                     alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = False,
+                     return_lse: bool = False):
+    """`attention` over packed sequences: q (total_q, heads_q, head_dim), k and v (total_k, heads_k,
+    head_dim), int32 cumulative lengths cu_seqlens_q/k of batch + 1 entries (sequences may be empty).
+    The log-sum-exp is (heads_q, total_q)."""
+    scale, softcap, left, right = _options(q, softmax_scale, window, softcap)
+    out, lse = _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, softcap,
+                        bool(causal), left, right, alibi_slopes)
+    return (out, lse) if return_lse else out
+
+
 def forward(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
             cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
-    """(out, lse) of attention, forward only (reference semantics: llmkernels.reference.attention)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
-                    float(softcap), bool(causal), int(window[0]), int(window[1]), alibi_slopes)
+    """(out, lse) of attention or attention_varlen (the tests' entry to both layouts)."""
+    if cu_seqlens_q is None:
+        return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
+                         alibi_slopes=alibi_slopes, return_lse=True)
+    return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                            softmax_scale=softmax_scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                            return_lse=True)
