@@ -38,6 +38,40 @@ void load_rows(const T* base, int64_t row_stride, int64_t rows, int64_t dim, flo
   }
 }
 
+// The two inner loops of the forward, compiled for AVX-512, AVX2 and baseline x86-64 and picked at
+// load time (as the GEMM's CPU kernel): built for baseline x86-64 alone they ran 4-wide SSE.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LLMK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LLMK_CPU_CLONES
+#endif
+
+// dots[c] = q . k_c for the `cols` rows of k_tile (head_dim d each).
+LLMK_CPU_CLONES void row_dots(const float* __restrict q, const float* __restrict k_tile, int64_t cols, int64_t d,
+                              float* __restrict dots) {
+  for (int64_t c = 0; c < cols; ++c) {
+    const float* __restrict kr = k_tile + c * d;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t e = 0; e < d; ++e) dot += q[e] * kr[e];
+    dots[c] = dot;
+  }
+}
+
+// o = o * rescale + sum_c probs[c] v_c.
+LLMK_CPU_CLONES void row_update(float* __restrict o, float rescale, const float* __restrict probs,
+                                const float* __restrict v_tile, int64_t cols, int64_t d) {
+#pragma omp simd
+  for (int64_t e = 0; e < d; ++e) o[e] *= rescale;
+  for (int64_t c = 0; c < cols; ++c) {
+    const float pc = probs[c];
+    if (pc == 0.0f) continue;
+    const float* __restrict vr = v_tile + c * d;
+#pragma omp simd
+    for (int64_t e = 0; e < d; ++e) o[e] += pc * vr[e];
+  }
+}
+
 template <typename T>
 void forward_typed(const Problem& p) {
   const int64_t d = p.head_dim, group = p.heads_q / p.heads_k;
@@ -84,6 +118,7 @@ void forward_typed(const Problem& p) {
           const int64_t i = i0 + r;
           const KeyRange range = allowed_keys(i, sq, sk, p.mask);
           float* s = scores.data() + r * kBlockK;
+          row_dots(q_tile.data() + r * d, k_tile.data(), cols, d, s);
           float block_max = -inf;
           for (int64_t c = 0; c < cols; ++c) {
             const int64_t j = j0 + c;
@@ -91,12 +126,7 @@ void forward_typed(const Problem& p) {
               s[c] = -inf;
               continue;
             }
-            const float* qr = q_tile.data() + r * d;
-            const float* kr = k_tile.data() + c * d;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t e = 0; e < d; ++e) dot += qr[e] * kr[e];
-            float score = dot * p.scale;
+            float score = s[c] * p.scale;
             if (p.softcap > 0.0f) score = p.softcap * std::tanh(score / p.softcap);
             if (p.alibi_slopes) score -= slope * float(std::llabs(i + sk - sq - j));
             s[c] = score;
@@ -112,15 +142,7 @@ void forward_typed(const Problem& p) {
           }
           l[r] = l[r] * rescale + sum;
           m[r] = new_max;
-          float* orow = o.data() + r * d;
-          for (int64_t e = 0; e < d; ++e) orow[e] *= rescale;
-          for (int64_t c = 0; c < cols; ++c) {
-            const float pc = s[c];
-            if (pc == 0.0f) continue;
-            const float* vr = v_tile.data() + c * d;
-#pragma omp simd
-            for (int64_t e = 0; e < d; ++e) orow[e] += pc * vr[e];
-          }
+          row_update(o.data() + r * d, rescale, s, v_tile.data(), cols, d);
         }
       }
       T* out = static_cast<T*>(p.out) + b * p.out_layout.batch + (p.q_begin(b) + i0) * p.out_layout.token +
