@@ -9,5 +9,6 @@ bench/gpu_check.sh runs the repository's bench/sanitize_<family>.py and bench/pr
 from .core import Case, Target, build_cases, register
 from . import mezo  # noqa: F401,E402  (registers "mezo")
 from . import gemm  # noqa: F401,E402  (registers "gemm")
+from . import attention  # noqa: F401,E402  (registers "attention")
 
 __all__ = ["Case", "Target", "build_cases", "register"]
