@@ -177,6 +177,21 @@ inline Score score_of(const Problem& p, double dot, int64_t i, int64_t j, int64_
   return Score{s, derivative};
 }
 
+// P_ij and dS_ij (times d score / d(q.k)) of one (query, key) pair, from q_i, k_j, dout_i, v_j.
+struct PairGradient { float prob, ds; };
+
+inline PairGradient pair_gradient(const Problem& p, const float* q, const float* k, const float* dout, const float* v,
+                                  int64_t i, int64_t j, int64_t sq, int64_t sk, float slope, float lse, float delta) {
+  double dot = 0.0, dp = 0.0;
+  for (int64_t e = 0; e < p.head_dim; ++e) {
+    dot += double(q[e]) * k[e];
+    dp += double(dout[e]) * v[e];
+  }
+  const Score s = score_of(p, dot, i, j, sq, sk, slope);
+  const double prob = std::exp(s.value - lse);
+  return PairGradient{float(prob), float(prob * (dp - delta) * s.slope_of_dot)};
+}
+
 // Index of query i of sequence b, head h in the lse layout (also used for D).
 inline int64_t lse_index(const Problem& p, int64_t b, int64_t h, int64_t i) {
   return b * p.lse_batch_stride + h * p.lse_head_stride + p.q_begin(b) + i;
@@ -266,17 +281,9 @@ void backward_typed(const Problem& p, const Gradients& g) {
             for (int64_t c = 0; c < cols; ++c) {
               const int64_t j = j0 + c;
               if (j < range.begin || j >= range.end) continue;
-              const float* kr = k_tile.data() + c * d;
-              const float* vr = v_tile.data() + c * d;
-              double dot = 0.0, dp = 0.0;
-              for (int64_t e = 0; e < d; ++e) {
-                dot += double(qr[e]) * kr[e];
-                dp += double(dor[e]) * vr[e];
-              }
-              const Score s = score_of(p, dot, i, j, sq, sk, slope);
-              const double prob_exact = std::exp(s.value - lse);
-              const float prob = float(prob_exact);
-              const float ds = float(prob_exact * (dp - delta[index]) * s.slope_of_dot);
+              const PairGradient pg = pair_gradient(p, qr, k_tile.data() + c * d, dor, v_tile.data() + c * d, i, j, sq,
+                                                    sk, slope, lse, delta[index]);
+              const float prob = pg.prob, ds = pg.ds;
               double* dkr = dk.data() + c * d;
               double* dvr = dv.data() + c * d;
 #pragma omp simd
@@ -330,14 +337,8 @@ void backward_typed(const Problem& p, const Gradients& g) {
             const int64_t j = j0 + c;
             if (j < range.begin || j >= range.end) continue;
             const float* kr = k_tile.data() + c * d;
-            const float* vr = v_tile.data() + c * d;
-            double dot = 0.0, dp = 0.0;
-            for (int64_t e = 0; e < d; ++e) {
-              dot += double(qr[e]) * kr[e];
-              dp += double(dor[e]) * vr[e];
-            }
-            const Score s = score_of(p, dot, i, j, sq, sk, slope);
-            const float ds = float(std::exp(s.value - lse) * (dp - delta[index]) * s.slope_of_dot);
+            const float ds = pair_gradient(p, qr, kr, dor, v_tile.data() + c * d, i, j, sq, sk, slope, lse,
+                                           delta[index]).ds;
 #pragma omp simd
             for (int64_t e = 0; e < d; ++e) dqr[e] += double(ds * kr[e]);
           }

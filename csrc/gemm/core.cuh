@@ -206,10 +206,10 @@ struct Epilogue {
     store_global(p, Vec<OutT, 2>{{from_float<OutT>(v0), from_float<OutT>(v1)}});
   }
 
-  // Split-K: this range's raw sums, fp32, into partial[row * n + col] (the epilogue runs after the
-  // ranges are added: split_k_reduce_kernel).
-  template <typename Tiling>
-  LLMK_DEVICE void store_partial(const Accumulators<Tiling>& acc, int64_t row0, int64_t col0, float* partial) const {
+  // Calls fn(row, col, v0, v1) for each pair of adjacent columns this thread holds inside (m, n):
+  // the (row g) and (row g + 8) pairs of mma_c_coord in each of its mma tiles.
+  template <typename Tiling, typename Fn>
+  LLMK_DEVICE void for_each_pair(const Accumulators<Tiling>& acc, int64_t row0, int64_t col0, Fn&& fn) const {
     const int thread = int(threadIdx.x), lane = thread % 32, warp = thread / 32;
     const int64_t warp_row0 = row0 + (warp / Tiling::warps_n) * Tiling::warp_m;
     const int64_t warp_col0 = col0 + (warp % Tiling::warps_n) * Tiling::warp_n;
@@ -221,27 +221,22 @@ struct Epilogue {
         for (int h = 0; h < 2; ++h) {
           const FragmentCoord c = mma_c_coord(lane, 2 * h);
           const int64_t row = warp_row0 + 16 * i + c.row, col = warp_col0 + 8 * j + c.col;
-          if (row < m && col < n)
-            store_global(reinterpret_cast<Vec<float, 2>*>(partial + row * n + col),
-                         Vec<float, 2>{{acc.v[i][j][2 * h], acc.v[i][j][2 * h + 1]}});
+          if (row < m && col < n) fn(row, col, acc.v[i][j][2 * h], acc.v[i][j][2 * h + 1]);
         }
   }
 
   template <typename OutT, typename Tiling>
   LLMK_DEVICE void store(const Accumulators<Tiling>& acc, int64_t row0, int64_t col0) const {
-    const int thread = int(threadIdx.x), lane = thread % 32, warp = thread / 32;
-    const int64_t warp_row0 = row0 + (warp / Tiling::warps_n) * Tiling::warp_m;
-    const int64_t warp_col0 = col0 + (warp % Tiling::warps_n) * Tiling::warp_n;
-#pragma unroll
-    for (int i = 0; i < Tiling::mma_m; ++i)
-#pragma unroll
-      for (int j = 0; j < Tiling::mma_n; ++j)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {  // the (row g) and (row g + 8) pairs of mma_c_coord
-          const FragmentCoord c = mma_c_coord(lane, 2 * h);
-          const int64_t row = warp_row0 + 16 * i + c.row, col = warp_col0 + 8 * j + c.col;
-          if (row < m && col < n) store_pair<OutT>(row, col, acc.v[i][j][2 * h], acc.v[i][j][2 * h + 1]);
-        }
+    for_each_pair(acc, row0, col0, [&](int64_t row, int64_t col, float v0, float v1) { store_pair<OutT>(row, col, v0, v1); });
+  }
+
+  // Split-K: this range's raw sums, fp32, into partial[row * n + col] (the epilogue runs after the
+  // ranges are added: split_k_reduce_kernel).
+  template <typename Tiling>
+  LLMK_DEVICE void store_partial(const Accumulators<Tiling>& acc, int64_t row0, int64_t col0, float* partial) const {
+    for_each_pair(acc, row0, col0, [&](int64_t row, int64_t col, float v0, float v1) {
+      store_global(reinterpret_cast<Vec<float, 2>*>(partial + row * n + col), Vec<float, 2>{{v0, v1}});
+    });
   }
 };
 
