@@ -218,9 +218,8 @@ def test_opcheck_backward_and_compile():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.cuda
 def test_cuda_tensors_are_refused_until_the_cuda_kernel_exists():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device to build the tensors")
     q = torch.randn(1, 4, 2, 32, device="cuda")
     with pytest.raises(RuntimeError, match="CPU kernel only so far"):
         attention.attention(q, q, q)

@@ -34,6 +34,20 @@ void check_cu_seqlens(const TensorView& cu, int64_t batch, int64_t total, int64_
              c[batch]);
 }
 
+// A tensor like `like`: same shape, dtype and device, contiguous last dimension (v like k, out like q,
+// the gradients like their inputs).
+void check_like(const TensorView& t, const TensorView& like) {
+  t.check_same_dtype(like);
+  t.check_same_device(like);
+  LLMK_CHECK(t.ndim == like.ndim, ValueError, t.name, " must have ", like.name, "'s shape ", like.shape_str(),
+             "; got ", t.shape_str());
+  for (int i = 0; i < like.ndim; ++i)
+    LLMK_CHECK(t.shape[i] == like.shape[i], ValueError, t.name, " must have ", like.name, "'s shape ",
+               like.shape_str(), "; got ", t.shape_str());
+  LLMK_CHECK(t.strides[t.ndim - 1] == 1, ValueError, t.name, " must have a contiguous last dimension; got strides ",
+             t.strides_str());
+}
+
 // The checks the forward and the backward share; `out` is the forward's output (written by the forward,
 // read by the backward), `lse` likewise.
 Problem make_problem(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* cu_seqlens_q,
@@ -44,7 +58,7 @@ Problem make_problem(const TensorView& q, const TensorView& k, const TensorView&
              "cu_seqlens_q and cu_seqlens_k must be given together");
   const bool varlen = cu_seqlens_q != nullptr;
   const int dims = varlen ? 3 : 4;
-  for (const TensorView* t : {&q, &k, &v, &out}) {
+  for (const TensorView* t : {&q, &k}) {
     t->check_ndim(dims);
     t->check_floating();
     t->check_same_dtype(q);
@@ -55,15 +69,12 @@ Problem make_problem(const TensorView& q, const TensorView& k, const TensorView&
   const int64_t head_dim = q.shape[dims - 1], heads_q = q.shape[dims - 2], heads_k = k.shape[dims - 2];
   LLMK_CHECK(head_dim > 0 && head_dim <= 256 && head_dim % 8 == 0, ValueError,
              "head_dim must be a multiple of 8 up to 256; got ", head_dim);
-  for (int i = 0; i < dims; ++i)
-    LLMK_CHECK(v.shape[i] == k.shape[i], ValueError, "v must have k's shape ", k.shape_str(), "; got ", v.shape_str());
+  check_like(v, k);
   LLMK_CHECK(k.shape[dims - 1] == head_dim, ValueError, "k must have q's head_dim ", head_dim, "; got shape ",
              k.shape_str());
   LLMK_CHECK(heads_k > 0 && heads_q % heads_k == 0, ValueError, "q's heads (", heads_q,
              ") must be a multiple of k's heads (", heads_k, ")");
-  for (int i = 0; i < dims; ++i)
-    LLMK_CHECK(out.shape[i] == q.shape[i], ValueError, "out must have q's shape ", q.shape_str(), "; got ",
-               out.shape_str());
+  check_like(out, q);
   LLMK_CHECK(std::isfinite(scale) && std::isfinite(softcap) && softcap >= 0.0, ValueError,
              "softmax_scale must be finite and softcap finite and >= 0; got ", scale, " and ", softcap);
   LLMK_CHECK(window_left >= -1 && window_right >= -1, ValueError, "window entries must be >= -1; got (", window_left,
@@ -139,18 +150,6 @@ std::vector<TensorView> inputs_read(const TensorView& q, const TensorView& k, co
   return read;
 }
 
-// A gradient or dout like `like` (same shape, dtype, device, contiguous last dimension).
-void check_like(const TensorView& t, const TensorView& like) {
-  t.check_same_dtype(like);
-  t.check_same_device(like);
-  LLMK_CHECK(t.ndim == like.ndim, ValueError, t.name, " must have ", like.name, "'s shape ", like.shape_str(),
-             "; got ", t.shape_str());
-  for (int i = 0; i < like.ndim; ++i)
-    LLMK_CHECK(t.shape[i] == like.shape[i], ValueError, t.name, " must have ", like.name, "'s shape ",
-               like.shape_str(), "; got ", t.shape_str());
-  LLMK_CHECK(t.strides[t.ndim - 1] == 1, ValueError, t.name, " must have a contiguous last dimension; got strides ",
-             t.strides_str());
-}
 
 }  // namespace
 
@@ -179,12 +178,8 @@ void backward(const TensorView& dout, const TensorView& q, const TensorView& k, 
   check_like(dk, k);
   check_like(dv, k);
   if (dlse) {
-    dlse->check_dtype(DType::f32);
+    check_like(*dlse, lse);
     dlse->check_contiguous();
-    dlse->check_same_device(q);
-    for (int i = 0; i < lse.ndim; ++i)
-      LLMK_CHECK(dlse->ndim == lse.ndim && dlse->shape[i] == lse.shape[i], ValueError, "dlse must have lse's shape ",
-                 lse.shape_str(), "; got ", dlse->shape_str());
   }
   check_no_overlap({extent(dq), extent(dk), extent(dv)},
                    inputs_read(q, k, v, {&dout, &out, &lse, dlse, cu_seqlens_q, cu_seqlens_k, alibi_slopes}));
