@@ -240,7 +240,7 @@ def swizzle_table(row_bytes, rows=SWIZZLE_ROWS):
     return torch.tensor(T.swizzled_offsets(row_bytes, rows)).reshape(rows, row_bytes)
 
 
-@pytest.mark.parametrize("row_bytes", [16, 32, 64, 128])
+@pytest.mark.parametrize("row_bytes", [16, 32, 64, 128, 256, 512])
 def test_swizzled_tile_is_a_bijection_that_keeps_chunks_whole(row_bytes):
     offsets = swizzle_table(row_bytes)
     assert sorted(offsets.flatten().tolist()) == list(range(SWIZZLE_ROWS * row_bytes))
@@ -251,7 +251,7 @@ def test_swizzled_tile_is_a_bijection_that_keeps_chunks_whole(row_bytes):
     assert (chunks[:, :, 0] % 16 == 0).all()
 
 
-@pytest.mark.parametrize("row_bytes", [16, 32, 64, 128])
+@pytest.mark.parametrize("row_bytes", [16, 32, 64, 128, 256, 512])
 def test_swizzled_tile_ldmatrix_phases_and_cp_async_quarter_warps_are_conflict_free(row_bytes):
     offsets = swizzle_table(row_bytes)
     chunks_per_row = row_bytes // 16

@@ -136,9 +136,6 @@ Problem make_problem(const TensorView& q, const TensorView& k, const TensorView&
   p.scale = float(scale);
   p.softcap = float(softcap);
   p.mask = Mask{causal, window_left, window_right};
-  LLMK_CHECK(select_backend(q) == Backend::cpu, DeviceError,
-             "attention runs on the CPU kernel only so far: its CUDA kernel (and so the emulated backend) is not "
-             "written yet (issue 10)");
   return p;
 }
 
@@ -162,8 +159,9 @@ void forward(const TensorView& q, const TensorView& k, const TensorView& v, cons
   std::vector<TensorView> written{extent(out)};
   if (lse) written.push_back(*lse);
   check_no_overlap(written, inputs_read(q, k, v, {cu_seqlens_q, cu_seqlens_k, alibi_slopes}));
-  (void)stream;
-  forward_cpu(p);
+  run_on_backend(q, stream, Operands().add(q).add(k).add(v).add(out).add(lse).add(cu_seqlens_q).add(cu_seqlens_k)
+                                .add(alibi_slopes),
+                 [&] { forward_cpu(p); }, [&](auto device_stream) { forward_device(p, device_stream); });
 }
 
 void backward(const TensorView& dout, const TensorView& q, const TensorView& k, const TensorView& v,
@@ -198,6 +196,9 @@ void backward(const TensorView& dout, const TensorView& q, const TensorView& k, 
   g.dk_layout = layout_of(dk, varlen);
   g.dv_layout = layout_of(dv, varlen);
   (void)stream;
+  LLMK_CHECK(select_backend(q) == Backend::cpu, DeviceError,
+             "attention's backward runs on the CPU kernel only so far: its CUDA kernel (and so the emulated backend) "
+             "is not written yet (issue 10)");
   backward_cpu(p, g);
 }
 

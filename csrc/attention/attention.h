@@ -79,6 +79,9 @@ void forward(const TensorView& q, const TensorView& k, const TensorView& v, cons
              int64_t window_right, const TensorView* alibi_slopes, void* stream);
 
 void forward_cpu(const Problem& problem);
+// attention_cuda.cu, compiled by nvcc (CudaStream) and for the emulator (EmuStream).
+void forward_device(const Problem& problem, CudaStream stream);
+void forward_device(const Problem& problem, EmuStream stream);
 
 // Gradients (FlashAttention-2's backward, recomputing P = exp(score - lse) from the saved lse):
 //   D_i = dout_i . out_i - dlse_i,  dP_ij = dout_i . v_j,  dS_ij = P_ij (dP_ij - D_i),

@@ -2,6 +2,7 @@
 // Conversions to the 16-bit types round to nearest even, like torch's `.to()`.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include "common/hd_math.h"
 
@@ -61,6 +62,24 @@ template <> LLMK_HD f16 from_float<f16>(float x) {
   }
   const uint32_t rounded = magnitude + 0xfffu + ((magnitude >> 13) & 1u);
   return f16{uint16_t(sign | ((rounded - 0x38000000u) >> 13))};
+#endif
+}
+
+// Two floats rounded to T and packed in one 32-bit register, `lo` in the low half: an mma A or B
+// fragment register (common/mma.h). One cvt.rn.*x2.f32 on the device; the same bits on the host.
+template <typename T>
+LLMK_HD uint32_t pack_pair(float lo, float hi) {
+#if defined(__CUDA_ARCH__)
+  static_assert(std::is_same_v<T, bf16> || std::is_same_v<T, f16>, "pack_pair packs bf16 or f16");
+  if constexpr (std::is_same_v<T, bf16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+#else
+  return uint32_t(from_float<T>(lo).bits) | (uint32_t(from_float<T>(hi).bits) << 16);
 #endif
 }
 

@@ -131,8 +131,9 @@ void ldmatrix_tile(const TensorView& source, const TensorView& out, bool swizzle
 }
 
 std::vector<int> swizzled_offsets(int row_bytes, int rows) {
-  LLMK_CHECK(row_bytes == 16 || row_bytes == 32 || row_bytes == 64 || row_bytes == 128, ValueError,
-             "row_bytes must be 16, 32, 64 or 128; got ", row_bytes);
+  LLMK_CHECK(row_bytes == 16 || row_bytes == 32 || row_bytes == 64 || row_bytes == 128 || row_bytes == 256 ||
+                 row_bytes == 512,
+             ValueError, "row_bytes must be 16, 32, 64, 128, 256 or 512; got ", row_bytes);
   LLMK_CHECK(rows > 0 && rows <= 4096, ValueError, "rows must be in [1, 4096]; got ", rows);
   const SwizzledTile tile{row_bytes};
   std::vector<int> out;

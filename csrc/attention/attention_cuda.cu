@@ -1,0 +1,412 @@
+// The CUDA attention kernels (attention.h, docs/attention.md): FlashAttention-2's forward and
+// backward on mma.sync m16n8k16 tensor cores (sm_80+), in the device vocabulary of csrc/common/.
+// Compiled by nvcc for the GPU and by the host compiler for the emulator (docs/emulator.md).
+//
+//   forward_kernel      one block per (64 queries, query head, sequence): Q in registers, K/V tiles
+//                       streamed through a two-stage cp.async ring, S = Q Kᵀ and O += P V on tensor
+//                       cores, the online softmax in fp32 registers with exp2; out and lse.
+//   backward_dq_kernel  the forward's loop again for dq (deterministic: one block owns its rows)
+//   backward_dkdv_kernel one block per (64 keys, kv head, sequence, head_dim half for 256): loops over
+//                       the query tiles that see its keys and over the query heads of its GQA group;
+//                       dv += Pᵀ dO, dk += dSᵀ Q, and with `atomic_dq` dq += dS K into a float32
+//                       accumulator by atomics (FlashAttention-2's fast path), converted afterwards.
+//   backward_prologue   delta_i = dout_i . out_i - dlse_i (and zeroes the dq accumulator)
+//
+// Head dims are padded to 32, 64, 128 or 256 (the template D): columns past head_dim are zero-filled
+// by cp.async and never stored, so a head_dim of 40 runs D = 64 on zeros (exact, wasted work).
+//
+// A warp owns 16 rows of a tile (mma.h's m16). Its lane holds rows g = lane / 4 and g + 8 of each
+// 16 x 8 accumulator (columns 2t, 2t + 1, t = lane % 4): row statistics (max, sum) are quad
+// reductions, and a C fragment of P re-packed as bf16/f16 pairs is directly an A fragment of the
+// next mma (no shared-memory round trip for P in the forward, for dS in dq).
+#include "attention/attention.h"
+#include "common/cp_async.h"
+#include "common/float_types.h"
+#include "common/launch.h"
+#include "common/ldmatrix.h"
+#include "common/mma.h"
+#include "common/swizzle.h"
+#include "common/vector_io.h"
+#include "common/warp_reduce.h"
+#include "core/dispatch.h"
+
+namespace llmk::attention {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kInfinity = __builtin_huge_valf();
+
+// -- tiles ---------------------------------------------------------------------------------------------
+
+// The forward's (and the dq pass's) tiles for padded head dim D: 64 queries (4 warps x 16) against
+// key tiles of 64 (32 for D = 256, so that Q and two stages of K and V fit the 99 KB every sm_80+
+// GPU grants a block: 96 KB at D = 256, 80 KB at D = 128). Q stays in registers for D <= 128 (32
+// registers a thread at 128); at 256 it is re-read from shared memory with ldmatrix.
+template <int D>
+struct ForwardTiles {
+  static constexpr int block_q = 64, block_k = D <= 128 ? 64 : 32;
+  static constexpr int warps = 4, threads = 32 * warps;
+  static constexpr int row_bytes = 2 * D;
+  static constexpr int q_bytes = block_q * row_bytes, k_bytes = block_k * row_bytes;
+  static constexpr int stage_bytes = 2 * k_bytes;  // K tile, then V tile
+  static constexpr int shared_bytes = q_bytes + 2 * stage_bytes;
+  static constexpr bool q_in_registers = D <= 128;
+  static constexpr SwizzledTile layout() { return SwizzledTile{row_bytes}; }
+};
+
+// Copies rows [0, Rows) of a (token, head_dim) slice into a swizzled tile of D columns with 16-byte
+// cp.async copies; rows at or past `valid_rows` and columns at or past `head_dim` (a multiple of 8,
+// so a chunk is wholly in or out) are zero-filled without reading.
+template <typename T, int D, int Rows, int Threads>
+LLMK_DEVICE void load_tile(uint8_t* tile, const T* rows, int64_t row_stride, int64_t valid_rows, int head_dim,
+                          int thread) {
+  constexpr int chunks_per_row = D / 8;
+  constexpr SwizzledTile layout{2 * D};
+  static_assert((Rows * chunks_per_row) % Threads == 0, "every thread copies the same number of chunks");
+#pragma unroll
+  for (int c = thread; c < Rows * chunks_per_row; c += Threads) {
+    const int r = c / chunks_per_row, chunk = c % chunks_per_row;
+    const bool inside = r < valid_rows && 8 * chunk < head_dim;
+    cp_async<16>(tile + layout.offset(r, 16 * chunk), inside ? rows + r * row_stride + 8 * chunk : rows,
+                 inside ? 16 : 0);
+  }
+}
+
+// ldmatrix addressing. A fragment's 16 x 16 block at rows row0.. (row0 a multiple of 8) and columns
+// 16c.. of a swizzled tile is read at row0 * row_bytes + (lane_offset ^ 32c): the swizzle depends on
+// the row only modulo 8 (swizzle.h), so the row part is a constant that ldmatrix takes as an
+// immediate; and a lane's chunk is 2c + x (x = 0 or 1) XORed with a row function below 8, which is
+// 2c ^ (x ^ row function): column step c flips bit 5 and up of the lane's c = 0 offset (checked for
+// every row width on the CPU: tests/test_vocabulary.py). One register a thread per operand: the
+// unrolled loops otherwise hoisted one address per (row block, column step) and spilled at D = 256.
+struct LaneOffset {
+  int base;
+  LLMK_DEVICE int at(int c) const { return base ^ (32 * c); }
+};
+
+// For A = X (rows are m, columns are k) and for B of C = X Yᵀ (Y's rows are n, columns k):
+// lanes 0-15 address rows 0-15 at columns 0-7, lanes 16-31 the same rows at columns 8-15 (A's order:
+// mma.h); for B the matrices are (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+template <int D>
+LLMK_DEVICE LaneOffset a_offset(int lane) {
+  return LaneOffset{SwizzledTile{2 * D}.offset(lane % 16, 16 * (lane / 16))};
+}
+template <int D>
+LLMK_DEVICE LaneOffset b_offset(int lane) {
+  return LaneOffset{SwizzledTile{2 * D}.offset(8 * (lane / 16) + lane % 8, 16 * ((lane / 8) % 2))};
+}
+// For B of C = X Y with Y row-major (rows are k, columns n), by ldmatrix.trans: matrices (k 0-7,
+// n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15).
+template <int D>
+LLMK_DEVICE LaneOffset b_transposed_offset(int lane) {
+  return LaneOffset{SwizzledTile{2 * D}.offset(lane % 8 + 8 * ((lane / 8) % 2), 16 * (lane / 16))};
+}
+
+template <int D>
+LLMK_DEVICE void load_a_fragment(uint32_t (&a)[4], const uint8_t* tile, LaneOffset offset, int row0, int c) {
+  ldmatrix<4>(a, tile + row0 * (2 * D) + offset.at(c));
+}
+
+// Two B fragments (n8 tiles) from one ldmatrix.x4, plain or transposed.
+template <int D, bool Transposed>
+LLMK_DEVICE void load_b_fragments(uint32_t (&b0)[2], uint32_t (&b1)[2], const uint8_t* tile, LaneOffset offset,
+                                  int row0, int c) {
+  uint32_t r[4];
+  if constexpr (Transposed) ldmatrix_trans<4>(r, tile + row0 * (2 * D) + offset.at(c));
+  else ldmatrix<4>(r, tile + row0 * (2 * D) + offset.at(c));
+  b0[0] = r[0];
+  b0[1] = r[1];
+  b1[0] = r[2];
+  b1[1] = r[3];
+}
+
+// The A fragment of k columns 16kk..16kk+15 from a C-fragment accumulator c[n8 tile][4] (the same
+// 16 rows): C's (row g, cols 2t, 2t+1) of tiles 2kk and 2kk+1 are A's registers 0 and 2, row g + 8's
+// are registers 1 and 3.
+template <typename T, int N>
+LLMK_DEVICE void a_fragment_from_c(uint32_t (&a)[4], const float (&c)[N][4], int kk) {
+  a[0] = pack_pair<T>(c[2 * kk][0], c[2 * kk][1]);
+  a[1] = pack_pair<T>(c[2 * kk][2], c[2 * kk][3]);
+  a[2] = pack_pair<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+  a[3] = pack_pair<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+template <int N>
+LLMK_DEVICE void zero(float (&c)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c[n][e] = 0.0f;
+}
+
+// -- problem geometry ------------------------------------------------------------------------------------
+
+// Sequence b: its first query and key token in the packed tensors and its lengths.
+struct Sequence { int64_t q_begin, k_begin, sq, sk; };
+
+LLMK_DEVICE Sequence sequence_of(const Problem& p, int64_t b) {
+  if (!p.cu_seqlens_q) return Sequence{0, 0, p.seqlen_q, p.seqlen_k};
+  const int64_t q0 = load_global(p.cu_seqlens_q + b), q1 = load_global(p.cu_seqlens_q + b + 1);
+  const int64_t k0 = load_global(p.cu_seqlens_k + b), k1 = load_global(p.cu_seqlens_k + b + 1);
+  return Sequence{q0, k0, q1 - q0, k1 - k0};
+}
+
+// Row `token` of head `head` of sequence b (token counted from the packed tensor's start for varlen).
+template <typename T>
+LLMK_DEVICE T* token_row(T* base, const Layout& layout, int64_t b, int64_t token, int64_t head) {
+  return base + b * layout.batch + token * layout.token + head * layout.head;
+}
+
+// score(i, j) in log2 units (times log2 e), for the element of query i and key j, from q.k: scale,
+// softcap, ALiBi and the mask in flash-attn's order. `softcap_slope` returns dscore/d(q.k) too (the
+// backward's chain rule), in natural units.
+struct ScoreRule {
+  float scale, scale_log2, softcap, slope;  // slope = 0 without ALiBi
+  int64_t diagonal_offset;                  // sk - sq: query i sits at key position i + offset
+
+  LLMK_DEVICE float log2_score(float dot, int64_t i, int64_t j, float* dscore = nullptr) const {
+    float s = dot * scale;
+    if (softcap > 0.0f) {
+      const float t = tanhf(s / softcap);
+      s = softcap * t;
+      if (dscore) *dscore = scale * (1.0f - t * t);
+    } else if (dscore) {
+      *dscore = scale;
+    }
+    if (slope != 0.0f) {
+      const int64_t distance = i + diagonal_offset - j;
+      s -= slope * float(distance < 0 ? -distance : distance);
+    }
+    return s * kLog2e;
+  }
+  LLMK_DEVICE bool plain() const { return softcap <= 0.0f && slope == 0.0f; }
+};
+
+LLMK_DEVICE ScoreRule score_rule(const Problem& p, int64_t b, int64_t h, const Sequence& seq) {
+  const float slope = p.alibi_slopes ? load_global(p.alibi_slopes + b * p.alibi_batch_stride + h) : 0.0f;
+  return ScoreRule{p.scale, p.scale * kLog2e, p.softcap, slope, seq.sk - seq.sq};
+}
+
+// The key tiles a block of queries [q0, q_last] visits, and which of them need the per-element mask.
+struct KeyTiles {
+  int64_t first, end;          // tile indices [first, end)
+  int64_t full_begin, full_end;  // keys that every query of the block may see: tiles inside need no mask
+  LLMK_DEVICE bool needs_mask(int64_t tile, int block_k) const {
+    return tile * block_k < full_begin || (tile + 1) * block_k > full_end;
+  }
+};
+
+LLMK_DEVICE KeyTiles key_tiles(int64_t q0, int64_t q_last, const Sequence& seq, const Mask& mask, int block_k) {
+  const KeyRange first = allowed_keys(q0, seq.sq, seq.sk, mask), last = allowed_keys(q_last, seq.sq, seq.sk, mask);
+  // begin and end are monotone in the query (attention.h): the block's keys are [first.begin, last.end)
+  KeyTiles t{first.begin / block_k, (last.end + block_k - 1) / block_k, last.begin, first.end};
+  if (last.end <= first.begin) t.end = t.first;  // no query of the block sees a key
+  return t;
+}
+
+// -- forward ---------------------------------------------------------------------------------------------
+
+template <typename T, int D>
+__global__ void __launch_bounds__(ForwardTiles<D>::threads, 1) forward_kernel(const __grid_constant__ Problem p) {
+  using Tiles = ForwardTiles<D>;
+  constexpr int BQ = Tiles::block_q, BK = Tiles::block_k;
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const Sequence seq = sequence_of(p, b);
+  // Query tiles in reverse launch order: under a causal mask the last tiles have the most keys, and
+  // starting them first keeps the tail of the grid short.
+  const int64_t q0 = int64_t(gridDim.x - 1 - blockIdx.x) * BQ;
+  if (q0 >= seq.sq) return;
+  const int thread = int(threadIdx.x), lane = thread % 32, warp = thread / 32;
+  const int64_t kv_head = h / (p.heads_q / p.heads_k);
+  const int64_t valid_q = seq.sq - q0 < BQ ? seq.sq - q0 : BQ;
+  const int head_dim = int(p.head_dim);
+
+  uint8_t* shared = dynamic_shared_memory();
+  uint8_t* q_tile = shared;
+  auto k_tile = [&](int stage) { return shared + Tiles::q_bytes + stage * Tiles::stage_bytes; };
+  auto v_tile = [&](int stage) { return k_tile(stage) + Tiles::k_bytes; };
+
+  const T* q_rows = token_row(static_cast<const T*>(p.q), p.q_layout, b, seq.q_begin + q0, h);
+  const T* k_rows = token_row(static_cast<const T*>(p.k), p.k_layout, b, seq.k_begin, kv_head);
+  const T* v_rows = token_row(static_cast<const T*>(p.v), p.v_layout, b, seq.k_begin, kv_head);
+  const KeyTiles tiles = key_tiles(q0, q0 + valid_q - 1, seq, p.mask, BK);
+  const ScoreRule rule = score_rule(p, b, h, seq);
+
+  auto load_kv = [&](int stage, int64_t tile) {
+    const int64_t k0 = tile * BK, rows = seq.sk - k0;
+    load_tile<T, D, BK, Tiles::threads>(k_tile(stage), k_rows + k0 * p.k_layout.token, p.k_layout.token, rows,
+                                        head_dim, thread);
+    load_tile<T, D, BK, Tiles::threads>(v_tile(stage), v_rows + k0 * p.v_layout.token, p.v_layout.token, rows,
+                                        head_dim, thread);
+  };
+  load_tile<T, D, BQ, Tiles::threads>(q_tile, q_rows, p.q_layout.token, valid_q, head_dim, thread);
+  if (tiles.first < tiles.end) load_kv(0, tiles.first);
+  cp_async_commit();
+
+  // This thread's two rows (g and g + 8 of the warp's 16) and the keys each may see.
+  const int row_in_tile[2] = {16 * warp + lane / 4, 16 * warp + lane / 4 + 8};
+  int64_t row_begin[2], row_end[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const KeyRange range = allowed_keys(q0 + row_in_tile[r], seq.sq, seq.sk, p.mask);
+    row_begin[r] = range.begin;
+    row_end[r] = range.end;
+  }
+
+  float o[D / 8][4];
+  zero(o);
+  float row_max[2] = {-kInfinity, -kInfinity}, row_sum[2] = {0.0f, 0.0f};
+  uint32_t q_fragments[Tiles::q_in_registers ? D / 16 : 1][4];
+
+  const LaneOffset q_offset = a_offset<D>(lane), k_offset = b_offset<D>(lane), v_offset = b_transposed_offset<D>(lane);
+  cp_async_wait<0>();
+  __syncthreads();
+  if constexpr (Tiles::q_in_registers) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) load_a_fragment<D>(q_fragments[kk], q_tile, q_offset, 16 * warp, kk);
+  }
+
+  int stage = 0;
+  for (int64_t tile = tiles.first; tile < tiles.end; ++tile) {
+    // After this barrier tile `tile` has landed for everyone and every warp is done with the stage the
+    // prefetch below overwrites (it held tile - 1).
+    cp_async_wait<0>();
+    __syncthreads();
+    if (tile + 1 < tiles.end) load_kv(stage ^ 1, tile + 1);
+    cp_async_commit();
+
+    // S = Q Kᵀ: the warp's 16 queries x BK keys.
+    float s[BK / 8][4];
+    zero(s);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4];
+      if constexpr (Tiles::q_in_registers) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[e] = q_fragments[kk][e];
+      } else {
+        load_a_fragment<D>(a, q_tile, q_offset, 16 * warp, kk);
+      }
+#pragma unroll
+      for (int n = 0; n < BK / 8; n += 2) {
+        uint32_t b0[2], b1[2];
+        load_b_fragments<D, false>(b0, b1, k_tile(stage), k_offset, 8 * n, kk);
+        mma_m16n8k16<T>(s[n], a, b0, s[n]);
+        mma_m16n8k16<T>(s[n + 1], a, b1, s[n + 1]);
+      }
+    }
+
+    // Scores in log2 units; masks only on the tiles that straddle a row's key range (or the keys' end).
+    const int64_t k0 = tile * BK;
+    const bool masked = tiles.needs_mask(tile, BK);
+    if (rule.plain() && !masked) {
+#pragma unroll
+      for (int n = 0; n < BK / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] *= rule.scale_log2;
+    } else {
+#pragma unroll
+      for (int n = 0; n < BK / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e / 2;
+          const int64_t i = q0 + row_in_tile[r], j = k0 + mma_c_coord(lane, e).col + 8 * n;
+          s[n][e] = (j >= row_begin[r] && j < row_end[r]) ? rule.log2_score(s[n][e], i, j) : -kInfinity;
+        }
+    }
+
+    // Online softmax: new row maxima, rescale what was summed so far, P = exp2(S - max).
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = -kInfinity;
+#pragma unroll
+      for (int n = 0; n < BK / 8; ++n) tile_max = fmaxf(tile_max, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+      const float new_max = fmaxf(row_max[r], quad_max(tile_max));
+      // A row with no allowed key so far keeps max -inf: subtract 0 instead (exp2(-inf) = 0, no NaN).
+      const float base = new_max == -kInfinity ? 0.0f : new_max;
+      const float correction = exp2f(row_max[r] - base);
+      row_max[r] = new_max;
+      row_sum[r] *= correction;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[n][2 * r] *= correction;
+        o[n][2 * r + 1] *= correction;
+      }
+#pragma unroll
+      for (int n = 0; n < BK / 8; ++n) {
+        s[n][2 * r] = exp2f(s[n][2 * r] - base);
+        s[n][2 * r + 1] = exp2f(s[n][2 * r + 1] - base);
+        row_sum[r] += s[n][2 * r] + s[n][2 * r + 1];  // this thread's part; summed over the quad at the end
+      }
+    }
+
+    // O += P V, P re-packed from S's registers as the A operand.
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      uint32_t a[4];
+      a_fragment_from_c<T>(a, s, kk);
+#pragma unroll
+      for (int n = 0; n < D / 8; n += 2) {
+        uint32_t b0[2], b1[2];
+        load_b_fragments<D, true>(b0, b1, v_tile(stage), v_offset, 16 * kk, n / 2);
+        mma_m16n8k16<T>(o[n], a, b0, o[n]);
+        mma_m16n8k16<T>(o[n + 1], a, b1, o[n + 1]);
+      }
+    }
+    stage ^= 1;
+  }
+
+  // out = O / l and lse = (max + log2 l) ln 2; a row with no allowed key: out = 0, lse = +inf.
+  T* out_rows = token_row(static_cast<T*>(p.out), p.out_layout, b, seq.q_begin + q0, h);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float sum = quad_sum(row_sum[r]);
+    const float inverse = sum > 0.0f ? 1.0f / sum : 0.0f;
+    const int row = row_in_tile[r];
+    if (row >= valid_q) continue;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const int col = 8 * n + 2 * (lane % 4);
+      if (col < head_dim)
+        store_global(reinterpret_cast<uint32_t*>(out_rows + row * p.out_layout.token + col),
+                     pack_pair<T>(o[n][2 * r] * inverse, o[n][2 * r + 1] * inverse));
+    }
+    if (p.lse && lane % 4 == 0)
+      store_global(p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_begin + q0 + row,
+                   sum > 0.0f ? (row_max[r] + log2f(sum)) * kLn2 : kInfinity);
+  }
+}
+
+template <typename T, int D>
+void run_forward(const Problem& p, DeviceStream stream) {
+  using Tiles = ForwardTiles<D>;
+  const int64_t q_tiles = (p.seqlen_q + Tiles::block_q - 1) / Tiles::block_q;
+  LLMK_CHECK(p.batch <= 65535 && p.heads_q <= 65535, ValueError, "attention (CUDA kernel): batch (", p.batch,
+             ") and heads (", p.heads_q, ") must be at most 65535");
+  launch("attention forward", forward_kernel<T, D>,
+         LaunchShape{dim3(uint32_t(q_tiles), uint32_t(p.heads_q), uint32_t(p.batch)), dim3(Tiles::threads),
+                     Tiles::shared_bytes},
+         stream, p);
+}
+
+// The padded head dim: 32, 64, 128 or 256.
+template <typename Fn>
+void dispatch_head_dim(int64_t head_dim, Fn&& fn) {
+  if (head_dim <= 32) fn(std::integral_constant<int, 32>{});
+  else if (head_dim <= 64) fn(std::integral_constant<int, 64>{});
+  else if (head_dim <= 128) fn(std::integral_constant<int, 128>{});
+  else fn(std::integral_constant<int, 256>{});
+}
+
+}  // namespace
+
+void forward_device(const Problem& problem, DeviceStream stream) {
+  if (problem.batch == 0 || problem.seqlen_q == 0) return;
+  dispatch<bf16, f16>(problem.dtype, "attention (CUDA kernel)", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_head_dim(problem.head_dim, [&](auto d) { run_forward<T, decltype(d)::value>(problem, stream); });
+  });
+}
+
+}  // namespace llmk::attention
