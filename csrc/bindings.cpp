@@ -123,8 +123,8 @@ void gemm_core(const py::object& a, const py::object& a_rows, const py::object& 
 void attention_forward(const py::object& q, const py::object& k, const py::object& v, const py::object& cu_seqlens_q,
                        const py::object& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
                        double softcap, bool causal, int64_t window_left, int64_t window_right,
-                       const py::object& alibi_slopes, const py::object& out, const py::object& lse,
-                       uintptr_t stream) {
+                       const py::object& alibi_slopes, bool /*deterministic: the backward's*/,
+                       const py::object& out, const py::object& lse, uintptr_t stream) {
   const TensorView q_view = tensor(q, "q"), k_view = tensor(k, "k"), v_view = tensor(v, "v");
   const auto cu_q = optional_tensor(cu_seqlens_q, "cu_seqlens_q");
   const auto cu_k = optional_tensor(cu_seqlens_k, "cu_seqlens_k");
@@ -141,8 +141,9 @@ void attention_backward(const py::object& dout, const py::object& q, const py::o
                         const py::object& out, const py::object& lse, const py::object& dlse,
                         const py::object& cu_seqlens_q, const py::object& cu_seqlens_k, int64_t max_seqlen_q,
                         int64_t max_seqlen_k, double scale, double softcap, bool causal, int64_t window_left,
-                        int64_t window_right, const py::object& alibi_slopes, const py::object& dq,
-                        const py::object& dk, const py::object& dv, uintptr_t stream) {
+                        int64_t window_right, const py::object& alibi_slopes, bool deterministic,
+                        const py::object& dq, const py::object& dk, const py::object& dv, const py::object& delta,
+                        const py::object& dq_accum, uintptr_t stream) {
   const TensorView dout_view = tensor(dout, "dout"), q_view = tensor(q, "q"), k_view = tensor(k, "k");
   const TensorView v_view = tensor(v, "v"), out_view = tensor(out, "out"), lse_view = tensor(lse, "lse");
   const auto dlse_view = optional_tensor(dlse, "dlse");
@@ -150,10 +151,12 @@ void attention_backward(const py::object& dout, const py::object& q, const py::o
   const auto cu_k = optional_tensor(cu_seqlens_k, "cu_seqlens_k");
   const auto slopes = optional_tensor(alibi_slopes, "alibi_slopes");
   const TensorView dq_view = tensor(dq, "dq"), dk_view = tensor(dk, "dk"), dv_view = tensor(dv, "dv");
+  const TensorView delta_view = tensor(delta, "delta"), dq_accum_view = tensor(dq_accum, "dq_accum");
   py::gil_scoped_release no_gil;
   attention::backward(dout_view, q_view, k_view, v_view, out_view, lse_view, pointer(dlse_view), pointer(cu_q),
                       pointer(cu_k), max_seqlen_q, max_seqlen_k, dq_view, dk_view, dv_view, scale, softcap, causal,
-                      window_left, window_right, pointer(slopes), stream_pointer(stream));
+                      window_left, window_right, pointer(slopes), deterministic, &delta_view, &dq_accum_view,
+                      stream_pointer(stream));
 }
 
 void def_emulator(py::module_& m) {
@@ -338,14 +341,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_forward", &attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"),
         py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("scale"),
         py::arg("softcap"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"),
-        py::arg("alibi_slopes"), py::arg("out"), py::arg("lse"), py::arg("stream"),
-        "Attention forward (csrc/attention/attention.h): out and the float32 log-sum-exp; CPU kernel only so far");
+        py::arg("alibi_slopes"), py::arg("deterministic"), py::arg("out"), py::arg("lse"), py::arg("stream"),
+        "Attention forward (csrc/attention/attention.h): out and the float32 log-sum-exp");
   m.def("attention_backward", &attention_backward, py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("dlse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("scale"), py::arg("softcap"), py::arg("causal"),
-        py::arg("window_left"), py::arg("window_right"), py::arg("alibi_slopes"), py::arg("dq"), py::arg("dk"),
-        py::arg("dv"), py::arg("stream"),
-        "Attention backward (FlashAttention-2's, recomputing P from lse): dq, dk, dv; CPU kernel only so far");
+        py::arg("window_left"), py::arg("window_right"), py::arg("alibi_slopes"), py::arg("deterministic"),
+        py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("delta"), py::arg("dq_accum"), py::arg("stream"),
+        "Attention backward (FlashAttention-2's, recomputing P from lse): dq, dk, dv; delta and dq_accum are the "
+        "CUDA kernels' float32 workspaces (empty for the CPU kernel; dq_accum empty when deterministic)");
   m.def("gemm_workspace", &gemm::split_k_workspace, py::arg("m"), py::arg("n"), py::arg("k"),
         "float32 elements of the GEMM core's split-K workspace for (m, n, k) (0: no split)");
   m.def("gemm_split_limits", [] { return py::make_tuple(gemm::kSplitMaxRows, gemm::kSplitMaxRanges); },

@@ -34,18 +34,31 @@ void check_cu_seqlens(const TensorView& cu, int64_t batch, int64_t total, int64_
              c[batch]);
 }
 
+// t has `like`'s shape (a workspace).
+void check_shape_like(const TensorView& t, const TensorView& like) {
+  bool same = t.ndim == like.ndim;
+  for (int i = 0; same && i < like.ndim; ++i) same = t.shape[i] == like.shape[i];
+  LLMK_CHECK(same, ValueError, t.name, " must have ", like.name, "'s shape ", like.shape_str(), "; got ",
+             t.shape_str());
+}
+
 // A tensor like `like`: same shape, dtype and device, contiguous last dimension (v like k, out like q,
 // the gradients like their inputs).
 void check_like(const TensorView& t, const TensorView& like) {
   t.check_same_dtype(like);
   t.check_same_device(like);
-  LLMK_CHECK(t.ndim == like.ndim, ValueError, t.name, " must have ", like.name, "'s shape ", like.shape_str(),
-             "; got ", t.shape_str());
-  for (int i = 0; i < like.ndim; ++i)
-    LLMK_CHECK(t.shape[i] == like.shape[i], ValueError, t.name, " must have ", like.name, "'s shape ",
-               like.shape_str(), "; got ", t.shape_str());
+  check_shape_like(t, like);
   LLMK_CHECK(t.strides[t.ndim - 1] == 1, ValueError, t.name, " must have a contiguous last dimension; got strides ",
              t.strides_str());
+}
+
+// The CUDA kernels copy rows of head_dim in 16-byte pieces: the tensor's start 16-byte aligned and
+// its other strides multiples of 8 elements (the Python layer copies a tensor that is not).
+void check_rows_aligned(const TensorView& t) {
+  bool aligned = reinterpret_cast<uintptr_t>(t.ptr) % 16 == 0;
+  for (int i = 0; i + 1 < t.ndim; ++i) aligned = aligned && (t.shape[i] <= 1 || t.strides[i] % 8 == 0);
+  LLMK_CHECK(aligned, ValueError, t.name, " must start at a 16-byte boundary with strides that are multiples of 8 "
+             "elements for the CUDA kernels; got strides ", t.strides_str());
 }
 
 // The checks the forward and the backward share; `out` is the forward's output (written by the forward,
@@ -136,6 +149,8 @@ Problem make_problem(const TensorView& q, const TensorView& k, const TensorView&
   p.scale = float(scale);
   p.softcap = float(softcap);
   p.mask = Mask{causal, window_left, window_right};
+  if (select_backend(q) != Backend::cpu)
+    for (const TensorView* t : {&q, &k, &v, &out}) check_rows_aligned(*t);
   return p;
 }
 
@@ -168,7 +183,8 @@ void backward(const TensorView& dout, const TensorView& q, const TensorView& k, 
               const TensorView& out, const TensorView& lse, const TensorView* dlse, const TensorView* cu_seqlens_q,
               const TensorView* cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, const TensorView& dq,
               const TensorView& dk, const TensorView& dv, double scale, double softcap, bool causal,
-              int64_t window_left, int64_t window_right, const TensorView* alibi_slopes, void* stream) {
+              int64_t window_left, int64_t window_right, const TensorView* alibi_slopes, bool deterministic,
+              const TensorView* delta, const TensorView* dq_accum, void* stream) {
   const Problem p = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, &lse, scale,
                                  softcap, causal, window_left, window_right, alibi_slopes);
   check_like(dout, q);
@@ -179,7 +195,28 @@ void backward(const TensorView& dout, const TensorView& q, const TensorView& k, 
     check_like(*dlse, lse);
     dlse->check_contiguous();
   }
-  check_no_overlap({extent(dq), extent(dk), extent(dv)},
+  // The CUDA kernels' workspaces: delta like lse, and the dq accumulator like q (float32, zero-filled)
+  // unless deterministic.
+  const bool device_kernels = select_backend(q) != Backend::cpu;
+  std::vector<TensorView> written{extent(dq), extent(dk), extent(dv)};
+  if (device_kernels) {
+    for (const TensorView* t : {&dout, &dq, &dk, &dv}) check_rows_aligned(*t);
+    LLMK_CHECK(delta, ValueError, "the CUDA backward needs the delta workspace");
+    delta->check_dtype(DType::f32);
+    delta->check_contiguous();
+    delta->check_same_device(q);
+    check_shape_like(*delta, lse);
+    written.push_back(*delta);
+    if (!deterministic) {
+      LLMK_CHECK(dq_accum, ValueError, "the CUDA backward without `deterministic` needs the dq_accum workspace");
+      dq_accum->check_dtype(DType::f32);
+      dq_accum->check_contiguous();
+      dq_accum->check_same_device(q);
+      check_shape_like(*dq_accum, q);
+      written.push_back(*dq_accum);
+    }
+  }
+  check_no_overlap(written,
                    inputs_read(q, k, v, {&dout, &out, &lse, dlse, cu_seqlens_q, cu_seqlens_k, alibi_slopes}));
   const bool varlen = cu_seqlens_q != nullptr;
   Gradients g;
@@ -195,11 +232,17 @@ void backward(const TensorView& dout, const TensorView& q, const TensorView& k, 
   g.dq_layout = layout_of(dq, varlen);
   g.dk_layout = layout_of(dk, varlen);
   g.dv_layout = layout_of(dv, varlen);
-  (void)stream;
-  LLMK_CHECK(select_backend(q) == Backend::cpu, DeviceError,
-             "attention's backward runs on the CPU kernel only so far: its CUDA kernel (and so the emulated backend) "
-             "is not written yet (issue 10)");
-  backward_cpu(p, g);
+  if (device_kernels) {
+    g.delta = delta->data<float>();
+    if (!deterministic) {
+      g.dq_accum = dq_accum->data<float>();
+      g.dq_accum_layout = layout_of(*dq_accum, varlen);
+    }
+  }
+  run_on_backend(q, stream,
+                 Operands().add(dout).add(q).add(k).add(v).add(out).add(lse).add(dlse).add(cu_seqlens_q)
+                     .add(cu_seqlens_k).add(alibi_slopes).add(dq).add(dk).add(dv).add(delta).add(dq_accum),
+                 [&] { backward_cpu(p, g); }, [&](auto device_stream) { backward_device(p, g, device_stream); });
 }
 
 }  // namespace llmk::attention

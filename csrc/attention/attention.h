@@ -42,6 +42,24 @@ LLMK_HD KeyRange allowed_keys(int64_t i, int64_t sq, int64_t sk, const Mask& mas
   return KeyRange{begin, end};
 }
 
+// The queries of a sequence that may see a key in [j0, j1): allowed_keys is monotone, so they are
+// [first with end > j0, first with begin >= j1), found by binary search (a key block's query range
+// in the backward).
+LLMK_HD KeyRange queries_seeing(int64_t j0, int64_t j1, int64_t sq, int64_t sk, const Mask& mask) {
+  int64_t lo = 0, hi = sq;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (allowed_keys(mid, sq, sk, mask).end > j0) hi = mid; else lo = mid + 1;
+  }
+  const int64_t first = lo;
+  hi = sq;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (allowed_keys(mid, sq, sk, mask).begin >= j1) hi = mid; else lo = mid + 1;
+  }
+  return KeyRange{first, lo};
+}
+
 // Strides in elements of a (batch, token, head, head_dim) view; head_dim is contiguous. A packed
 // varlen tensor (total, head, head_dim) has batch stride 0 and its sequences start at cu_seqlens[b].
 struct Layout { int64_t batch, token, head; };
@@ -97,14 +115,25 @@ struct Gradients {
   void* dk = nullptr;
   void* dv = nullptr;
   Layout dout_layout, out_layout, dq_layout, dk_layout, dv_layout;
+  // The CUDA kernels' float32 workspaces (the CPU kernel needs none): delta_i in lse's layout, and
+  // without `deterministic` dq's accumulator, zero-filled by the caller, shaped like q (contiguous;
+  // dq_accum_layout its strides), that the key blocks add their dS K into with atomics.
+  float* delta = nullptr;
+  float* dq_accum = nullptr;
+  Layout dq_accum_layout;
 };
 
+// `delta` (float32, lse's shape) is the CUDA kernels' workspace, and `dq_accum` (float32, q's shape,
+// zero-filled) too when not `deterministic`; both may be null for the CPU kernel.
 void backward(const TensorView& dout, const TensorView& q, const TensorView& k, const TensorView& v,
               const TensorView& out, const TensorView& lse, const TensorView* dlse, const TensorView* cu_seqlens_q,
               const TensorView* cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, const TensorView& dq,
               const TensorView& dk, const TensorView& dv, double scale, double softcap, bool causal,
-              int64_t window_left, int64_t window_right, const TensorView* alibi_slopes, void* stream);
+              int64_t window_left, int64_t window_right, const TensorView* alibi_slopes, bool deterministic,
+              const TensorView* delta, const TensorView* dq_accum, void* stream);
 
 void backward_cpu(const Problem& problem, const Gradients& gradients);
+void backward_device(const Problem& problem, const Gradients& gradients, CudaStream stream);
+void backward_device(const Problem& problem, const Gradients& gradients, EmuStream stream);
 
 }  // namespace llmk::attention

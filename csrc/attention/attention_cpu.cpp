@@ -197,23 +197,6 @@ inline int64_t lse_index(const Problem& p, int64_t b, int64_t h, int64_t i) {
   return b * p.lse_batch_stride + h * p.lse_head_stride + p.q_begin(b) + i;
 }
 
-// Queries of a sequence that may see a key in [j0, j1): allowed_keys is monotone, so they are
-// [first with end > j0, first with begin >= j1).
-inline KeyRange queries_seeing(int64_t j0, int64_t j1, int64_t sq, int64_t sk, const Mask& mask) {
-  int64_t lo = 0, hi = sq;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    if (allowed_keys(mid, sq, sk, mask).end > j0) hi = mid; else lo = mid + 1;
-  }
-  const int64_t first = lo;
-  lo = first, hi = sq;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    if (allowed_keys(mid, sq, sk, mask).begin >= j1) hi = mid; else lo = mid + 1;
-  }
-  return KeyRange{first, lo};
-}
-
 template <typename T>
 void backward_typed(const Problem& p, const Gradients& g) {
   const int64_t d = p.head_dim, group = p.heads_q / p.heads_k;

@@ -378,6 +378,449 @@ __global__ void __launch_bounds__(ForwardTiles<D>::threads, 1) forward_kernel(co
   }
 }
 
+// -- backward ----------------------------------------------------------------------------------------
+
+// delta_i = dout_i . out_i - dlse_i for every (sequence, token, query head) row, one warp a row, into
+// lse's layout.
+constexpr int kPrologueThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kPrologueThreads) backward_prologue_kernel(const __grid_constant__ Problem p,
+                                                                             const __grid_constant__ Gradients g,
+                                                                             int64_t batches, int64_t tokens) {
+  const int64_t row = int64_t(blockIdx.x) * (kPrologueThreads / 32) + threadIdx.x / 32;
+  const int lane = int(threadIdx.x % 32);
+  if (row >= batches * tokens * p.heads_q) return;  // whole warps
+  const int64_t b = row / (tokens * p.heads_q), token = row / p.heads_q % tokens, h = row % p.heads_q;
+  const T* dout = token_row(static_cast<const T*>(g.dout), g.dout_layout, b, token, h);
+  const T* out = token_row(static_cast<const T*>(g.out_values), g.out_layout, b, token, h);
+  float sum = 0.0f;
+  for (int c = lane; 8 * c < p.head_dim; c += 32) {
+    const Vec<T, 8> x = load_global(reinterpret_cast<const Vec<T, 8>*>(dout) + c);
+    const Vec<T, 8> y = load_global(reinterpret_cast<const Vec<T, 8>*>(out) + c);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum += to_float(x[e]) * to_float(y[e]);
+  }
+  sum = warp_sum(sum);
+  const int64_t index = b * p.lse_batch_stride + h * p.lse_head_stride + token;
+  if (lane == 0) store_global(g.delta + index, sum - (g.dlse ? load_global(g.dlse + index) : 0.0f));
+}
+
+// dq = dq_accum in T (the atomic path's last step), 8 elements a thread.
+template <typename T>
+__global__ void __launch_bounds__(kPrologueThreads) convert_dq_kernel(const __grid_constant__ Problem p,
+                                                                      const __grid_constant__ Gradients g,
+                                                                      int64_t batches, int64_t tokens) {
+  const int64_t chunks_per_row = p.head_dim / 8;
+  const int64_t chunk = int64_t(blockIdx.x) * kPrologueThreads + threadIdx.x;
+  if (chunk >= batches * tokens * p.heads_q * chunks_per_row) return;
+  const int64_t row = chunk / chunks_per_row, c = chunk % chunks_per_row;
+  const int64_t b = row / (tokens * p.heads_q), token = row / p.heads_q % tokens, h = row % p.heads_q;
+  const float* accum = token_row(static_cast<const float*>(g.dq_accum), g.dq_accum_layout, b, token, h) + 8 * c;
+  const Vec<float, 4> lo = load_global(reinterpret_cast<const Vec<float, 4>*>(accum));
+  const Vec<float, 4> hi = load_global(reinterpret_cast<const Vec<float, 4>*>(accum) + 1);
+  Vec<T, 8> v;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    v[e] = from_float<T>(lo[e]);
+    v[e + 4] = from_float<T>(hi[e]);
+  }
+  store_global(reinterpret_cast<Vec<T, 8>*>(token_row(static_cast<T*>(g.dq), g.dq_layout, b, token, h)) + c, v);
+}
+
+// The dq pass (deterministic): the forward's loop over key tiles, for 64 queries of one head,
+//   S = Q Kᵀ, P = exp2(S - lse), dP = dO Vᵀ, dS = P (dP - delta) dscore, dq += dS K.
+// Q and dO stay in shared memory (ldmatrix each use); key tiles of 64 (16 at D = 256: 96 KB in all).
+template <int D>
+struct DqTiles {
+  static constexpr int block_q = 64, block_k = D <= 128 ? 64 : 16;
+  static constexpr int warps = 4, threads = 32 * warps;
+  static constexpr int row_bytes = 2 * D;
+  static constexpr int q_bytes = block_q * row_bytes, k_bytes = block_k * row_bytes;
+  static constexpr int stage_bytes = 2 * k_bytes;
+  static constexpr int shared_bytes = 2 * q_bytes + 2 * stage_bytes;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(DqTiles<D>::threads, 1) backward_dq_kernel(const __grid_constant__ Problem p,
+                                                                            const __grid_constant__ Gradients g) {
+  using Tiles = DqTiles<D>;
+  constexpr int BQ = Tiles::block_q, BK = Tiles::block_k;
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const Sequence seq = sequence_of(p, b);
+  const int64_t q0 = int64_t(gridDim.x - 1 - blockIdx.x) * BQ;
+  if (q0 >= seq.sq) return;
+  const int thread = int(threadIdx.x), lane = thread % 32, warp = thread / 32;
+  const int64_t kv_head = h / (p.heads_q / p.heads_k);
+  const int64_t valid_q = seq.sq - q0 < BQ ? seq.sq - q0 : BQ;
+  const int head_dim = int(p.head_dim);
+
+  uint8_t* shared = dynamic_shared_memory();
+  uint8_t* q_tile = shared;
+  uint8_t* dout_tile = shared + Tiles::q_bytes;
+  auto k_tile = [&](int stage) { return shared + 2 * Tiles::q_bytes + stage * Tiles::stage_bytes; };
+  auto v_tile = [&](int stage) { return k_tile(stage) + Tiles::k_bytes; };
+
+  const T* k_rows = token_row(static_cast<const T*>(p.k), p.k_layout, b, seq.k_begin, kv_head);
+  const T* v_rows = token_row(static_cast<const T*>(p.v), p.v_layout, b, seq.k_begin, kv_head);
+  const KeyTiles tiles = key_tiles(q0, q0 + valid_q - 1, seq, p.mask, BK);
+  const ScoreRule rule = score_rule(p, b, h, seq);
+  auto load_kv = [&](int stage, int64_t tile) {
+    const int64_t k0 = tile * BK, rows = seq.sk - k0;
+    load_tile<T, D, BK, Tiles::threads>(k_tile(stage), k_rows + k0 * p.k_layout.token, p.k_layout.token, rows,
+                                        head_dim, thread);
+    load_tile<T, D, BK, Tiles::threads>(v_tile(stage), v_rows + k0 * p.v_layout.token, p.v_layout.token, rows,
+                                        head_dim, thread);
+  };
+  load_tile<T, D, BQ, Tiles::threads>(q_tile, token_row(static_cast<const T*>(p.q), p.q_layout, b, seq.q_begin + q0, h),
+                                      p.q_layout.token, valid_q, head_dim, thread);
+  load_tile<T, D, BQ, Tiles::threads>(
+      dout_tile, token_row(static_cast<const T*>(g.dout), g.dout_layout, b, seq.q_begin + q0, h),
+      g.dout_layout.token, valid_q, head_dim, thread);
+  if (tiles.first < tiles.end) load_kv(0, tiles.first);
+  cp_async_commit();
+
+  const int row_in_tile[2] = {16 * warp + lane / 4, 16 * warp + lane / 4 + 8};
+  int64_t row_begin[2], row_end[2];
+  float lse_log2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const KeyRange range = allowed_keys(q0 + row_in_tile[r], seq.sq, seq.sk, p.mask);
+    row_begin[r] = range.begin;
+    row_end[r] = range.end;
+    const int64_t index = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_begin + q0 + row_in_tile[r];
+    const bool valid = row_in_tile[r] < valid_q;
+    lse_log2[r] = valid ? load_global(p.lse + index) * kLog2e : kInfinity;  // +inf: P = 0
+    delta[r] = valid ? load_global(g.delta + index) : 0.0f;
+  }
+  const LaneOffset a_lane = a_offset<D>(lane), b_lane = b_offset<D>(lane), bt_lane = b_transposed_offset<D>(lane);
+
+  float dq[D / 8][4];
+  zero(dq);
+  int stage = 0;
+  for (int64_t tile = tiles.first; tile < tiles.end; ++tile) {
+    cp_async_wait<0>();
+    __syncthreads();
+    if (tile + 1 < tiles.end) load_kv(stage ^ 1, tile + 1);
+    cp_async_commit();
+
+    float s[BK / 8][4], dp[BK / 8][4];
+    zero(s);
+    zero(dp);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a_q[4], a_dout[4];
+      load_a_fragment<D>(a_q, q_tile, a_lane, 16 * warp, kk);
+      load_a_fragment<D>(a_dout, dout_tile, a_lane, 16 * warp, kk);
+#pragma unroll
+      for (int n = 0; n < BK / 8; n += 2) {
+        uint32_t b0[2], b1[2];
+        load_b_fragments<D, false>(b0, b1, k_tile(stage), b_lane, 8 * n, kk);
+        mma_m16n8k16<T>(s[n], a_q, b0, s[n]);
+        mma_m16n8k16<T>(s[n + 1], a_q, b1, s[n + 1]);
+        load_b_fragments<D, false>(b0, b1, v_tile(stage), b_lane, 8 * n, kk);
+        mma_m16n8k16<T>(dp[n], a_dout, b0, dp[n]);
+        mma_m16n8k16<T>(dp[n + 1], a_dout, b1, dp[n + 1]);
+      }
+    }
+    // dS = P (dP - delta) dscore/d(q.k), in s's registers.
+    const int64_t k0 = tile * BK;
+    const bool masked = tiles.needs_mask(tile, BK);
+#pragma unroll
+    for (int n = 0; n < BK / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2;
+        const int64_t i = q0 + row_in_tile[r], j = k0 + mma_c_coord(lane, e).col + 8 * n;
+        float dscore = rule.scale, score;
+        if (rule.plain()) score = s[n][e] * rule.scale_log2;
+        else score = rule.log2_score(s[n][e], i, j, &dscore);
+        const bool allowed = !masked || (j >= row_begin[r] && j < row_end[r]);
+        const float prob = allowed ? exp2f(score - lse_log2[r]) : 0.0f;
+        s[n][e] = prob * (dp[n][e] - delta[r]) * dscore;
+      }
+    // dq += dS K
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      uint32_t a[4];
+      a_fragment_from_c<T>(a, s, kk);
+#pragma unroll
+      for (int n = 0; n < D / 8; n += 2) {
+        uint32_t b0[2], b1[2];
+        load_b_fragments<D, true>(b0, b1, k_tile(stage), bt_lane, 16 * kk, n / 2);
+        mma_m16n8k16<T>(dq[n], a, b0, dq[n]);
+        mma_m16n8k16<T>(dq[n + 1], a, b1, dq[n + 1]);
+      }
+    }
+    stage ^= 1;
+  }
+
+  T* dq_rows = token_row(static_cast<T*>(g.dq), g.dq_layout, b, seq.q_begin + q0, h);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row_in_tile[r] >= valid_q) continue;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const int col = 8 * n + 2 * (lane % 4);
+      if (col < head_dim)
+        store_global(reinterpret_cast<uint32_t*>(dq_rows + row_in_tile[r] * g.dq_layout.token + col),
+                     pack_pair<T>(dq[n][2 * r], dq[n][2 * r + 1]));
+    }
+  }
+}
+
+// The dk/dv pass: one block per (64 keys, kv head, sequence, column half at D = 256). It loops over
+// the query heads of its GQA group and, for each, over the query tiles that see its keys (tiles of 32,
+// 16 at D = 256), with Q, dO, lse and delta streamed through a two-stage cp.async ring:
+//   Sᵀ = K Qᵀ, Pᵀ = exp2(Sᵀ - lse), dv += Pᵀ dO, dPᵀ = V dOᵀ, dSᵀ = Pᵀ (dPᵀ - delta) dscore, dk += dSᵀ Q,
+// a warp owning 16 keys (its rows of Sᵀ), so dk and dv are sums inside the block (deterministic).
+// With a dq accumulator, dSᵀ goes through shared memory and dq += dS K is added with float atomics.
+// dk and dv accumulate `d_acc` <= 128 columns (two blocks split D = 256, each recomputing S and dP):
+// 2 x 64 registers of accumulators a thread.
+template <int D>
+struct DkdvTiles {
+  static constexpr int block_k = 64, block_q = D <= 128 ? 32 : 16;
+  static constexpr int warps = 4, threads = 32 * warps;
+  static constexpr int d_acc = D <= 128 ? D : 128, splits = D / d_acc;
+  static constexpr int row_bytes = 2 * D;
+  static constexpr int k_bytes = block_k * row_bytes, q_bytes = block_q * row_bytes;
+  static constexpr int vector_bytes = 4 * block_q;                          // lse or delta of a tile
+  static constexpr int stage_bytes = 2 * q_bytes + 2 * vector_bytes;        // Q, dO, lse, delta
+  static constexpr int ds_row_bytes = 2 * block_q;                          // dSᵀ: keys x queries
+  static constexpr int ds_bytes = block_k * ds_row_bytes;
+  static constexpr int shared_bytes = 2 * k_bytes + 2 * stage_bytes + ds_bytes;
+  // dq = dS K: (block_q / 16) row blocks of 16 queries, the warps of a row block splitting d_acc.
+  static constexpr int dq_warps_per_rows = warps / (block_q / 16);
+  static constexpr int dq_cols = d_acc / dq_warps_per_rows;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(DkdvTiles<D>::threads, 1) backward_dkdv_kernel(const __grid_constant__ Problem p,
+                                                                                const __grid_constant__ Gradients g) {
+  using Tiles = DkdvTiles<D>;
+  constexpr int BQ = Tiles::block_q, BK = Tiles::block_k, DA = Tiles::d_acc;
+  const int64_t b = blockIdx.z, kv_head = blockIdx.y;
+  const int64_t key_tile = blockIdx.x / Tiles::splits;
+  const int col0 = int(blockIdx.x % Tiles::splits) * DA;  // this block's dk/dv/dq columns
+  const Sequence seq = sequence_of(p, b);
+  const int64_t k0 = key_tile * BK;
+  if (k0 >= seq.sk) return;
+  const int thread = int(threadIdx.x), lane = thread % 32, warp = thread / 32;
+  const int64_t group = p.heads_q / p.heads_k;
+  const int64_t valid_k = seq.sk - k0 < BK ? seq.sk - k0 : BK;
+  const int head_dim = int(p.head_dim);
+
+  uint8_t* shared = dynamic_shared_memory();
+  uint8_t* k_tile = shared;
+  uint8_t* v_tile = shared + Tiles::k_bytes;
+  auto q_tile = [&](int stage) { return shared + 2 * Tiles::k_bytes + stage * Tiles::stage_bytes; };
+  auto dout_tile = [&](int stage) { return q_tile(stage) + Tiles::q_bytes; };
+  auto lse_of = [&](int stage) { return reinterpret_cast<float*>(q_tile(stage) + 2 * Tiles::q_bytes); };
+  auto delta_of = [&](int stage) { return lse_of(stage) + BQ; };
+  uint8_t* ds_tile = shared + 2 * Tiles::k_bytes + 2 * Tiles::stage_bytes;
+  constexpr SwizzledTile ds_layout{Tiles::ds_row_bytes};
+
+  // The queries (of any head of the group: the mask does not depend on the head) that see these keys.
+  const KeyRange queries = queries_seeing(k0, k0 + valid_k, seq.sq, seq.sk, p.mask);
+  const int64_t q_tiles = (queries.end - queries.begin + BQ - 1) / BQ;
+  const int64_t steps = group * q_tiles;  // (head, query tile) pairs
+
+  auto load_step = [&](int stage, int64_t step) {
+    const int64_t h = kv_head * group + step / q_tiles, q0 = queries.begin + (step % q_tiles) * BQ;
+    const int64_t rows = seq.sq - q0;
+    load_tile<T, D, BQ, Tiles::threads>(q_tile(stage),
+                                        token_row(static_cast<const T*>(p.q), p.q_layout, b, seq.q_begin + q0, h),
+                                        p.q_layout.token, rows, head_dim, thread);
+    load_tile<T, D, BQ, Tiles::threads>(
+        dout_tile(stage), token_row(static_cast<const T*>(g.dout), g.dout_layout, b, seq.q_begin + q0, h),
+        g.dout_layout.token, rows, head_dim, thread);
+    if (thread < 2 * BQ) {  // lse and delta: one float a thread, zeros past the sequence (masked below)
+      const int r = thread % BQ;
+      const float* vector = thread < BQ ? p.lse : g.delta;
+      const int64_t index = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_begin + q0 + r;
+      cp_async<4>((thread < BQ ? lse_of(stage) : delta_of(stage)) + r, r < rows ? vector + index : vector,
+                  r < rows ? 4 : 0);
+    }
+  };
+  const T* k_rows = token_row(static_cast<const T*>(p.k), p.k_layout, b, seq.k_begin + k0, kv_head);
+  const T* v_rows = token_row(static_cast<const T*>(p.v), p.v_layout, b, seq.k_begin + k0, kv_head);
+  load_tile<T, D, BK, Tiles::threads>(k_tile, k_rows, p.k_layout.token, valid_k, head_dim, thread);
+  load_tile<T, D, BK, Tiles::threads>(v_tile, v_rows, p.v_layout.token, valid_k, head_dim, thread);
+  if (steps > 0) load_step(0, 0);
+  cp_async_commit();
+
+  const LaneOffset a_lane = a_offset<D>(lane), b_lane = b_offset<D>(lane), bt_lane = b_transposed_offset<D>(lane);
+  const int key_in_tile[2] = {16 * warp + lane / 4, 16 * warp + lane / 4 + 8};
+  float dk[DA / 8][4], dv[DA / 8][4];
+  zero(dk);
+  zero(dv);
+
+  int stage = 0;
+  for (int64_t step = 0; step < steps; ++step) {
+    cp_async_wait<0>();
+    __syncthreads();
+    if (step + 1 < steps) load_step(stage ^ 1, step + 1);
+    cp_async_commit();
+    const int64_t h = kv_head * group + step / q_tiles, q0 = queries.begin + (step % q_tiles) * BQ;
+    const ScoreRule rule = score_rule(p, b, h, seq);
+
+    // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: the warp's 16 keys x BQ queries.
+    float s[BQ / 8][4], dp[BQ / 8][4];
+    zero(s);
+    zero(dp);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a_k[4], a_v[4];
+      load_a_fragment<D>(a_k, k_tile, a_lane, 16 * warp, kk);
+      load_a_fragment<D>(a_v, v_tile, a_lane, 16 * warp, kk);
+#pragma unroll
+      for (int n = 0; n < BQ / 8; n += 2) {
+        uint32_t b0[2], b1[2];
+        load_b_fragments<D, false>(b0, b1, q_tile(stage), b_lane, 8 * n, kk);
+        mma_m16n8k16<T>(s[n], a_k, b0, s[n]);
+        mma_m16n8k16<T>(s[n + 1], a_k, b1, s[n + 1]);
+        load_b_fragments<D, false>(b0, b1, dout_tile(stage), b_lane, 8 * n, kk);
+        mma_m16n8k16<T>(dp[n], a_v, b0, dp[n]);
+        mma_m16n8k16<T>(dp[n + 1], a_v, b1, dp[n + 1]);
+      }
+    }
+
+    // Pᵀ (in s) and dSᵀ (in dp). Masks on the tiles where some (query, key) pair is not allowed: a key
+    // past the sequence, a query past it, or a pair outside the query's key range.
+    const int64_t q_last = q0 + BQ - 1;
+    const bool masked = k0 + BK > seq.sk || q_last >= seq.sq ||
+                        allowed_keys(q_last, seq.sq, seq.sk, p.mask).begin > k0 ||
+                        allowed_keys(q0, seq.sq, seq.sk, p.mask).end < k0 + BK;
+#pragma unroll
+    for (int n = 0; n < BQ / 8; ++n) {
+      const int col = 8 * n + 2 * (lane % 4);
+      const Vec<float, 2> lse = load_shared(reinterpret_cast<const Vec<float, 2>*>(lse_of(stage) + col));
+      const Vec<float, 2> delta = load_shared(reinterpret_cast<const Vec<float, 2>*>(delta_of(stage) + col));
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t i = q0 + col + e % 2, j = k0 + key_in_tile[e / 2];
+        float dscore = rule.scale, score;
+        if (rule.plain()) score = s[n][e] * rule.scale_log2;
+        else score = rule.log2_score(s[n][e], i, j, &dscore);
+        bool allowed = true;
+        if (masked) {
+          const KeyRange range = allowed_keys(i, seq.sq, seq.sk, p.mask);
+          allowed = i < seq.sq && j < seq.sk && j >= range.begin && j < range.end;
+        }
+        const float prob = allowed ? exp2f(score - lse[e % 2] * kLog2e) : 0.0f;
+        s[n][e] = prob;
+        dp[n][e] = prob * (dp[n][e] - delta[e % 2]) * dscore;
+      }
+    }
+
+    // dv += Pᵀ dO and dk += dSᵀ Q over this block's columns.
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk) {
+      uint32_t a_p[4], a_ds[4];
+      a_fragment_from_c<T>(a_p, s, kk);
+      a_fragment_from_c<T>(a_ds, dp, kk);
+#pragma unroll
+      for (int n = 0; n < DA / 8; n += 2) {
+        uint32_t b0[2], b1[2];
+        load_b_fragments<D, true>(b0, b1, dout_tile(stage), bt_lane, 16 * kk, col0 / 16 + n / 2);
+        mma_m16n8k16<T>(dv[n], a_p, b0, dv[n]);
+        mma_m16n8k16<T>(dv[n + 1], a_p, b1, dv[n + 1]);
+        load_b_fragments<D, true>(b0, b1, q_tile(stage), bt_lane, 16 * kk, col0 / 16 + n / 2);
+        mma_m16n8k16<T>(dk[n], a_ds, b0, dk[n]);
+        mma_m16n8k16<T>(dk[n + 1], a_ds, b1, dk[n + 1]);
+      }
+    }
+
+    if (g.dq_accum) {
+      // dSᵀ to shared memory (keys x queries), then dq (queries x columns) += dS K with atomics.
+#pragma unroll
+      for (int n = 0; n < BQ / 8; ++n)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          store_shared(reinterpret_cast<uint32_t*>(ds_tile + ds_layout.offset(key_in_tile[r], 2 * (8 * n + 2 * (lane % 4)))),
+                       pack_pair<T>(dp[n][2 * r], dp[n][2 * r + 1]));
+      __syncthreads();
+      const int query_block = warp / Tiles::dq_warps_per_rows;                      // 16 queries
+      const int dq_col0 = col0 + (warp % Tiles::dq_warps_per_rows) * Tiles::dq_cols;  // of D
+      float* dq_rows = token_row(g.dq_accum, g.dq_accum_layout, b, seq.q_begin + q0 + 16 * query_block, h);
+      // A = dS (queries x keys) from dSᵀ by ldmatrix.trans: matrices (q 0-7, k 0-7), (q 8-15, k 0-7),
+      // (q 0-7, k 8-15), (q 8-15, k 8-15) are the stored (keys, queries) blocks transposed.
+      const int ds_row = lane % 8 + 8 * (lane / 16), ds_col = 16 * query_block + 8 * ((lane / 8) % 2);
+#pragma unroll
+      for (int c = 0; c < Tiles::dq_cols; c += 16) {
+        float acc[2][4];
+        zero(acc);
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+          uint32_t a[4], b0[2], b1[2];
+          ldmatrix_trans<4>(a, ds_tile + ds_layout.offset(16 * kk + ds_row, 2 * ds_col));
+          load_b_fragments<D, true>(b0, b1, k_tile, bt_lane, 16 * kk, (dq_col0 + c) / 16);
+          mma_m16n8k16<T>(acc[0], a, b0, acc[0]);
+          mma_m16n8k16<T>(acc[1], a, b1, acc[1]);
+        }
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const FragmentCoord at = mma_c_coord(lane, e);
+            const int col = dq_col0 + c + 8 * n + at.col;
+            if (q0 + 16 * query_block + at.row < seq.sq && col < head_dim)
+              atomicAdd(dq_rows + at.row * g.dq_accum_layout.token + col, acc[n][e]);
+          }
+      }
+    }
+    stage ^= 1;
+  }
+
+  // dk and dv of this block's keys and columns (zeros for keys no query sees).
+  T* dk_rows = token_row(static_cast<T*>(g.dk), g.dk_layout, b, seq.k_begin + k0, kv_head);
+  T* dv_rows = token_row(static_cast<T*>(g.dv), g.dv_layout, b, seq.k_begin + k0, kv_head);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (key_in_tile[r] >= valid_k) continue;
+#pragma unroll
+    for (int n = 0; n < DA / 8; ++n) {
+      const int col = col0 + 8 * n + 2 * (lane % 4);
+      if (col >= head_dim) continue;
+      store_global(reinterpret_cast<uint32_t*>(dk_rows + key_in_tile[r] * g.dk_layout.token + col),
+                   pack_pair<T>(dk[n][2 * r], dk[n][2 * r + 1]));
+      store_global(reinterpret_cast<uint32_t*>(dv_rows + key_in_tile[r] * g.dv_layout.token + col),
+                   pack_pair<T>(dv[n][2 * r], dv[n][2 * r + 1]));
+    }
+  }
+}
+
+template <typename T, int D>
+void run_backward(const Problem& p, const Gradients& g, DeviceStream stream) {
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int64_t batches = varlen ? 1 : p.batch;
+  const int64_t tokens = varlen ? p.lse_head_stride : p.seqlen_q;  // total_q for varlen
+  const int64_t rows = batches * tokens * p.heads_q;
+  launch("attention backward prologue", backward_prologue_kernel<T>,
+         LaunchShape{dim3(uint32_t((rows + kPrologueThreads / 32 - 1) / (kPrologueThreads / 32))),
+                     dim3(kPrologueThreads)},
+         stream, p, g, batches, tokens);
+  using Dkdv = DkdvTiles<D>;
+  const int64_t key_tiles = (p.seqlen_k + Dkdv::block_k - 1) / Dkdv::block_k;
+  launch("attention backward dk dv", backward_dkdv_kernel<T, D>,
+         LaunchShape{dim3(uint32_t(key_tiles * Dkdv::splits), uint32_t(p.heads_k), uint32_t(p.batch)),
+                     dim3(Dkdv::threads), Dkdv::shared_bytes},
+         stream, p, g);
+  if (g.dq_accum) {
+    const int64_t chunks = rows * (p.head_dim / 8);
+    launch("attention backward dq convert", convert_dq_kernel<T>,
+           LaunchShape{dim3(uint32_t((chunks + kPrologueThreads - 1) / kPrologueThreads)), dim3(kPrologueThreads)},
+           stream, p, g, batches, tokens);
+  } else {
+    using Dq = DqTiles<D>;
+    const int64_t q_tiles = (p.seqlen_q + Dq::block_q - 1) / Dq::block_q;
+    launch("attention backward dq", backward_dq_kernel<T, D>,
+           LaunchShape{dim3(uint32_t(q_tiles), uint32_t(p.heads_q), uint32_t(p.batch)), dim3(Dq::threads),
+                       Dq::shared_bytes},
+           stream, p, g);
+  }
+}
+
 template <typename T, int D>
 void run_forward(const Problem& p, DeviceStream stream) {
   using Tiles = ForwardTiles<D>;
@@ -400,6 +843,15 @@ void dispatch_head_dim(int64_t head_dim, Fn&& fn) {
 }
 
 }  // namespace
+
+void backward_device(const Problem& problem, const Gradients& gradients, DeviceStream stream) {
+  if (problem.batch == 0) return;
+  dispatch<bf16, f16>(problem.dtype, "attention backward (CUDA kernel)", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_head_dim(problem.head_dim,
+                      [&](auto d) { run_backward<T, decltype(d)::value>(problem, gradients, stream); });
+  });
+}
 
 void forward_device(const Problem& problem, DeviceStream stream) {
   if (problem.batch == 0 || problem.seqlen_q == 0) return;

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import emulator
 from ._ops import native_op
 
 __all__ = ["attention", "attention_varlen"]
@@ -31,8 +32,10 @@ def _forward(
     window_left: int,
     window_right: int,
     alibi_slopes: Optional[torch.Tensor],
+    deterministic: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out like q, lse float32: (batch, heads_q, seqlen_q), or (heads_q, total_q) for varlen)."""
+    """(out like q, lse float32: (batch, heads_q, seqlen_q), or (heads_q, total_q) for varlen).
+    `deterministic` is for the backward (saved by autograd)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if cu_seqlens_q is None:
         lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
@@ -60,31 +63,43 @@ def _backward(
     window_left: int,
     window_right: int,
     alibi_slopes: Optional[torch.Tensor],
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), shaped like q, k, v."""
+    deterministic: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) shaped like q, k, v, then the CUDA kernels' float32 workspaces (empty for the CPU
+    kernel): delta (lse's shape) and, unless deterministic, the zero-filled dq accumulator (q's shape)
+    that the key blocks add into with atomics."""
+    device_kernels = q.device.type == "cuda" or emulator.enabled()
+    workspace = lambda shape: torch.empty(shape if device_kernels else (0,), dtype=torch.float32, device=q.device)
+    dq_accum = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if device_kernels and not deterministic
+                else workspace((0,)))
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
-            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+            torch.empty(v.shape, dtype=v.dtype, device=v.device), workspace(lse.shape), dq_accum)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, softcap, causal, left, right, slopes = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, softcap, causal, left, right, slopes, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, slopes)
-    ctx.options = (max_q, max_k, scale, softcap, causal, left, right)
+    ctx.options = (max_q, max_k, scale, softcap, causal, left, right, slopes, deterministic)
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _rows_aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its head_dim rows can be copied in 16-byte pieces (contiguous last dimension,
+    16-byte aligned start, other strides multiples of 8 elements: what the CUDA kernels need, and any
+    slice of a packed qkv tensor is), else a contiguous copy."""
+    aligned = (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(size <= 1 or stride % 8 == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1])))
+    return t if aligned else t.contiguous()
 
 
 def _autograd_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, slopes = ctx.saved_tensors
-    max_q, max_k, scale, softcap, causal, left, right = ctx.options
-    dout = torch.zeros_like(out) if dout is None else _last_dim_contiguous(dout)
+    max_q, max_k, scale, softcap, causal, left, right, _, deterministic = ctx.options
+    dout = torch.zeros_like(out) if dout is None else _rows_aligned(dout)
     dlse = None if dlse is None else dlse.contiguous()
-    dq, dk, dv = _backward(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, softcap, causal, left,
-                           right, slopes)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    dq, dk, dv, _, _ = _backward(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, softcap, causal,
+                                 left, right, slopes, deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("llmkernels::attention_forward", _autograd_backward, setup_context=_setup_context)
@@ -104,10 +119,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
     q (batch, seqlen_q, heads_q, head_dim), k and v (batch, seqlen_k, heads_k, head_dim) with
     heads_q % heads_k == 0; causal masks align bottom-right. Returns out (like q), and the float32
-    log-sum-exp (batch, heads_q, seqlen_q) when `return_lse`. Differentiable in q, k and v. The CPU
-    backward is deterministic whatever `deterministic` says."""
+    log-sum-exp (batch, heads_q, seqlen_q) when `return_lse`. Differentiable in q, k and v. The CUDA
+    backward adds dq with float atomics unless `deterministic` (bit-reproducible, somewhat slower);
+    the CPU backward is deterministic either way."""
     scale, softcap, left, right = _options(q, softmax_scale, window, softcap)
-    out, lse = _forward(q, k, v, None, None, 0, 0, scale, softcap, bool(causal), left, right, alibi_slopes)
+    q, k, v = _rows_aligned(q), _rows_aligned(k), _rows_aligned(v)
+    out, lse = _forward(q, k, v, None, None, 0, 0, scale, softcap, bool(causal), left, right, alibi_slopes,
+                        bool(deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -120,17 +138,18 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     head_dim), int32 cumulative lengths cu_seqlens_q/k of batch + 1 entries (sequences may be empty).
     The log-sum-exp is (heads_q, total_q)."""
     scale, softcap, left, right = _options(q, softmax_scale, window, softcap)
+    q, k, v = _rows_aligned(q), _rows_aligned(k), _rows_aligned(v)
     out, lse = _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, softcap,
-                        bool(causal), left, right, alibi_slopes)
+                        bool(causal), left, right, alibi_slopes, bool(deterministic))
     return (out, lse) if return_lse else out
 
 
 def forward(q, k, v, *, causal=False, softmax_scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
-            cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+            deterministic=False, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     """(out, lse) of attention or attention_varlen (the tests' entry to both layouts)."""
     if cu_seqlens_q is None:
         return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
-                         alibi_slopes=alibi_slopes, return_lse=True)
+                         alibi_slopes=alibi_slopes, deterministic=deterministic, return_lse=True)
     return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                             softmax_scale=softmax_scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                            return_lse=True)
+                            deterministic=deterministic, return_lse=True)
