@@ -87,8 +87,13 @@ def _rows_aligned(t: torch.Tensor) -> torch.Tensor:
     """t itself when its head_dim rows can be copied in 16-byte pieces (contiguous last dimension,
     16-byte aligned start, other strides multiples of 8 elements: what the CUDA kernels need, and any
     slice of a packed qkv tensor is), else a contiguous copy."""
-    aligned = (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-               and all(size <= 1 or stride % 8 == 0 for size, stride in zip(t.shape[:-1], t.stride()[:-1])))
+    # (The storage offset, not data_ptr(): fake tensors have no data, and torch's allocations are
+    # aligned to at least 64 bytes. torch.compile does not trace storage_offset(): there the strides
+    # decide, and the native layer refuses a misaligned start with a clear error.)
+    aligned = t.stride(-1) == 1 and all(size <= 1 or stride % 8 == 0
+                                        for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
+    if aligned and not torch.compiler.is_compiling():
+        aligned = t.storage_offset() * t.element_size() % 16 == 0
     return t if aligned else t.contiguous()
 
 

@@ -5,7 +5,9 @@ S = (q kᵀ) * scale, then softcap * tanh(S / softcap) when softcap > 0, then th
 i + seqlen_k - seqlen_q): causal keeps j <= that position, window (left, right) keeps
 position - left <= j <= position + right (-1: unbounded on that side; causal means right = 0).
 P = softmax over the kept keys, out = P v. Arithmetic in float32 (float64 for float64 inputs),
-rounded once to q's dtype. GQA: query head h reads kv head h // (heads_q // heads_k).
+rounded once to q's dtype; with `upcast=False`, 16-bit inputs are computed in their own dtype
+throughout (PyTorch's own low-precision attention: the baseline of the parity rule for kernels that
+round P and dS to 16 bits for the tensor cores, as flash-attn's tests do). GQA: query head h reads kv head h // (heads_q // heads_k).
 A query row that keeps no key gives out = 0 and lse = +inf (so exp(S - lse) = 0 in a backward).
 The lse is float32 (float64 for float64 inputs, so that the reference stays a float64 oracle).
 Differentiable by torch autograd; `deterministic` is accepted and ignored.
@@ -51,11 +53,12 @@ def _check(q, k, v, window, softcap, alibi_slopes, batch, dims):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               softmax_scale: Optional[float] = None, window: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
-              alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = False, return_lse: bool = False):
+              alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = False, return_lse: bool = False,
+              upcast: bool = True):
     _check(q, k, v, window, softcap, alibi_slopes, q.shape[0] if q.dim() == 4 else 0, 4)
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_k = k.shape[1], k.shape[2]
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32 if upcast else q.dtype
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     group = heads_q // heads_k
     kc = k.to(compute).repeat_interleave(group, dim=2)
@@ -85,14 +88,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if not return_lse:
         return out
     lse = torch.logsumexp(s, dim=-1).masked_fill(~row_ok[:, 0], float("inf"))
-    return out, lse
+    return out, lse if lse.dtype == torch.float64 else lse.float()
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                      softmax_scale: Optional[float] = None, window: Tuple[int, int] = (-1, -1),
                      softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
-                     deterministic: bool = False, return_lse: bool = False):
+                     deterministic: bool = False, return_lse: bool = False, upcast: bool = True):
     """Packed sequences: q (total_q, heads_q, head_dim), k and v (total_k, heads_k, head_dim),
     sequence b is rows cu_seqlens[b]:cu_seqlens[b + 1]. Returns out (total_q, heads_q, head_dim)
     and, when asked, lse (heads_q, total_q)."""
@@ -123,7 +126,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
         out, lse = attention(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
                              causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
-                             alibi_slopes=slopes, return_lse=True)
+                             alibi_slopes=slopes, return_lse=True, upcast=upcast)
         outs.append(out[0])
         lses.append(lse[0])
     out = torch.cat(outs)
