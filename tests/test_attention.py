@@ -21,7 +21,7 @@ from llmkernels import attention
 from llmkernels._ext import C
 from llmkernels.reference import attention as reference
 
-from helpers import assert_parity, poisoned, randn
+from helpers import assert_parity, generator, poisoned, randn
 
 # (seqlen_q, seqlen_k, heads_q, heads_k, head_dim): tails of every block size, sq != sk both ways,
 # head ratios 1, 4, 8, the head dims of the issue.
@@ -29,6 +29,11 @@ SHAPES = [(1, 1, 1, 1, 32), (17, 17, 4, 1, 64), (113, 17, 4, 4, 40), (17, 113, 8
           (65, 65, 2, 2, 128), (33, 40, 2, 1, 256), (255, 257, 2, 2, 64)]
 MASKS = [dict(), dict(causal=True), dict(window=(7, -1)), dict(window=(5, 3)), dict(causal=True, window=(9, -1)),
          dict(window=(-1, 0))]
+
+
+def rand(shape, *, seed, device):
+    """Seeded uniform [0, 1) values (ALiBi slopes)."""
+    return torch.rand(shape, generator=generator(seed)).to(device)
 
 
 def cuda_kernels(device) -> bool:
@@ -89,8 +94,8 @@ def test_masks_match_reference(shape, mask, device):
 
 def test_softcap_alibi_and_scale(device):
     q, k, v = inputs(70, 90, 4, 2, 64, torch.bfloat16, seed=5, device=device)
-    slopes = torch.rand(4, device=device)
-    per_batch = torch.rand(2, 4, device=device)
+    slopes = rand((4,), seed=31, device=device)
+    per_batch = rand((2, 4), seed=32, device=device)
     check(q, k, v, "softcap", softcap=20.0)
     check(q, k, v, "alibi", alibi_slopes=slopes, causal=True)
     check(q, k, v, "alibi per batch", alibi_slopes=per_batch, window=(10, 10))
@@ -128,7 +133,7 @@ def varlen_inputs(device, dtype=torch.bfloat16, head_dim=64, seed=11):
 
 def test_varlen_matches_reference_with_empty_and_single_token_sequences(device):
     q, k, v, cu_q, cu_k, max_q, max_k = varlen_inputs(device)
-    for options in (dict(), dict(causal=True), dict(window=(4, 2), alibi_slopes=torch.rand(5, 4, device=device))):
+    for options in (dict(), dict(causal=True), dict(window=(4, 2), alibi_slopes=rand((5, 4), seed=33, device=device))):
         out, lse = attention.forward(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
                                      max_seqlen_k=max_k, **options)
         out, lse = out.cpu(), lse.cpu()
@@ -230,7 +235,7 @@ def test_backward_masks_softcap_alibi(mask, device):
     q, k, v = inputs(70, 90, 4, 2, 64, kernel_dtype(device), seed=6, device=device)
     check_gradients(q, k, v, f"{mask}", **mask)
     check_gradients(q, k, v, f"{mask} softcap alibi deterministic", softcap=8.0,
-                    alibi_slopes=torch.rand(4, device=device), deterministic=True, **mask)
+                    alibi_slopes=rand((4,), seed=34, device=device), deterministic=True, **mask)
 
 
 def test_backward_varlen_and_strided_inputs(device):

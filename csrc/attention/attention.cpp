@@ -116,6 +116,9 @@ Problem make_problem(const TensorView& q, const TensorView& k, const TensorView&
     p.seqlen_q = q.shape[1];
     p.seqlen_k = k.shape[1];
   }
+  // (The CUDA kernels index a sequence's tokens in 32-bit arithmetic.)
+  LLMK_CHECK(p.seqlen_q < (int64_t(1) << 30) && p.seqlen_k < (int64_t(1) << 30), ValueError,
+             "sequences must be shorter than 2^30 tokens; got seqlen_q ", p.seqlen_q, " and seqlen_k ", p.seqlen_k);
   const int64_t total_q = varlen ? q.shape[0] : p.seqlen_q;
   if (lse) {
     lse->check_dtype(DType::f32);

@@ -178,10 +178,10 @@ inline Score score_of(const Problem& p, double dot, int64_t i, int64_t j, int64_
 }
 
 // P_ij and dS_ij (times d score / d(q.k)) of one (query, key) pair, from q_i, k_j, dout_i, v_j.
-struct PairGradient { float prob, ds; };
+struct PairGradient { double prob, ds; };
 
 inline PairGradient pair_gradient(const Problem& p, const float* q, const float* k, const float* dout, const float* v,
-                                  int64_t i, int64_t j, int64_t sq, int64_t sk, float slope, float lse, float delta) {
+                                  int64_t i, int64_t j, int64_t sq, int64_t sk, float slope, double lse, float delta) {
   double dot = 0.0, dp = 0.0;
   for (int64_t e = 0; e < p.head_dim; ++e) {
     dot += double(q[e]) * k[e];
@@ -189,7 +189,7 @@ inline PairGradient pair_gradient(const Problem& p, const float* q, const float*
   }
   const Score s = score_of(p, dot, i, j, sq, sk, slope);
   const double prob = std::exp(s.value - lse);
-  return PairGradient{float(prob), float(prob * (dp - delta) * s.slope_of_dot)};
+  return PairGradient{prob, prob * (dp - delta) * s.slope_of_dot};
 }
 
 // Index of query i of sequence b, head h in the lse layout (also used for D).
@@ -221,6 +221,41 @@ void backward_typed(const Problem& p, const Gradients& g) {
       for (int64_t e = 0; e < d; ++e) sum += double(to_float(dout[e])) * to_float(out[e]);
       const int64_t index = lse_index(p, b, h, i);
       delta[index] = float(sum - (g.dlse ? g.dlse[index] : 0.0f));
+    }
+  }
+
+  // The log-sum-exp again, in double: the forward's float32 lse carries the float32 scores' rounding
+  // (7 ulps measured at |lse| = 3.6 with softcap), and P = exp(score - lse) with double scores but that
+  // lse sums to 1 only within it: dv came out at 2.2x PyTorch's float32 error. One more dot a pair.
+  std::vector<double> lse64(size_t(lse_size), double(std::numeric_limits<float>::infinity()));
+#pragma omp parallel
+  {
+    std::vector<float> q_row(d);
+    std::vector<double> scores;
+#pragma omp for schedule(dynamic)
+    for (int64_t bh = 0; bh < p.batch * p.heads_q; ++bh) {
+      const int64_t b = bh / p.heads_q, h = bh % p.heads_q, hk = h / group, sq = p.q_length(b), sk = p.k_length(b);
+      const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
+      for (int64_t i = 0; i < sq; ++i) {
+        const KeyRange range = allowed_keys(i, sq, sk, p.mask);
+        if (range.begin >= range.end) continue;
+        const int64_t token = p.q_begin(b) + i;
+        load_rows(static_cast<const T*>(p.q) + b * p.q_layout.batch + token * p.q_layout.token + h * p.q_layout.head,
+                  p.q_layout.token, 1, d, q_row.data());
+        scores.clear();
+        double top = -std::numeric_limits<double>::infinity();
+        for (int64_t j = range.begin; j < range.end; ++j) {
+          const T* k = static_cast<const T*>(p.k) + b * p.k_layout.batch + (p.k_begin(b) + j) * p.k_layout.token +
+                       hk * p.k_layout.head;
+          double dot = 0.0;
+          for (int64_t e = 0; e < d; ++e) dot += double(q_row[e]) * to_float(k[e]);
+          scores.push_back(score_of(p, dot, i, j, sq, sk, slope).value);
+          top = std::max(top, scores.back());
+        }
+        double sum = 0.0;
+        for (double x : scores) sum += std::exp(x - top);
+        lse64[lse_index(p, b, h, i)] = top + std::log(sum);
+      }
     }
   }
 
@@ -256,7 +291,7 @@ void backward_typed(const Problem& p, const Gradients& g) {
                         h * g.dout_layout.head, g.dout_layout.token, rows, d, do_tile.data());
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t i = i0 + r, index = lse_index(p, b, h, i);
-            const float lse = p.lse[index];
+            const double lse = lse64[index];
             if (lse == inf) continue;  // a query with no key
             const KeyRange range = allowed_keys(i, sq, sk, p.mask);
             const float* qr = q_tile.data() + r * d;
@@ -266,13 +301,13 @@ void backward_typed(const Problem& p, const Gradients& g) {
               if (j < range.begin || j >= range.end) continue;
               const PairGradient pg = pair_gradient(p, qr, k_tile.data() + c * d, dor, v_tile.data() + c * d, i, j, sq,
                                                     sk, slope, lse, delta[index]);
-              const float prob = pg.prob, ds = pg.ds;
+              const double prob = pg.prob, ds = pg.ds;
               double* dkr = dk.data() + c * d;
               double* dvr = dv.data() + c * d;
 #pragma omp simd
               for (int64_t e = 0; e < d; ++e) {
-                dvr[e] += double(prob * dor[e]);
-                dkr[e] += double(ds * qr[e]);
+                dvr[e] += prob * dor[e];
+                dkr[e] += ds * qr[e];
               }
             }
           }
@@ -310,7 +345,7 @@ void backward_typed(const Problem& p, const Gradients& g) {
                   p.v_layout.token, cols, d, v_tile.data());
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r, index = lse_index(p, b, h, i);
-          const float lse = p.lse[index];
+          const double lse = lse64[index];
           if (lse == inf) continue;
           const KeyRange range = allowed_keys(i, sq, sk, p.mask);
           const float* qr = q_tile.data() + r * d;
@@ -320,10 +355,10 @@ void backward_typed(const Problem& p, const Gradients& g) {
             const int64_t j = j0 + c;
             if (j < range.begin || j >= range.end) continue;
             const float* kr = k_tile.data() + c * d;
-            const float ds = pair_gradient(p, qr, kr, dor, v_tile.data() + c * d, i, j, sq, sk, slope, lse,
+            const double ds = pair_gradient(p, qr, kr, dor, v_tile.data() + c * d, i, j, sq, sk, slope, lse,
                                            delta[index]).ds;
 #pragma omp simd
-            for (int64_t e = 0; e < d; ++e) dqr[e] += double(ds * kr[e]);
+            for (int64_t e = 0; e < d; ++e) dqr[e] += ds * kr[e];
           }
         }
       }

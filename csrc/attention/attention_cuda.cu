@@ -163,9 +163,9 @@ LLMK_DEVICE T* token_row(T* base, const Layout& layout, int64_t b, int64_t token
 // backward's chain rule), in natural units.
 struct ScoreRule {
   float scale, scale_log2, softcap, slope;  // slope = 0 without ALiBi
-  int64_t diagonal_offset;                  // sk - sq: query i sits at key position i + offset
+  int diagonal_offset;                      // sk - sq: query i sits at key position i + offset
 
-  LLMK_DEVICE float log2_score(float dot, int64_t i, int64_t j, float* dscore = nullptr) const {
+  LLMK_DEVICE float log2_score(float dot, int i, int j, float* dscore = nullptr) const {
     float s = dot * scale;
     if (softcap > 0.0f) {
       const float t = tanhf(s / softcap);
@@ -175,7 +175,7 @@ struct ScoreRule {
       *dscore = scale;
     }
     if (slope != 0.0f) {
-      const int64_t distance = i + diagonal_offset - j;
+      const int distance = i + diagonal_offset - j;
       s -= slope * float(distance < 0 ? -distance : distance);
     }
     return s * kLog2e;
@@ -185,7 +185,25 @@ struct ScoreRule {
 
 LLMK_DEVICE ScoreRule score_rule(const Problem& p, int64_t b, int64_t h, const Sequence& seq) {
   const float slope = p.alibi_slopes ? load_global(p.alibi_slopes + b * p.alibi_batch_stride + h) : 0.0f;
-  return ScoreRule{p.scale, p.scale * kLog2e, p.softcap, slope, seq.sk - seq.sq};
+  return ScoreRule{p.scale, p.scale * kLog2e, p.softcap, slope, int(seq.sk - seq.sq)};
+}
+
+// Whether query i may see key j (allowed_keys's range as a per-element test, in 32-bit arithmetic:
+// attention.cpp keeps sequences below 2^30 tokens), false past either sequence's end.
+struct SequenceMask {
+  int sq, sk, offset;  // offset = sk - sq: query i sits at key position i + offset
+  int left, right;     // window, -1 = unbounded; causal: right = 0
+  LLMK_DEVICE bool allowed(int i, int j) const {
+    const int distance = i + offset - j;  // > 0: the key is left of the query's position
+    return i < sq && j < sk && (right < 0 || -distance <= right) && (left < 0 || distance <= left);
+  }
+};
+
+LLMK_DEVICE SequenceMask sequence_mask(const Sequence& seq, const Mask& mask) {
+  constexpr int64_t kUnbounded = int64_t(1) << 30;  // wider than any sequence: the same as -1
+  auto window = [&](int64_t w) { return int(w < 0 || w > kUnbounded ? -1 : w); };
+  return SequenceMask{int(seq.sq), int(seq.sk), int(seq.sk - seq.sq), window(mask.window_left),
+                      mask.causal ? 0 : window(mask.window_right)};
 }
 
 // The key tiles a block of queries [q0, q_last] visits, and which of them need the per-element mask.
@@ -244,15 +262,9 @@ __global__ void __launch_bounds__(ForwardTiles<D>::threads, 1) forward_kernel(co
   if (tiles.first < tiles.end) load_kv(0, tiles.first);
   cp_async_commit();
 
-  // This thread's two rows (g and g + 8 of the warp's 16) and the keys each may see.
+  // This thread's two rows: g and g + 8 of the warp's 16.
   const int row_in_tile[2] = {16 * warp + lane / 4, 16 * warp + lane / 4 + 8};
-  int64_t row_begin[2], row_end[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const KeyRange range = allowed_keys(q0 + row_in_tile[r], seq.sq, seq.sk, p.mask);
-    row_begin[r] = range.begin;
-    row_end[r] = range.end;
-  }
+  const SequenceMask mask = sequence_mask(seq, p.mask);
 
   float o[D / 8][4];
   zero(o);
@@ -310,9 +322,8 @@ __global__ void __launch_bounds__(ForwardTiles<D>::threads, 1) forward_kernel(co
       for (int n = 0; n < BK / 8; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int r = e / 2;
-          const int64_t i = q0 + row_in_tile[r], j = k0 + mma_c_coord(lane, e).col + 8 * n;
-          s[n][e] = (j >= row_begin[r] && j < row_end[r]) ? rule.log2_score(s[n][e], i, j) : -kInfinity;
+          const int i = int(q0) + row_in_tile[e / 2], j = int(k0) + mma_c_coord(lane, e).col + 8 * n;
+          s[n][e] = mask.allowed(i, j) ? rule.log2_score(s[n][e], i, j) : -kInfinity;
         }
     }
 
@@ -481,13 +492,10 @@ __global__ void __launch_bounds__(DqTiles<D>::threads, 1) backward_dq_kernel(con
   cp_async_commit();
 
   const int row_in_tile[2] = {16 * warp + lane / 4, 16 * warp + lane / 4 + 8};
-  int64_t row_begin[2], row_end[2];
+  const SequenceMask mask = sequence_mask(seq, p.mask);
   float lse_log2[2], delta[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const KeyRange range = allowed_keys(q0 + row_in_tile[r], seq.sq, seq.sk, p.mask);
-    row_begin[r] = range.begin;
-    row_end[r] = range.end;
     const int64_t index = b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_begin + q0 + row_in_tile[r];
     const bool valid = row_in_tile[r] < valid_q;
     lse_log2[r] = valid ? load_global(p.lse + index) * kLog2e : kInfinity;  // +inf: P = 0
@@ -507,7 +515,8 @@ __global__ void __launch_bounds__(DqTiles<D>::threads, 1) backward_dq_kernel(con
     float s[BK / 8][4], dp[BK / 8][4];
     zero(s);
     zero(dp);
-#pragma unroll
+// (Unrolled by 4, not fully: fully, ptxas spilled 4 bytes at D = 256 on sm_80.)
+#pragma unroll 4
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t a_q[4], a_dout[4];
       load_a_fragment<D>(a_q, q_tile, a_lane, 16 * warp, kk);
@@ -531,11 +540,11 @@ __global__ void __launch_bounds__(DqTiles<D>::threads, 1) backward_dq_kernel(con
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e / 2;
-        const int64_t i = q0 + row_in_tile[r], j = k0 + mma_c_coord(lane, e).col + 8 * n;
+        const int i = int(q0) + row_in_tile[r], j = int(k0) + mma_c_coord(lane, e).col + 8 * n;
         float dscore = rule.scale, score;
         if (rule.plain()) score = s[n][e] * rule.scale_log2;
         else score = rule.log2_score(s[n][e], i, j, &dscore);
-        const bool allowed = !masked || (j >= row_begin[r] && j < row_end[r]);
+        const bool allowed = !masked || mask.allowed(i, j);
         const float prob = allowed ? exp2f(score - lse_log2[r]) : 0.0f;
         s[n][e] = prob * (dp[n][e] - delta[r]) * dscore;
       }
@@ -571,15 +580,17 @@ __global__ void __launch_bounds__(DqTiles<D>::threads, 1) backward_dq_kernel(con
 
 // The dk/dv pass: one block per (64 keys, kv head, sequence, column half at D = 256). It loops over
 // the query heads of its GQA group and, for each, over the query tiles that see its keys (tiles of 32,
-// 16 at D = 256), with Q, dO, lse and delta streamed through a two-stage cp.async ring:
+// 16 from D = 128), with Q, dO, lse and delta streamed through a two-stage cp.async ring:
 //   Sᵀ = K Qᵀ, Pᵀ = exp2(Sᵀ - lse), dv += Pᵀ dO, dPᵀ = V dOᵀ, dSᵀ = Pᵀ (dPᵀ - delta) dscore, dk += dSᵀ Q,
 // a warp owning 16 keys (its rows of Sᵀ), so dk and dv are sums inside the block (deterministic).
 // With a dq accumulator, dSᵀ goes through shared memory and dq += dS K is added with float atomics.
 // dk and dv accumulate `d_acc` <= 128 columns (two blocks split D = 256, each recomputing S and dP):
 // 2 x 64 registers of accumulators a thread.
+// (Query tiles of 16 from D = 128: with 32, the atomic dq step's live registers on top of dk and dv
+// spilled 44-48 bytes at D = 128 on sm_80 and sm_90a.)
 template <int D>
 struct DkdvTiles {
-  static constexpr int block_k = 64, block_q = D <= 128 ? 32 : 16;
+  static constexpr int block_k = 64, block_q = D <= 64 ? 32 : 16;
   static constexpr int warps = 4, threads = 32 * warps;
   static constexpr int d_acc = D <= 128 ? D : 128, splits = D / d_acc;
   static constexpr int row_bytes = 2 * D;
@@ -651,6 +662,7 @@ __global__ void __launch_bounds__(DkdvTiles<D>::threads, 1) backward_dkdv_kernel
 
   const LaneOffset a_lane = a_offset<D>(lane), b_lane = b_offset<D>(lane), bt_lane = b_transposed_offset<D>(lane);
   const int key_in_tile[2] = {16 * warp + lane / 4, 16 * warp + lane / 4 + 8};
+  const SequenceMask mask = sequence_mask(seq, p.mask);
   float dk[DA / 8][4], dv[DA / 8][4];
   zero(dk);
   zero(dv);
@@ -698,15 +710,11 @@ __global__ void __launch_bounds__(DkdvTiles<D>::threads, 1) backward_dkdv_kernel
       const Vec<float, 2> delta = load_shared(reinterpret_cast<const Vec<float, 2>*>(delta_of(stage) + col));
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int64_t i = q0 + col + e % 2, j = k0 + key_in_tile[e / 2];
+        const int i = int(q0) + col + e % 2, j = int(k0) + key_in_tile[e / 2];
         float dscore = rule.scale, score;
         if (rule.plain()) score = s[n][e] * rule.scale_log2;
         else score = rule.log2_score(s[n][e], i, j, &dscore);
-        bool allowed = true;
-        if (masked) {
-          const KeyRange range = allowed_keys(i, seq.sq, seq.sk, p.mask);
-          allowed = i < seq.sq && j < seq.sk && j >= range.begin && j < range.end;
-        }
+        const bool allowed = !masked || mask.allowed(i, j);
         const float prob = allowed ? exp2f(score - lse[e % 2] * kLog2e) : 0.0f;
         s[n][e] = prob;
         dp[n][e] = prob * (dp[n][e] - delta[e % 2]) * dscore;
@@ -746,7 +754,8 @@ __global__ void __launch_bounds__(DkdvTiles<D>::threads, 1) backward_dkdv_kernel
       // A = dS (queries x keys) from dSᵀ by ldmatrix.trans: matrices (q 0-7, k 0-7), (q 8-15, k 0-7),
       // (q 0-7, k 8-15), (q 8-15, k 8-15) are the stored (keys, queries) blocks transposed.
       const int ds_row = lane % 8 + 8 * (lane / 16), ds_col = 16 * query_block + 8 * ((lane / 8) % 2);
-#pragma unroll
+      // (Not unrolled: unrolled, the four column steps' addresses and atomics spilled 48 bytes at D = 128.)
+#pragma unroll 1
       for (int c = 0; c < Tiles::dq_cols; c += 16) {
         float acc[2][4];
         zero(acc);
