@@ -9,7 +9,7 @@ pass under the emulator in tests/test_attention.py, with no report and no bank c
 """
 import torch
 
-from llmkernels.attention import attention, attention_varlen
+from llmkernels import attention, attention_varlen
 
 # (batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, options)
 CASES = [

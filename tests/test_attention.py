@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import llmkernels
-from llmkernels import attention
+from llmkernels import _attention as attention
 from llmkernels._ext import C
 from llmkernels.reference import attention as reference
 
@@ -174,6 +174,17 @@ def test_bad_inputs_raise_clear_errors():
                           max_seqlen_q=9, max_seqlen_k=9)
 
 
+def test_public_api_is_flash_attn_shaped():
+    """llmkernels.attention and attention_varlen are the functions (flash-attn's names), and the
+    keyword options are keyword-only."""
+    assert llmkernels.attention is attention.attention and llmkernels.attention_varlen is attention.attention_varlen
+    q, k, v = inputs(9, 9, 2, 1, 32, torch.float32)
+    out, lse = llmkernels.attention(q, k, v, causal=True, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (2, 2, 9)
+    with pytest.raises(TypeError):
+        llmkernels.attention(q, k, v, True)
+
+
 def test_opcheck_forward():
     q, k, v = inputs(17, 23, 4, 2, 32, torch.float32)
     torch.library.opcheck(torch.ops.llmkernels.attention_forward.default,
@@ -302,7 +313,7 @@ def test_emulated_kernels_are_conflict_free_and_schedule_independent(head_dim):
             results = []
             for deterministic in (False, True):
                 x = [t.clone().requires_grad_() for t in (q, k, v)]
-                out = attention.attention(*x, causal=True, deterministic=deterministic)
+                out = llmkernels.attention(*x, causal=True, deterministic=deterministic)
                 results += [out, *torch.autograd.grad(out, x, dout)]
             return results
 
@@ -329,7 +340,7 @@ def test_cuda_graph_capture_replays_forward_and_backward():
     dout = randn(q.shape, dtype=torch.bfloat16, seed=6, device="cuda")
 
     def step():
-        out = attention.attention(*x, causal=True)
+        out = llmkernels.attention(*x, causal=True)
         return [out, *torch.autograd.grad(out, x, dout)]
 
     eager = step()
@@ -360,7 +371,7 @@ def test_opcheck_backward_and_compile():
     def block(x, wq, wk, wv):
         b, s, _ = x.shape
         heads = lambda t, h: t.view(b, s, h, 16)
-        return attention.attention(heads(x @ wq, 4), heads(x @ wk, 2), heads(x @ wv, 2), causal=True).sum()
+        return llmkernels.attention(heads(x @ wq, 4), heads(x @ wk, 2), heads(x @ wv, 2), causal=True).sum()
 
     x = randn((2, 19, 32), seed=2)
     weights = [randn((32, n), seed=3 + i, scale=0.2).requires_grad_() for i, n in enumerate((64, 32, 32))]

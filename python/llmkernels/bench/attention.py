@@ -27,7 +27,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..attention import attention
+from .._attention import attention
 from .core import Case, Target, register
 
 CPU_SHAPES = [(512, 64), (1024, 128)]   # (seqlen, head_dim)

@@ -1,10 +1,11 @@
-"""Flash-style attention (csrc/attention/, docs/attention.md): IN PROGRESS (issue 10).
+"""Flash-style attention (csrc/attention/, docs/attention.md), exported as `llmkernels.attention` and
+`llmkernels.attention_varlen` (flash-attn's signatures and conventions).
 
-So far the CPU kernels: the forward (blocked online softmax, no materialized scores) and the
-backward (FlashAttention-2's, recomputing P from the saved log-sum-exp), registered as the ops
-`llmkernels::attention_forward` / `attention_backward` with autograd, behind `attention` and
-`attention_varlen` (flash-attn's signatures, checked against `llmkernels.reference.attention`). Not
-yet: the CUDA kernels (and so the emulated backend): CUDA tensors are refused with a clear error.
+The ops `llmkernels::attention_forward` and `attention_backward` (torch.library custom ops with
+autograd, so both functions are differentiable and traceable by torch.compile) run the CPU kernels on
+CPU tensors, the CUDA kernels on CUDA tensors, and the CUDA kernels' own source under the SIMT
+emulator on CPU tensors while `llmkernels.emulator.emulate()` is on. The CUDA kernels take bf16 and
+fp16; the CPU kernels also fp32. This module is private: import the two functions from the package.
 """
 import math
 from typing import Optional, Tuple
