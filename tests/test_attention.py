@@ -174,6 +174,16 @@ def test_bad_inputs_raise_clear_errors():
                           max_seqlen_q=9, max_seqlen_k=9)
 
 
+@pytest.mark.parametrize("seqlen", [1000, 4097])
+def test_long_sequences(seqlen, device):
+    """The issue's long tails: 1000 and 4097 tokens (one past a multiple of every tile), causal,
+    forward and gradients. (Under the emulator, 4097 is forward only: its backward takes minutes.)"""
+    q, k, v = inputs(seqlen, seqlen, 2, 1, 32, kernel_dtype(device), batch=1, seed=seqlen, device=device)
+    check(q, k, v, f"seqlen {seqlen}", causal=True)
+    if seqlen < 4000 or not llmkernels.emulator.enabled():
+        check_gradients(q, k, v, f"seqlen {seqlen}", causal=True)
+
+
 def test_public_api_is_flash_attn_shaped():
     """llmkernels.attention and attention_varlen are the functions (flash-attn's names), and the
     keyword options are keyword-only."""
