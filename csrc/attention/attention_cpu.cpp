@@ -1,19 +1,16 @@
-// CPU forward of attention (attention.h): the blocked online softmax the CUDA kernel will use, in
-// fp32, never materializing the seqlen_q x seqlen_k scores.
+// The CPU kernels of attention (attention.h): FlashAttention-2's algorithm in fp32 with OpenMP,
+// never materializing the seqlen_q x seqlen_k scores.
 //
-// OpenMP over (sequence, query head, block of kBlockQ queries). For each block, the keys its queries
-// may see are one range [range(first).begin, range(last).end) (allowed_keys is monotone); they are
-// walked in blocks of kBlockK: S = Q Kᵀ * scale, softcap, ALiBi, the per-element mask only where a key
-// block straddles a query's range, then the running max m, sum l and output O are rescaled:
+// Forward: OpenMP over (sequence, query head, block of kBlockQ queries). For each block, the keys its
+// queries may see are one range [range(first).begin, range(last).end) (allowed_keys is monotone); they
+// are walked in blocks of kBlockK: S = Q Kᵀ * scale, softcap, ALiBi, the per-element mask only where a
+// key block straddles a query's range, then the running max m, sum l and output O are rescaled:
 //   m' = max(m, max_j S_ij),  l' = l e^(m - m') + sum_j e^(S_ij - m'),  O' = O e^(m - m') + sum_j e^(S_ij - m') V_j
 // and at the end out = O / l, lse = m + log l (out = 0, lse = +inf for a query with no key).
 //
-// The backward (FlashAttention-2's, attention.h) recomputes P = exp(score - lse) in two passes with no
-// atomics and no reduction across threads: dk and dv per (sequence, kv head, key block) over every
-// query head of its group and the queries that see the block, then dq per (sequence, query head,
-// query block). Deterministic. Its dot products, scores, P and gradient sums are in double: in fp32,
-// exp(score - lse) turns the score's rounding into a relative error of |score| ulps, and dq, dk, dv
-// came out at 2-3x the error of PyTorch's materialized fp32 computation (the tests' parity rule).
+// Backward: one pass per (sequence, kv head) that recomputes P = exp(score - lse) and forms dv, dk and
+// dq with no atomics and no reduction across threads (deterministic); see backward_typed.
+// Both are made of one register-blocked product (multiply_accumulate) and a vectorizable exp.
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -28,16 +25,6 @@ namespace {
 
 constexpr int64_t kBlockQ = 32;
 constexpr int64_t kBlockK = 64;
-
-template <typename T>
-void load_rows(const T* base, int64_t row_stride, int64_t rows, int64_t dim, float* dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* src = base + r * row_stride;
-    float* d = dst + r * dim;
-#pragma omp simd
-    for (int64_t c = 0; c < dim; ++c) d[c] = to_float(src[c]);
-  }
-}
 
 // The two inner loops of the forward, compiled for AVX-512, AVX2 and baseline x86-64 and picked at
 // load time (as the GEMM's CPU kernel): built for baseline x86-64 alone they ran 4-wide SSE.
@@ -265,42 +252,20 @@ void forward_typed(const Problem& p) {
 
 // -- backward --------------------------------------------------------------------------------------------
 
-// The score of (i, j) as the forward computes it, and d score / d(q.k): scale, times 1 - tanh^2 under
-// softcap (ALiBi is a constant).
-// (In double: the backward's P = exp(score - lse) amplifies the score's rounding error by |score|.)
-struct Score { double value, slope_of_dot; };
-
-inline Score score_of(const Problem& p, double dot, int64_t i, int64_t j, int64_t sq, int64_t sk, float slope) {
-  double s = dot * p.scale, derivative = p.scale;
-  if (p.softcap > 0.0f) {
-    const double t = std::tanh(s / p.softcap);
-    s = p.softcap * t;
-    derivative *= 1.0 - t * t;
-  }
-  if (p.alibi_slopes) s -= double(slope) * double(std::llabs(i + sk - sq - j));
-  return Score{s, derivative};
+// The square transposed: dst[c * rows + r] = src[r * cols + c] (Pᵀ and dSᵀ as the left operand).
+inline void transpose(const float* __restrict src, int64_t rows, int64_t cols, float* __restrict dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
 }
 
-// P_ij and dS_ij (times d score / d(q.k)) of one (query, key) pair, from q_i, k_j, dout_i, v_j.
-struct PairGradient { double prob, ds; };
-
-inline PairGradient pair_gradient(const Problem& p, const float* q, const float* k, const float* dout, const float* v,
-                                  int64_t i, int64_t j, int64_t sq, int64_t sk, float slope, double lse, float delta) {
-  double dot = 0.0, dp = 0.0;
-  for (int64_t e = 0; e < p.head_dim; ++e) {
-    dot += double(q[e]) * k[e];
-    dp += double(dout[e]) * v[e];
-  }
-  const Score s = score_of(p, dot, i, j, sq, sk, slope);
-  const double prob = std::exp(s.value - lse);
-  return PairGradient{prob, prob * (dp - delta) * s.slope_of_dot};
-}
-
-// Index of query i of sequence b, head h in the lse layout (also used for D).
-inline int64_t lse_index(const Problem& p, int64_t b, int64_t h, int64_t i) {
-  return b * p.lse_batch_stride + h * p.lse_head_stride + p.q_begin(b) + i;
-}
-
+// One item per (sequence, kv head): for each query head of its group, each key block and each block
+// of queries that sees it,
+//   S = Q Kᵀ (the forward's products, so the same bits), P = exp(score - lse), dP = dO Vᵀ,
+//   dS = P (dP - delta) dscore/d(q.k),  dV += Pᵀ dO,  dK += dSᵀ Q,  dQ += dS K,
+// FlashAttention-2's five products in one pass, each register-blocked like the forward's. dk and dv
+// are sums over the group's heads inside one item, and dq over the key blocks inside one item: no
+// atomics, no reduction across threads, deterministic. P is consistent with the forward's lse because
+// S is computed by the same code in the same order (its chunked sums do not depend on the tiling).
 template <typename T>
 void backward_typed(const Problem& p, const Gradients& g) {
   const int64_t d = p.head_dim, group = p.heads_q / p.heads_k;
@@ -311,8 +276,11 @@ void backward_typed(const Problem& p, const Gradients& g) {
   }
   const int64_t total_q = p.cu_seqlens_q ? p.cu_seqlens_q[p.batch] : p.seqlen_q;
   const int64_t lse_size = p.cu_seqlens_q ? p.heads_q * total_q : p.batch * p.heads_q * p.seqlen_q;
+  auto lse_index = [&](int64_t b, int64_t h, int64_t i) {
+    return b * p.lse_batch_stride + h * p.lse_head_stride + p.q_begin(b) + i;
+  };
 
-  // D_i = dout_i . out_i - dlse_i
+  // delta_i = dout_i . out_i - dlse_i
   std::vector<float> delta(size_t(lse_size), 0.0f);
 #pragma omp parallel for schedule(static)
   for (int64_t bh = 0; bh < p.batch * p.heads_q; ++bh) {
@@ -323,152 +291,119 @@ void backward_typed(const Problem& p, const Gradients& g) {
       const T* out = static_cast<const T*>(g.out_values) + b * g.out_layout.batch + token * g.out_layout.token + h * g.out_layout.head;
       double sum = 0.0;
       for (int64_t e = 0; e < d; ++e) sum += double(to_float(dout[e])) * to_float(out[e]);
-      const int64_t index = lse_index(p, b, h, i);
+      const int64_t index = lse_index(b, h, i);
       delta[index] = float(sum - (g.dlse ? g.dlse[index] : 0.0f));
     }
   }
 
-  // The log-sum-exp again, in double: the forward's float32 lse carries the float32 scores' rounding
-  // (7 ulps measured at |lse| = 3.6 with softcap), and P = exp(score - lse) with double scores but that
-  // lse sums to 1 only within it: dv came out at 2.2x PyTorch's float32 error. One more dot a pair.
-  std::vector<double> lse64(size_t(lse_size), double(std::numeric_limits<float>::infinity()));
+  const bool plain = p.softcap <= 0.0f && !p.alibi_slopes;
+  const int64_t padded_q = (longest_q + kBlockQ - 1) / kBlockQ * kBlockQ;
+  const int64_t padded_k = (longest_k + kBlockK - 1) / kBlockK * kBlockK;
 #pragma omp parallel
   {
-    std::vector<float> q_row(d);
-    std::vector<double> scores;
+    std::vector<float> k_tile(kBlockK * d), k_transposed(d * kBlockK), v_transposed(d * kBlockK);
+    std::vector<float> q_tile(kBlockQ * d), do_tile(kBlockQ * d);
+    std::vector<float> probs(kBlockQ * kBlockK), dprobs(kBlockQ * kBlockK), transposed(kBlockK * kBlockQ);
+    std::vector<float> dq(padded_q * d), dk(padded_k * d), dv(padded_k * d);
 #pragma omp for schedule(dynamic)
-    for (int64_t bh = 0; bh < p.batch * p.heads_q; ++bh) {
-      const int64_t b = bh / p.heads_q, h = bh % p.heads_q, hk = h / group, sq = p.q_length(b), sk = p.k_length(b);
-      const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
-      for (int64_t i = 0; i < sq; ++i) {
-        const KeyRange range = allowed_keys(i, sq, sk, p.mask);
-        if (range.begin >= range.end) continue;
-        const int64_t token = p.q_begin(b) + i;
-        load_rows(static_cast<const T*>(p.q) + b * p.q_layout.batch + token * p.q_layout.token + h * p.q_layout.head,
-                  p.q_layout.token, 1, d, q_row.data());
-        scores.clear();
-        double top = -std::numeric_limits<double>::infinity();
-        for (int64_t j = range.begin; j < range.end; ++j) {
-          const T* k = static_cast<const T*>(p.k) + b * p.k_layout.batch + (p.k_begin(b) + j) * p.k_layout.token +
-                       hk * p.k_layout.head;
-          double dot = 0.0;
-          for (int64_t e = 0; e < d; ++e) dot += double(q_row[e]) * to_float(k[e]);
-          scores.push_back(score_of(p, dot, i, j, sq, sk, slope).value);
-          top = std::max(top, scores.back());
-        }
-        double sum = 0.0;
-        for (double x : scores) sum += std::exp(x - top);
-        lse64[lse_index(p, b, h, i)] = top + std::log(sum);
-      }
-    }
-  }
-
-  // dk, dv: one item per (sequence, kv head, key block), summing over every query head of its group.
-  const int64_t k_blocks = (longest_k + kBlockK - 1) / kBlockK;
-  const int64_t q_blocks = (longest_q + kBlockQ - 1) / kBlockQ;
-  const float inf = std::numeric_limits<float>::infinity();
-#pragma omp parallel
-  {
-    std::vector<float> k_tile(kBlockK * d), v_tile(kBlockK * d), q_tile(kBlockQ * d), do_tile(kBlockQ * d);
-    std::vector<double> dk(kBlockK * d), dv(kBlockK * d), dq(kBlockQ * d);  // sums over many keys or queries
-#pragma omp for schedule(dynamic)
-    for (int64_t item = 0; item < p.batch * p.heads_k * k_blocks; ++item) {
-      const int64_t b = item / (p.heads_k * k_blocks), hk = (item / k_blocks) % p.heads_k;
-      const int64_t j0 = (item % k_blocks) * kBlockK, sq = p.q_length(b), sk = p.k_length(b);
-      if (j0 >= sk) continue;
-      const int64_t cols = std::min(kBlockK, sk - j0);
-      const int64_t key_token = p.k_begin(b) + j0;
-      load_rows(static_cast<const T*>(p.k) + b * p.k_layout.batch + key_token * p.k_layout.token + hk * p.k_layout.head,
-                p.k_layout.token, cols, d, k_tile.data());
-      load_rows(static_cast<const T*>(p.v) + b * p.v_layout.batch + key_token * p.v_layout.token + hk * p.v_layout.head,
-                p.v_layout.token, cols, d, v_tile.data());
-      std::fill(dk.begin(), dk.end(), 0.0);
-      std::fill(dv.begin(), dv.end(), 0.0);
-      const KeyRange queries = queries_seeing(j0, j0 + cols, sq, sk, p.mask);
+    for (int64_t item = 0; item < p.batch * p.heads_k; ++item) {
+      const int64_t b = item / p.heads_k, hk = item % p.heads_k, sq = p.q_length(b), sk = p.k_length(b);
+      if (sk == 0) continue;
+      std::fill(dk.begin(), dk.end(), 0.0f);
+      std::fill(dv.begin(), dv.end(), 0.0f);
+      const T* k = static_cast<const T*>(p.k) + b * p.k_layout.batch + p.k_begin(b) * p.k_layout.token + hk * p.k_layout.head;
+      const T* v = static_cast<const T*>(p.v) + b * p.v_layout.batch + p.k_begin(b) * p.v_layout.token + hk * p.v_layout.head;
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        std::fill(dq.begin(), dq.end(), 0.0f);
         const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
-        for (int64_t i0 = queries.begin; i0 < queries.end; i0 += kBlockQ) {
-          const int64_t rows = std::min(kBlockQ, queries.end - i0), token = p.q_begin(b) + i0;
-          load_rows(static_cast<const T*>(p.q) + b * p.q_layout.batch + token * p.q_layout.token + h * p.q_layout.head,
-                    p.q_layout.token, rows, d, q_tile.data());
-          load_rows(static_cast<const T*>(g.dout) + b * g.dout_layout.batch + token * g.dout_layout.token +
-                        h * g.dout_layout.head, g.dout_layout.token, rows, d, do_tile.data());
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t i = i0 + r, index = lse_index(p, b, h, i);
-            const double lse = lse64[index];
-            if (lse == inf) continue;  // a query with no key
-            const KeyRange range = allowed_keys(i, sq, sk, p.mask);
-            const float* qr = q_tile.data() + r * d;
-            const float* dor = do_tile.data() + r * d;
-            for (int64_t c = 0; c < cols; ++c) {
-              const int64_t j = j0 + c;
-              if (j < range.begin || j >= range.end) continue;
-              const PairGradient pg = pair_gradient(p, qr, k_tile.data() + c * d, dor, v_tile.data() + c * d, i, j, sq,
-                                                    sk, slope, lse, delta[index]);
-              const double prob = pg.prob, ds = pg.ds;
-              double* dkr = dk.data() + c * d;
-              double* dvr = dv.data() + c * d;
+        const T* q = static_cast<const T*>(p.q) + b * p.q_layout.batch + p.q_begin(b) * p.q_layout.token + h * p.q_layout.head;
+        const T* dout = static_cast<const T*>(g.dout) + b * g.dout_layout.batch + p.q_begin(b) * g.dout_layout.token +
+                        h * g.dout_layout.head;
+        for (int64_t j0 = 0; j0 < sk; j0 += kBlockK) {
+          const int64_t cols = std::min(kBlockK, sk - j0);
+          const KeyRange queries = queries_seeing(j0, j0 + cols, sq, sk, p.mask);
+          if (queries.begin >= queries.end) continue;
+          load_tile(k + j0 * p.k_layout.token, p.k_layout.token, cols, kBlockK, d, k_tile.data(), false);
+          load_tile(k + j0 * p.k_layout.token, p.k_layout.token, cols, kBlockK, d, k_transposed.data(), true);
+          load_tile(v + j0 * p.v_layout.token, p.v_layout.token, cols, kBlockK, d, v_transposed.data(), true);
+          for (int64_t i0 = queries.begin / kBlockQ * kBlockQ; i0 < queries.end; i0 += kBlockQ) {
+            const int64_t rows = std::min(kBlockQ, sq - i0);
+            load_tile(q + i0 * p.q_layout.token, p.q_layout.token, rows, kBlockQ, d, q_tile.data(), false);
+            load_tile(dout + i0 * g.dout_layout.token, g.dout_layout.token, rows, kBlockQ, d, do_tile.data(), false);
+            std::fill(probs.begin(), probs.end(), 0.0f);
+            std::fill(dprobs.begin(), dprobs.end(), 0.0f);
+            multiply_accumulate(q_tile.data(), d, k_transposed.data(), kBlockK, probs.data(), kBlockK, kBlockQ, d,
+                                kBlockK);
+            multiply_accumulate(do_tile.data(), d, v_transposed.data(), kBlockK, dprobs.data(), kBlockK, kBlockQ, d,
+                                kBlockK);
+            const bool masked = cols < kBlockK || j0 < allowed_keys(i0 + rows - 1, sq, sk, p.mask).begin ||
+                                j0 + kBlockK > allowed_keys(i0, sq, sk, p.mask).end;
+            for (int64_t r = 0; r < kBlockQ; ++r) {
+              float* s = probs.data() + r * kBlockK;
+              float* ds = dprobs.data() + r * kBlockK;
+              if (r >= rows) {  // padding rows: no gradient
+                std::fill(s, s + kBlockK, 0.0f);
+                std::fill(ds, ds + kBlockK, 0.0f);
+                continue;
+              }
+              const int64_t i = i0 + r, index = lse_index(b, h, i);
+              const float lse = p.lse[index], delta_i = delta[index];
+              if (plain && !masked) {
 #pragma omp simd
-              for (int64_t e = 0; e < d; ++e) {
-                dvr[e] += prob * dor[e];
-                dkr[e] += ds * qr[e];
+                for (int64_t c = 0; c < kBlockK; ++c) {
+                  const float prob = exp_nonpositive(s[c] * p.scale - lse);
+                  s[c] = prob;
+                  ds[c] = prob * (ds[c] - delta_i) * p.scale;
+                }
+                continue;
+              }
+              const KeyRange range = allowed_keys(i, sq, sk, p.mask);
+              for (int64_t c = 0; c < kBlockK; ++c) {
+                const int64_t j = j0 + c;
+                if (j < range.begin || j >= range.end) {
+                  s[c] = ds[c] = 0.0f;
+                  continue;
+                }
+                // the forward's score, and d score / d(q.k): scale, times 1 - tanh^2 under softcap
+                float score = s[c] * p.scale, dscore = p.scale;
+                if (p.softcap > 0.0f) {
+                  const float t = std::tanh(score / p.softcap);
+                  score = p.softcap * t;
+                  dscore *= 1.0f - t * t;
+                }
+                if (p.alibi_slopes) score -= slope * float(std::llabs(i + sk - sq - j));
+                const float prob = exp_nonpositive(score - lse);
+                s[c] = prob;
+                ds[c] = prob * (ds[c] - delta_i) * dscore;
               }
             }
+            transpose(probs.data(), kBlockQ, kBlockK, transposed.data());
+            multiply_accumulate(transposed.data(), kBlockQ, do_tile.data(), d, dv.data() + j0 * d, d, kBlockK, kBlockQ, d);
+            transpose(dprobs.data(), kBlockQ, kBlockK, transposed.data());
+            multiply_accumulate(transposed.data(), kBlockQ, q_tile.data(), d, dk.data() + j0 * d, d, kBlockK, kBlockQ, d);
+            multiply_accumulate(dprobs.data(), kBlockK, k_tile.data(), d, dq.data() + i0 * d, d, kBlockQ, kBlockK, d);
           }
         }
+        T* dq_out = static_cast<T*>(g.dq) + b * g.dq_layout.batch + p.q_begin(b) * g.dq_layout.token + h * g.dq_layout.head;
+        for (int64_t i = 0; i < sq; ++i)
+          for (int64_t e = 0; e < d; ++e) dq_out[i * g.dq_layout.token + e] = from_float<T>(dq[i * d + e]);
       }
-      T* dk_out = static_cast<T*>(g.dk) + b * g.dk_layout.batch + key_token * g.dk_layout.token + hk * g.dk_layout.head;
-      T* dv_out = static_cast<T*>(g.dv) + b * g.dv_layout.batch + key_token * g.dv_layout.token + hk * g.dv_layout.head;
-      for (int64_t c = 0; c < cols; ++c)
+      T* dk_out = static_cast<T*>(g.dk) + b * g.dk_layout.batch + p.k_begin(b) * g.dk_layout.token + hk * g.dk_layout.head;
+      T* dv_out = static_cast<T*>(g.dv) + b * g.dv_layout.batch + p.k_begin(b) * g.dv_layout.token + hk * g.dv_layout.head;
+      for (int64_t j = 0; j < sk; ++j)
         for (int64_t e = 0; e < d; ++e) {
-          dk_out[c * g.dk_layout.token + e] = from_float<T>(float(dk[c * d + e]));
-          dv_out[c * g.dv_layout.token + e] = from_float<T>(float(dv[c * d + e]));
+          dk_out[j * g.dk_layout.token + e] = from_float<T>(dk[j * d + e]);
+          dv_out[j * g.dv_layout.token + e] = from_float<T>(dv[j * d + e]);
         }
     }
-
-    // dq: one item per (sequence, query head, query block), as the forward.
-#pragma omp for schedule(dynamic)
-    for (int64_t item = 0; item < p.batch * p.heads_q * q_blocks; ++item) {
-      const int64_t b = item / (p.heads_q * q_blocks), h = (item / q_blocks) % p.heads_q;
-      const int64_t i0 = (item % q_blocks) * kBlockQ, sq = p.q_length(b), sk = p.k_length(b);
-      if (i0 >= sq) continue;
-      const int64_t rows = std::min(kBlockQ, sq - i0), token = p.q_begin(b) + i0, hk = h / group;
-      const float slope = p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
-      load_rows(static_cast<const T*>(p.q) + b * p.q_layout.batch + token * p.q_layout.token + h * p.q_layout.head,
-                p.q_layout.token, rows, d, q_tile.data());
-      load_rows(static_cast<const T*>(g.dout) + b * g.dout_layout.batch + token * g.dout_layout.token +
-                    h * g.dout_layout.head, g.dout_layout.token, rows, d, do_tile.data());
-      std::fill(dq.begin(), dq.end(), 0.0);
-      const int64_t key_begin = allowed_keys(i0, sq, sk, p.mask).begin;
-      const int64_t key_end = allowed_keys(i0 + rows - 1, sq, sk, p.mask).end;
-      for (int64_t j0 = key_begin; j0 < key_end; j0 += kBlockK) {
-        const int64_t cols = std::min(kBlockK, key_end - j0), key_token = p.k_begin(b) + j0;
-        load_rows(static_cast<const T*>(p.k) + b * p.k_layout.batch + key_token * p.k_layout.token + hk * p.k_layout.head,
-                  p.k_layout.token, cols, d, k_tile.data());
-        load_rows(static_cast<const T*>(p.v) + b * p.v_layout.batch + key_token * p.v_layout.token + hk * p.v_layout.head,
-                  p.v_layout.token, cols, d, v_tile.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t i = i0 + r, index = lse_index(p, b, h, i);
-          const double lse = lse64[index];
-          if (lse == inf) continue;
-          const KeyRange range = allowed_keys(i, sq, sk, p.mask);
-          const float* qr = q_tile.data() + r * d;
-          const float* dor = do_tile.data() + r * d;
-          double* dqr = dq.data() + r * d;
-          for (int64_t c = 0; c < cols; ++c) {
-            const int64_t j = j0 + c;
-            if (j < range.begin || j >= range.end) continue;
-            const float* kr = k_tile.data() + c * d;
-            const double ds = pair_gradient(p, qr, kr, dor, v_tile.data() + c * d, i, j, sq, sk, slope, lse,
-                                           delta[index]).ds;
-#pragma omp simd
-            for (int64_t e = 0; e < d; ++e) dqr[e] += ds * kr[e];
-          }
-        }
-      }
-      T* dq_out = static_cast<T*>(g.dq) + b * g.dq_layout.batch + token * g.dq_layout.token + h * g.dq_layout.head;
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t e = 0; e < d; ++e) dq_out[r * g.dq_layout.token + e] = from_float<T>(float(dq[r * d + e]));
+  }
+  // A sequence with no key: its queries' gradients are zero (the items above skip it).
+  for (int64_t b = 0; b < p.batch; ++b) {
+    if (p.k_length(b) != 0) continue;
+    for (int64_t h = 0; h < p.heads_q; ++h) {
+      T* dq_out = static_cast<T*>(g.dq) + b * g.dq_layout.batch + p.q_begin(b) * g.dq_layout.token + h * g.dq_layout.head;
+      for (int64_t i = 0; i < p.q_length(b); ++i)
+        for (int64_t e = 0; e < d; ++e) dq_out[i * g.dq_layout.token + e] = from_float<T>(0.0f);
     }
   }
 }

@@ -10,8 +10,8 @@ offers it: SDPA restricted to its FLASH (FlashAttention-2) backend on every op, 
 seqlen 1k and 4k (with --quick 4k only) and 16k for the forward; its CUDNN and EFFICIENT
 (memory-efficient) backends on the forward and forward+backward at 4k, causal.
 Targets: >= 1.0x SDPA-FLASH forward and backward at seqlen >= 1k (issue 10); cuDNN is the next bar.
-CPU (fp32): the forward at (seqlen 512, head_dim 64) and (1024, 128) and forward+backward at
-(512, 64), batch 2, 8 heads, causal, against CPU SDPA, with the 0.5x target.
+CPU (fp32): the forward and forward+backward at (seqlen 512, head_dim 64) and (1024, 128) (with
+--quick the first only), batch 2, 8 heads, causal, against CPU SDPA, with the 0.5x target.
 
 TFLOP/s count the matmuls as FlashAttention does: forward 4 * batch * heads * seqlen^2 * head_dim
 (half of it under a causal mask), the backward 2.5x the forward (five matmuls to two).
@@ -152,7 +152,7 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
         built = [_case("forward", CPU_BATCH, s, CPU_HEADS, d, torch.float32, device, True, None, cpu_target)
                  for s, d in shapes]
         return built + [_case("fwd_bwd", CPU_BATCH, s, CPU_HEADS, d, torch.float32, device, True, None, cpu_target)
-                        for s, d in CPU_SHAPES[:1]]
+                        for s, d in shapes]
     # SDPA-FLASH, the target, on every op and shape; cuDNN and the memory-efficient kernel on the
     # forward and forward+backward at 4k, causal (a bounded number of cases: gpu_check.sh's budget).
     built = []
