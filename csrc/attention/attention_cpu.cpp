@@ -61,12 +61,14 @@ inline float exp_nonpositive(float x) {
 // registers; the old kernel's dots reduced one key at a time, horizontally):
 //   c[rows x cols] += a[rows x inner] b[inner x cols], all row-major, rows a multiple of 4, cols a
 //   multiple of 8. S = Q Kᵀ takes b = Kᵀ (the key tile transposed as it is loaded), O += P V takes b = V.
-// A multiply and an add a step (the build forbids contraction), and sums over at most kSumChunk
-// products added to c one chunk at a time: one chain of 256 steps (head_dim 256) made the fp32
-// output 3.4x PyTorch's error (2.3x with fused multiply-adds). Compiled for AVX-512, AVX2 and baseline
-// x86-64, picked at load time. Measured (2-core AVX2 EPYC, fp32, causal, batch 2, 8 heads): 22 and
-// 38 GFLOP/s, 0.54x and 0.55x CPU SDPA at (seqlen 512, head_dim 64) and (1024, 128), from 0.31x
-// and 0.24x with per-key dot products and a scalar exp.
+// Fused multiply-adds where the CPU has them (these two functions alone opt into contraction: the
+// build's -ffp-contract=off is for the random numbers that must match the GPU bit for bit, and a
+// file-wide `#pragma GCC optimize` stopped the header helpers from inlining), and sums over at most
+// kSumChunk products added to c one chunk at a time: one chain of 256 steps (head_dim 256) made the
+// fp32 output 3.4x PyTorch's error, 2.3x with fused multiply-adds. Compiled for AVX-512, AVX2 and
+// baseline x86-64, picked at load time. Measured (2-core AVX2 EPYC, fp32, causal, batch 2, 8 heads):
+// 0.73x and 0.65x CPU SDPA at (seqlen 512, head_dim 64) and (1024, 128), from 0.31x and 0.24x with
+// per-key dot products and a scalar exp (0.54x and 0.55x with a separate multiply and add).
 constexpr int64_t kSumChunk = 32;
 typedef float Vec8 __attribute__((vector_size(32)));
 typedef float UnalignedVec8 __attribute__((vector_size(32), aligned(4)));  // a plain (vmovups) load or store
@@ -74,7 +76,7 @@ typedef float UnalignedVec8 __attribute__((vector_size(32), aligned(4)));  // a 
 // (always_inline: compiled on its own, it was built once for baseline x86-64 and the AVX2 clone of
 // its caller ran SSE code at 2.6 GFLOP/s.)
 template <int Width>
-__attribute__((always_inline)) inline void multiply_block(const float* __restrict a, int64_t lda, const float* __restrict b, int64_t ldb,
+__attribute__((always_inline, optimize("fp-contract=fast"))) inline void multiply_block(const float* __restrict a, int64_t lda, const float* __restrict b, int64_t ldb,
                            float* __restrict c, int64_t ldc, int64_t inner) {
   constexpr int V = Width / 8;
   Vec8 acc[4][V] = {};
@@ -101,7 +103,7 @@ __attribute__((always_inline)) inline void multiply_block(const float* __restric
     }
 }
 
-LLMK_CPU_CLONES void multiply_accumulate(const float* __restrict a, int64_t lda, const float* __restrict b,
+LLMK_CPU_CLONES __attribute__((optimize("fp-contract=fast"))) void multiply_accumulate(const float* __restrict a, int64_t lda, const float* __restrict b,
                                          int64_t ldb, float* __restrict c, int64_t ldc, int64_t rows, int64_t inner,
                                          int64_t cols) {
   for (int64_t k = 0; k < inner; k += kSumChunk) {
