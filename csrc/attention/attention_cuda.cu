@@ -140,6 +140,65 @@ LLMK_DEVICE void zero(float (&c)[N][4]) {
     for (int e = 0; e < 4; ++e) c[n][e] = 0.0f;
 }
 
+// The kernels' two products, a warp's 16 rows at a time.
+//
+// acc (16 x 8N) += X Yᵀ, X's rows given as A fragments by a(kk) for each 16 columns kk of D, Y's rows
+// row0..row0 + 8N of a tile (S = Q Kᵀ, dP = dO Vᵀ, Sᵀ = K Qᵀ, dPᵀ = V dOᵀ).
+template <typename T, int D, int N, typename AFragment>
+LLMK_DEVICE void multiply_by_rows(float (&acc)[N][4], AFragment&& a_fragment, const uint8_t* y_tile, LaneOffset lane,
+                                  int row0 = 0) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    a_fragment(a, kk);
+#pragma unroll
+    for (int n = 0; n < N; n += 2) {
+      uint32_t b0[2], b1[2];
+      load_b_fragments<D, false>(b0, b1, y_tile, lane, row0 + 8 * n, kk);
+      mma_m16n8k16<T>(acc[n], a, b0, acc[n]);
+      mma_m16n8k16<T>(acc[n + 1], a, b1, acc[n + 1]);
+    }
+  }
+}
+
+// acc (16 x 8N) += C Y, C (16 x 16K) an accumulator re-packed as A fragments (P, dS, Pᵀ, dSᵀ), Y's
+// rows 0..16K of a tile from column 16 col_step0 on (O += P V, dq += dS K, dv += Pᵀ dO, dk += dSᵀ Q).
+template <typename T, int D, int K, int N, int CN>
+LLMK_DEVICE void multiply_c_by_tile(float (&acc)[N][4], const float (&c)[CN][4], const uint8_t* y_tile,
+                                    LaneOffset transposed_lane, int col_step0 = 0) {
+  static_assert(CN == 2 * K, "C has two n8 tiles per 16 of k");
+#pragma unroll
+  for (int kk = 0; kk < K; ++kk) {
+    uint32_t a[4];
+    a_fragment_from_c<T>(a, c, kk);
+#pragma unroll
+    for (int n = 0; n < N; n += 2) {
+      uint32_t b0[2], b1[2];
+      load_b_fragments<D, true>(b0, b1, y_tile, transposed_lane, 16 * kk, col_step0 + n / 2);
+      mma_m16n8k16<T>(acc[n], a, b0, acc[n]);
+      mma_m16n8k16<T>(acc[n + 1], a, b1, acc[n + 1]);
+    }
+  }
+}
+
+// Stores a thread's rows g and g + 8 (row_in_tile[0..1]) of acc (16 x 8N) as T: columns col0 + 8n +
+// 2t, +1 of rows below `valid_rows`, columns below `head_dim`; `scale[r]` multiplies row r.
+template <typename T, int N>
+LLMK_DEVICE void store_rows(T* rows, int64_t row_stride, const float (&acc)[N][4], const int (&row_in_tile)[2],
+                            int64_t valid_rows, int col0, int head_dim, int lane, const float (&scale)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row_in_tile[r] >= valid_rows) continue;
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      const int col = col0 + 8 * n + 2 * (lane % 4);
+      if (col < head_dim)
+        store_global(reinterpret_cast<uint32_t*>(rows + row_in_tile[r] * row_stride + col),
+                     pack_pair<T>(acc[n][2 * r] * scale[r], acc[n][2 * r + 1] * scale[r]));
+    }
+  }
+}
+
 // -- problem geometry ------------------------------------------------------------------------------------
 
 // Sequence b: its first query and key token in the packed tensors and its lengths.
@@ -291,23 +350,14 @@ __global__ void __launch_bounds__(ForwardTiles<D>::threads, 1) forward_kernel(co
     // S = Q Kᵀ: the warp's 16 queries x BK keys.
     float s[BK / 8][4];
     zero(s);
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
+    multiply_by_rows<T, D>(s, [&](uint32_t (&a)[4], int kk) {
       if constexpr (Tiles::q_in_registers) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) a[e] = q_fragments[kk][e];
       } else {
         load_a_fragment<D>(a, q_tile, q_offset, 16 * warp, kk);
       }
-#pragma unroll
-      for (int n = 0; n < BK / 8; n += 2) {
-        uint32_t b0[2], b1[2];
-        load_b_fragments<D, false>(b0, b1, k_tile(stage), k_offset, 8 * n, kk);
-        mma_m16n8k16<T>(s[n], a, b0, s[n]);
-        mma_m16n8k16<T>(s[n + 1], a, b1, s[n + 1]);
-      }
-    }
+    }, k_tile(stage), k_offset);
 
     // Scores in log2 units; masks only on the tiles that straddle a row's key range (or the keys' end).
     const int64_t k0 = tile * BK;
@@ -353,40 +403,22 @@ __global__ void __launch_bounds__(ForwardTiles<D>::threads, 1) forward_kernel(co
     }
 
     // O += P V, P re-packed from S's registers as the A operand.
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      uint32_t a[4];
-      a_fragment_from_c<T>(a, s, kk);
-#pragma unroll
-      for (int n = 0; n < D / 8; n += 2) {
-        uint32_t b0[2], b1[2];
-        load_b_fragments<D, true>(b0, b1, v_tile(stage), v_offset, 16 * kk, n / 2);
-        mma_m16n8k16<T>(o[n], a, b0, o[n]);
-        mma_m16n8k16<T>(o[n + 1], a, b1, o[n + 1]);
-      }
-    }
+    multiply_c_by_tile<T, D, BK / 16>(o, s, v_tile(stage), v_offset);
     stage ^= 1;
   }
 
   // out = O / l and lse = (max + log2 l) ln 2; a row with no allowed key: out = 0, lse = +inf.
-  T* out_rows = token_row(static_cast<T*>(p.out), p.out_layout, b, seq.q_begin + q0, h);
+  float inverse[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float sum = quad_sum(row_sum[r]);
-    const float inverse = sum > 0.0f ? 1.0f / sum : 0.0f;
-    const int row = row_in_tile[r];
-    if (row >= valid_q) continue;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      const int col = 8 * n + 2 * (lane % 4);
-      if (col < head_dim)
-        store_global(reinterpret_cast<uint32_t*>(out_rows + row * p.out_layout.token + col),
-                     pack_pair<T>(o[n][2 * r] * inverse, o[n][2 * r + 1] * inverse));
-    }
-    if (p.lse && lane % 4 == 0)
-      store_global(p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_begin + q0 + row,
+    inverse[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
+    if (p.lse && lane % 4 == 0 && row_in_tile[r] < valid_q)
+      store_global(p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_begin + q0 + row_in_tile[r],
                    sum > 0.0f ? (row_max[r] + log2f(sum)) * kLn2 : kInfinity);
   }
+  store_rows(token_row(static_cast<T*>(p.out), p.out_layout, b, seq.q_begin + q0, h), p.out_layout.token, o,
+             row_in_tile, valid_q, 0, head_dim, lane, inverse);
 }
 
 // -- backward ----------------------------------------------------------------------------------------
@@ -515,23 +547,10 @@ __global__ void __launch_bounds__(DqTiles<D>::threads, 1) backward_dq_kernel(con
     float s[BK / 8][4], dp[BK / 8][4];
     zero(s);
     zero(dp);
-// (Unrolled by 4, not fully: fully, ptxas spilled 4 bytes at D = 256 on sm_80.)
-#pragma unroll 4
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a_q[4], a_dout[4];
-      load_a_fragment<D>(a_q, q_tile, a_lane, 16 * warp, kk);
-      load_a_fragment<D>(a_dout, dout_tile, a_lane, 16 * warp, kk);
-#pragma unroll
-      for (int n = 0; n < BK / 8; n += 2) {
-        uint32_t b0[2], b1[2];
-        load_b_fragments<D, false>(b0, b1, k_tile(stage), b_lane, 8 * n, kk);
-        mma_m16n8k16<T>(s[n], a_q, b0, s[n]);
-        mma_m16n8k16<T>(s[n + 1], a_q, b1, s[n + 1]);
-        load_b_fragments<D, false>(b0, b1, v_tile(stage), b_lane, 8 * n, kk);
-        mma_m16n8k16<T>(dp[n], a_dout, b0, dp[n]);
-        mma_m16n8k16<T>(dp[n + 1], a_dout, b1, dp[n + 1]);
-      }
-    }
+    multiply_by_rows<T, D>(s, [&](uint32_t (&a)[4], int kk) { load_a_fragment<D>(a, q_tile, a_lane, 16 * warp, kk); },
+                           k_tile(stage), b_lane);
+    multiply_by_rows<T, D>(dp, [&](uint32_t (&a)[4], int kk) { load_a_fragment<D>(a, dout_tile, a_lane, 16 * warp, kk); },
+                           v_tile(stage), b_lane);
     // dS = P (dP - delta) dscore/d(q.k), in s's registers.
     const int64_t k0 = tile * BK;
     const bool masked = tiles.needs_mask(tile, BK);
@@ -548,34 +567,11 @@ __global__ void __launch_bounds__(DqTiles<D>::threads, 1) backward_dq_kernel(con
         const float prob = allowed ? exp2f(score - lse_log2[r]) : 0.0f;
         s[n][e] = prob * (dp[n][e] - delta[r]) * dscore;
       }
-    // dq += dS K
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-      uint32_t a[4];
-      a_fragment_from_c<T>(a, s, kk);
-#pragma unroll
-      for (int n = 0; n < D / 8; n += 2) {
-        uint32_t b0[2], b1[2];
-        load_b_fragments<D, true>(b0, b1, k_tile(stage), bt_lane, 16 * kk, n / 2);
-        mma_m16n8k16<T>(dq[n], a, b0, dq[n]);
-        mma_m16n8k16<T>(dq[n + 1], a, b1, dq[n + 1]);
-      }
-    }
+    multiply_c_by_tile<T, D, BK / 16>(dq, s, k_tile(stage), bt_lane);  // dq += dS K
     stage ^= 1;
   }
-
-  T* dq_rows = token_row(static_cast<T*>(g.dq), g.dq_layout, b, seq.q_begin + q0, h);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (row_in_tile[r] >= valid_q) continue;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      const int col = 8 * n + 2 * (lane % 4);
-      if (col < head_dim)
-        store_global(reinterpret_cast<uint32_t*>(dq_rows + row_in_tile[r] * g.dq_layout.token + col),
-                     pack_pair<T>(dq[n][2 * r], dq[n][2 * r + 1]));
-    }
-  }
+  store_rows(token_row(static_cast<T*>(g.dq), g.dq_layout, b, seq.q_begin + q0, h), g.dq_layout.token, dq,
+             row_in_tile, valid_q, 0, head_dim, lane, {1.0f, 1.0f});
 }
 
 // The dk/dv pass: one block per (64 keys, kv head, sequence, column half at D = 256). It loops over
@@ -680,22 +676,10 @@ __global__ void __launch_bounds__(DkdvTiles<D>::threads, 1) backward_dkdv_kernel
     float s[BQ / 8][4], dp[BQ / 8][4];
     zero(s);
     zero(dp);
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a_k[4], a_v[4];
-      load_a_fragment<D>(a_k, k_tile, a_lane, 16 * warp, kk);
-      load_a_fragment<D>(a_v, v_tile, a_lane, 16 * warp, kk);
-#pragma unroll
-      for (int n = 0; n < BQ / 8; n += 2) {
-        uint32_t b0[2], b1[2];
-        load_b_fragments<D, false>(b0, b1, q_tile(stage), b_lane, 8 * n, kk);
-        mma_m16n8k16<T>(s[n], a_k, b0, s[n]);
-        mma_m16n8k16<T>(s[n + 1], a_k, b1, s[n + 1]);
-        load_b_fragments<D, false>(b0, b1, dout_tile(stage), b_lane, 8 * n, kk);
-        mma_m16n8k16<T>(dp[n], a_v, b0, dp[n]);
-        mma_m16n8k16<T>(dp[n + 1], a_v, b1, dp[n + 1]);
-      }
-    }
+    multiply_by_rows<T, D>(s, [&](uint32_t (&a)[4], int kk) { load_a_fragment<D>(a, k_tile, a_lane, 16 * warp, kk); },
+                           q_tile(stage), b_lane);
+    multiply_by_rows<T, D>(dp, [&](uint32_t (&a)[4], int kk) { load_a_fragment<D>(a, v_tile, a_lane, 16 * warp, kk); },
+                           dout_tile(stage), b_lane);
 
     // Pᵀ (in s) and dSᵀ (in dp). Masks on the tiles where some (query, key) pair is not allowed: a key
     // past the sequence, a query past it, or a pair outside the query's key range.
@@ -722,22 +706,8 @@ __global__ void __launch_bounds__(DkdvTiles<D>::threads, 1) backward_dkdv_kernel
     }
 
     // dv += Pᵀ dO and dk += dSᵀ Q over this block's columns.
-#pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk) {
-      uint32_t a_p[4], a_ds[4];
-      a_fragment_from_c<T>(a_p, s, kk);
-      a_fragment_from_c<T>(a_ds, dp, kk);
-#pragma unroll
-      for (int n = 0; n < DA / 8; n += 2) {
-        uint32_t b0[2], b1[2];
-        load_b_fragments<D, true>(b0, b1, dout_tile(stage), bt_lane, 16 * kk, col0 / 16 + n / 2);
-        mma_m16n8k16<T>(dv[n], a_p, b0, dv[n]);
-        mma_m16n8k16<T>(dv[n + 1], a_p, b1, dv[n + 1]);
-        load_b_fragments<D, true>(b0, b1, q_tile(stage), bt_lane, 16 * kk, col0 / 16 + n / 2);
-        mma_m16n8k16<T>(dk[n], a_ds, b0, dk[n]);
-        mma_m16n8k16<T>(dk[n + 1], a_ds, b1, dk[n + 1]);
-      }
-    }
+    multiply_c_by_tile<T, D, BQ / 16>(dv, s, dout_tile(stage), bt_lane, col0 / 16);
+    multiply_c_by_tile<T, D, BQ / 16>(dk, dp, q_tile(stage), bt_lane, col0 / 16);
 
     if (g.dq_accum) {
       // dSᵀ to shared memory (keys x queries), then dq (queries x columns) += dS K with atomics.
@@ -782,21 +752,10 @@ __global__ void __launch_bounds__(DkdvTiles<D>::threads, 1) backward_dkdv_kernel
   }
 
   // dk and dv of this block's keys and columns (zeros for keys no query sees).
-  T* dk_rows = token_row(static_cast<T*>(g.dk), g.dk_layout, b, seq.k_begin + k0, kv_head);
-  T* dv_rows = token_row(static_cast<T*>(g.dv), g.dv_layout, b, seq.k_begin + k0, kv_head);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    if (key_in_tile[r] >= valid_k) continue;
-#pragma unroll
-    for (int n = 0; n < DA / 8; ++n) {
-      const int col = col0 + 8 * n + 2 * (lane % 4);
-      if (col >= head_dim) continue;
-      store_global(reinterpret_cast<uint32_t*>(dk_rows + key_in_tile[r] * g.dk_layout.token + col),
-                   pack_pair<T>(dk[n][2 * r], dk[n][2 * r + 1]));
-      store_global(reinterpret_cast<uint32_t*>(dv_rows + key_in_tile[r] * g.dv_layout.token + col),
-                   pack_pair<T>(dv[n][2 * r], dv[n][2 * r + 1]));
-    }
-  }
+  store_rows(token_row(static_cast<T*>(g.dk), g.dk_layout, b, seq.k_begin + k0, kv_head), g.dk_layout.token, dk,
+             key_in_tile, valid_k, col0, head_dim, lane, {1.0f, 1.0f});
+  store_rows(token_row(static_cast<T*>(g.dv), g.dv_layout, b, seq.k_begin + k0, kv_head), g.dv_layout.token, dv,
+             key_in_tile, valid_k, col0, head_dim, lane, {1.0f, 1.0f});
 }
 
 template <typename T, int D>
