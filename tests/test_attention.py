@@ -174,6 +174,51 @@ def test_bad_inputs_raise_clear_errors():
                           max_seqlen_q=9, max_seqlen_k=9)
 
 
+def sdpa_oracle(q, k, v, *, causal=False, window=(-1, -1), alibi_slopes=None):
+    """float64 SDPA with the masks and the ALiBi bias built here, independently of the reference:
+    (batch, seqlen, heads, head_dim) in and out, GQA by repeating k and v."""
+    group = q.shape[2] // k.shape[2]
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)))
+    sq, sk = q.shape[2], k.shape[2]
+    position = torch.arange(sq)[:, None] + (sk - sq)        # query i's key position (bottom-right)
+    key = torch.arange(sk)[None, :]
+    left, right = window
+    right = 0 if causal else right
+    keep = torch.ones(sq, sk, dtype=torch.bool)
+    if left >= 0:
+        keep &= key >= position - left
+    if right >= 0:
+        keep &= key <= position + right
+    bias = torch.zeros(sq, sk, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    if alibi_slopes is not None:
+        bias = bias - alibi_slopes.double()[:, None, None] * (position - key).abs()
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
+
+
+@pytest.mark.parametrize("options", [dict(causal=True), dict(window=(20, 5)), dict(alibi=True, causal=True)],
+                         ids=["causal", "window", "alibi"])
+def test_forward_matches_sdpa(options, device):
+    """An oracle independent of llmkernels.reference: float64 SDPA (every query sees a key here, so
+    no row is fully masked)."""
+    options = dict(options)
+    if options.pop("alibi", False):
+        options["alibi_slopes"] = rand((4,), seed=35, device=device)
+    q, k, v = inputs(75, 90, 4, 2, 64, kernel_dtype(device), seed=36, device=device)
+    out = llmkernels.attention(q, k, v, **options).cpu()
+    cpu_options = {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in options.items()}
+    oracle = sdpa_oracle(q.cpu(), k.cpu(), v.cpu(), **cpu_options)
+    same = reference.attention(q.cpu(), k.cpu(), v.cpu(), upcast=not cuda_kernels(device), **cpu_options)
+    assert_parity(out, same, oracle, f"against SDPA {options}")
+
+
+@pytest.mark.cuda
+def test_tensors_on_different_devices_are_refused():
+    q = randn((1, 9, 2, 32), dtype=torch.bfloat16, device="cuda")
+    k = randn((1, 9, 2, 32), dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="device"):
+        llmkernels.attention(q, k, k.cuda())
+
+
 @pytest.mark.parametrize("seqlen", [1000, 4097])
 def test_long_sequences(seqlen, device):
     """The issue's long tails: 1000 and 4097 tokens (one past a multiple of every tile), causal,
