@@ -215,6 +215,8 @@ void backward(const TensorView& dout, const TensorView& q, const TensorView& k, 
       dq_accum->check_dtype(DType::f32);
       dq_accum->check_contiguous();
       dq_accum->check_same_device(q);
+      LLMK_CHECK(reinterpret_cast<uintptr_t>(dq_accum->ptr) % 16 == 0, ValueError,
+                 "dq_accum must start at a 16-byte boundary (the kernels read it in 16-byte pieces)");
       check_shape_like(*dq_accum, q);
       written.push_back(*dq_accum);
     }

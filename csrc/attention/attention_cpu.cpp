@@ -371,7 +371,7 @@ void backward_typed(const Problem& p, const Gradients& g) {
                 if (p.softcap > 0.0f) {
                   const float t = std::tanh(score / p.softcap);
                   score = p.softcap * t;
-                  dscore *= 1.0f - t * t;
+                  dscore *= (1.0f - t) * (1.0f + t);  // 1 - t^2, accurate near saturation
                 }
                 if (p.alibi_slopes) score -= slope * float(std::llabs(i + sk - sq - j));
                 const float prob = exp_nonpositive(score - lse);

@@ -36,6 +36,9 @@ namespace {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInfinity = __builtin_huge_valf();
+// The dynamic shared memory a block may opt into on every sm_80+ GPU: 99 KB on sm_86/89 (163 KB on
+// the A100, 227 KB on the H100). dk/dv at D = 256 uses 98.25 KB of it.
+constexpr int kSharedLimit = 99 * 1024;
 
 // -- tiles ---------------------------------------------------------------------------------------------
 
@@ -53,6 +56,7 @@ struct ForwardTiles {
   static constexpr int shared_bytes = q_bytes + 2 * stage_bytes;
   static constexpr bool q_in_registers = D <= 128;
   static constexpr SwizzledTile layout() { return SwizzledTile{row_bytes}; }
+  static_assert(shared_bytes <= kSharedLimit, "the forward's tiles must fit every sm_80+ GPU");
 };
 
 // Copies rows [0, Rows) of a (token, head_dim) slice into a swizzled tile of D columns with 16-byte
@@ -229,7 +233,7 @@ struct ScoreRule {
     if (softcap > 0.0f) {
       const float t = tanhf(s / softcap);
       s = softcap * t;
-      if (dscore) *dscore = scale * (1.0f - t * t);
+      if (dscore) *dscore = scale * ((1.0f - t) * (1.0f + t));  // 1 - t^2, accurate near saturation
     } else if (dscore) {
       *dscore = scale;
     }
@@ -373,7 +377,9 @@ __global__ void __launch_bounds__(ForwardTiles<D>::threads, 1) forward_kernel(co
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = int(q0) + row_in_tile[e / 2], j = int(k0) + mma_c_coord(lane, e).col + 8 * n;
-          s[n][e] = mask.allowed(i, j) ? rule.log2_score(s[n][e], i, j) : -kInfinity;
+          // (the backward's formula for the same score, so that its P matches this lse to the bit)
+          const float score = rule.plain() ? s[n][e] * rule.scale_log2 : rule.log2_score(s[n][e], i, j);
+          s[n][e] = mask.allowed(i, j) ? score : -kInfinity;
         }
     }
 
@@ -482,6 +488,7 @@ struct DqTiles {
   static constexpr int q_bytes = block_q * row_bytes, k_bytes = block_k * row_bytes;
   static constexpr int stage_bytes = 2 * k_bytes;
   static constexpr int shared_bytes = 2 * q_bytes + 2 * stage_bytes;
+  static_assert(shared_bytes <= kSharedLimit, "the dq pass's tiles must fit every sm_80+ GPU");
 };
 
 template <typename T, int D>
@@ -570,6 +577,7 @@ __global__ void __launch_bounds__(DqTiles<D>::threads, 1) backward_dq_kernel(con
     multiply_c_by_tile<T, D, BK / 16>(dq, s, k_tile(stage), bt_lane);  // dq += dS K
     stage ^= 1;
   }
+  cp_async_wait<0>();  // no copy in flight when the block exits (with no key tile, the loop never waited)
   store_rows(token_row(static_cast<T*>(g.dq), g.dq_layout, b, seq.q_begin + q0, h), g.dq_layout.token, dq,
              row_in_tile, valid_q, 0, head_dim, lane, {1.0f, 1.0f});
 }
@@ -599,6 +607,7 @@ struct DkdvTiles {
   // dq = dS K: (block_q / 16) row blocks of 16 queries, the warps of a row block splitting d_acc.
   static constexpr int dq_warps_per_rows = warps / (block_q / 16);
   static constexpr int dq_cols = d_acc / dq_warps_per_rows;
+  static_assert(shared_bytes <= kSharedLimit, "the dk/dv pass's tiles must fit every sm_80+ GPU");
 };
 
 template <typename T, int D>
@@ -750,6 +759,7 @@ __global__ void __launch_bounds__(DkdvTiles<D>::threads, 1) backward_dkdv_kernel
     }
     stage ^= 1;
   }
+  cp_async_wait<0>();  // no copy in flight when the block exits (with no query tile, the loop never waited)
 
   // dk and dv of this block's keys and columns (zeros for keys no query sees).
   store_rows(token_row(static_cast<T*>(g.dk), g.dk_layout, b, seq.k_begin + k0, kv_head), g.dk_layout.token, dk,
@@ -758,8 +768,15 @@ __global__ void __launch_bounds__(DkdvTiles<D>::threads, 1) backward_dkdv_kernel
              key_in_tile, valid_k, col0, head_dim, lane, {1.0f, 1.0f});
 }
 
+// gridDim.y and gridDim.z are limited to 65535: heads and batch go there.
+void check_grid(const Problem& p) {
+  LLMK_CHECK(p.batch <= 65535 && p.heads_q <= 65535, ValueError, "attention (CUDA kernel): batch (", p.batch,
+             ") and heads (", p.heads_q, ") must be at most 65535");
+}
+
 template <typename T, int D>
 void run_backward(const Problem& p, const Gradients& g, DeviceStream stream) {
+  check_grid(p);
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int64_t batches = varlen ? 1 : p.batch;
   const int64_t tokens = varlen ? p.lse_head_stride : p.seqlen_q;  // total_q for varlen
@@ -793,8 +810,7 @@ template <typename T, int D>
 void run_forward(const Problem& p, DeviceStream stream) {
   using Tiles = ForwardTiles<D>;
   const int64_t q_tiles = (p.seqlen_q + Tiles::block_q - 1) / Tiles::block_q;
-  LLMK_CHECK(p.batch <= 65535 && p.heads_q <= 65535, ValueError, "attention (CUDA kernel): batch (", p.batch,
-             ") and heads (", p.heads_q, ") must be at most 65535");
+  check_grid(p);
   launch("attention forward", forward_kernel<T, D>,
          LaunchShape{dim3(uint32_t(q_tiles), uint32_t(p.heads_q), uint32_t(p.batch)), dim3(Tiles::threads),
                      Tiles::shared_bytes},
