@@ -161,12 +161,17 @@ def test_bad_inputs_raise_clear_errors():
         attention.forward(q, randn((2, 9, 2, 32), dtype=torch.bfloat16), randn((2, 9, 2, 32), dtype=torch.bfloat16))
     with pytest.raises(TypeError):
         attention.forward(q, k.float(), v)
+    with pytest.raises(ValueError, match="k must have q's batch 2"):
+        attention.forward(q, k[:1], v[:1])
     with pytest.raises(ValueError, match="window entries must be >= -1"):
         attention.forward(q, k, v, window=(-2, 0))
     cu = torch.tensor([0, 5, 3, 9], dtype=torch.int32)
     flat = randn((9, 2, 64), dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
         attention.forward(flat, flat, flat, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=9, max_seqlen_k=9)
+    with pytest.raises(TypeError, match="cu_seqlens_q"):
+        attention.forward(flat, flat, flat, cu_seqlens_q=cu.long(), cu_seqlens_k=cu.long(), max_seqlen_q=9,
+                          max_seqlen_k=9)
     good = torch.tensor([0, 5, 9], dtype=torch.int32)
     with pytest.raises(ValueError, match="more than max_seqlen_q = 4"):
         attention.forward(flat, flat, flat, cu_seqlens_q=good, cu_seqlens_k=good, max_seqlen_q=4, max_seqlen_k=9)
