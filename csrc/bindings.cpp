@@ -18,6 +18,7 @@
 #include "attention/attention.h"
 #include "gemm/gemm.h"
 #include "mezo/mezo.h"
+#include "quant/quant.h"
 #include "testing/emulator_kernels.h"
 #include "testing/vocabulary_kernels.h"
 
@@ -157,6 +158,19 @@ void attention_backward(const py::object& dout, const py::object& q, const py::o
                       pointer(cu_k), max_seqlen_q, max_seqlen_k, dq_view, dk_view, dv_view, scale, softcap, causal,
                       window_left, window_right, pointer(slopes), deterministic, &delta_view, &dq_accum_view,
                       stream_pointer(stream));
+}
+
+void quant_pack_int4(const py::object& codes, const py::object& packed, uintptr_t stream) {
+  const TensorView codes_view = tensor(codes, "codes"), packed_view = tensor(packed, "packed");
+  py::gil_scoped_release no_gil;
+  quant::pack_int4(codes_view, packed_view, stream_pointer(stream));
+}
+
+void quant_unpack_int4(const py::object& packed, int64_t /*k: codes' shape says it*/, const py::object& codes,
+                       uintptr_t stream) {
+  const TensorView packed_view = tensor(packed, "packed"), codes_view = tensor(codes, "codes");
+  py::gil_scoped_release no_gil;
+  quant::unpack_int4(packed_view, codes_view, stream_pointer(stream));
 }
 
 void def_emulator(py::module_& m) {
@@ -350,6 +364,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("delta"), py::arg("dq_accum"), py::arg("stream"),
         "Attention backward (FlashAttention-2's, recomputing P from lse): dq, dk, dv; delta and dq_accum are the "
         "CUDA kernels' float32 workspaces (empty for the CPU kernel; dq_accum empty when deterministic)");
+  m.def("quant_pack_int4", &quant_pack_int4, py::arg("codes"), py::arg("packed"), py::arg("stream"),
+        "int4 codes uint8 (N, K) -> packed int32 (N / 8, ceil(K / 32), 32), common/quant_format.h's layout");
+  m.def("quant_unpack_int4", &quant_unpack_int4, py::arg("packed"), py::arg("k"), py::arg("codes"), py::arg("stream"),
+        "packed int32 (N / 8, ceil(K / 32), 32) -> int4 codes uint8 (N, K)");
   m.def("gemm_workspace", &gemm::split_k_workspace, py::arg("m"), py::arg("n"), py::arg("k"),
         "float32 elements of the GEMM core's split-K workspace for (m, n, k) (0: no split)");
   m.def("gemm_split_limits", [] { return py::make_tuple(gemm::kSplitMaxRows, gemm::kSplitMaxRanges); },

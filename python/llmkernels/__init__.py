@@ -10,8 +10,8 @@ from ._ext import C as _C, build_info, cuda_unusable_reason, cuda_usable
 
 __version__ = _C.__version__
 
-from . import emulator, mezo, reference  # noqa: E402
+from . import emulator, mezo, quant, reference  # noqa: E402
 from ._attention import attention, attention_varlen  # noqa: E402
 
 __all__ = ["attention", "attention_varlen", "build_info", "cuda_usable", "cuda_unusable_reason", "emulator", "mezo",
-           "reference", "__version__"]
+           "quant", "reference", "__version__"]

@@ -1,4 +1,4 @@
 """Plain-PyTorch oracles, one module per kernel family, with the same signatures as the ops."""
-from . import attention, gemm, mezo
+from . import attention, gemm, mezo, quant
 
-__all__ = ["attention", "gemm", "mezo"]
+__all__ = ["attention", "gemm", "mezo", "quant"]

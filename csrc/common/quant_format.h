@@ -1,0 +1,56 @@
+// The quantized weight formats (docs/quant.md), host+device: the CPU pack/unpack kernels, the CUDA
+// kernels and the tests use these functions, so the layout is defined once.
+//
+// int4 weights (issue 11): W (N, K) as codes q in [0, 15], w ~ (q - z) * s with the scale s and the
+// zero point z (4-bit; 8 when symmetric) of its group: column n, groups of `group_size` along K.
+//
+// Packed int4 layout, chosen for the W4A16 kernel's loads: one 32-bit word per lane of a warp per
+// (8 columns n, 32 of k) block, blocks ordered n-block-major:
+//
+//   word(n, k) = ((n / 8) * k_blocks + k / 32) * 32 + lane,     k_blocks = ceil(K / 32)
+//
+// and inside a block, lane l = 4g + t holds exactly the elements of mma.m16n8k16's B fragment
+// (common/mma.h: k = 2t, 2t + 1, 2t + 8, 2t + 9 of column n = g) for the block's two k16 halves:
+//
+//   nibble at bits 4r and 4r + 16, r = 2 * half16 + (k % 16) / 8:   k even (low) and k odd (high)
+//
+//      bits 28..31  24..27  20..23  16..19 | 12..15   8..11   4..7    0..3
+//           r3 odd  r2 odd  r1 odd  r0 odd | r3 even  r2 even r1 even r0 even
+//   r0 = (k 2t, 2t+1) and r1 = (k 2t+8, 2t+9) of the first k16 half, r2 and r3 of the second.
+//
+// So one 4-byte load per lane gives four B-fragment registers: (word >> 4r) & 0x000f000f puts
+// register r's pair of codes in the low bits of two 16-bit halves, which OR 0x4300 (bf16 128.0) or
+// 0x6400 (fp16 1024.0) turns into two 16-bit floats 128 + q (1024 + q) with no conversion
+// instruction; one fused multiply-add by the group's scale then dequantizes both. K past the last
+// multiple of 32 is padded with code 0 (the kernels never multiply those columns: x is zero there).
+#pragma once
+#include <cstdint>
+
+#include "common/hd_math.h"
+
+namespace llmk::quant {
+
+constexpr int kInt4BlockN = 8;    // columns of a packed block
+constexpr int kInt4BlockK = 32;   // k of a packed block: two mma k16 steps
+
+LLMK_HD int64_t int4_k_blocks(int64_t k) { return (k + kInt4BlockK - 1) / kInt4BlockK; }
+
+// Number of 32-bit words of an (n, k) int4 matrix (n a multiple of 8).
+LLMK_HD int64_t int4_packed_words(int64_t n, int64_t k) { return n / kInt4BlockN * int4_k_blocks(k) * 32; }
+
+struct Int4Position {
+  int64_t word;  // index of the 32-bit word
+  int shift;     // the code sits at bits [shift, shift + 4)
+};
+
+// Where element (row n, column k) of the (N, K) code matrix lives in the packed words.
+LLMK_HD Int4Position int4_position(int64_t n, int64_t k, int64_t k_blocks) {
+  const int g = int(n % kInt4BlockN), c = int(k % kInt4BlockK);
+  const int half16 = c / 16, within = c % 16;
+  const int upper = within / 8, t = (within % 8) / 2, odd = within % 2;
+  const int lane = 4 * g + t;
+  const int r = 2 * half16 + upper;
+  return Int4Position{((n / kInt4BlockN) * k_blocks + k / kInt4BlockK) * 32 + lane, 4 * r + 16 * odd};
+}
+
+}  // namespace llmk::quant

@@ -1,0 +1,116 @@
+"""Quantized GEMM (csrc/quant/, docs/quant.md): IN PROGRESS (issue 11).
+
+So far the int4 weight format: `quantize_int4` (group-wise along K, symmetric or with 4-bit zero
+points, 16-bit scales), the packed layout of common/quant_format.h (`pack_int4` / `unpack_int4`, CPU
+kernels) and `dequantize`. Not yet: the W4A16 / W8A8 / W8A16 kernels, int8 formats, linear layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+import torch
+
+from ._ops import native_op
+
+__all__ = ["Int4Weight", "quantize_int4", "dequantize", "pack_int4", "unpack_int4"]
+
+GROUP_SIZES = (32, 64, 128, -1)
+
+
+@native_op("quant_pack_int4")
+def _pack(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 (N, K) in [0, 15] -> packed int32 (N / 8, ceil(K / 32), 32)."""
+    n, k = codes.shape
+    return torch.empty((n // 8, (k + 31) // 32, 32), dtype=torch.int32, device=codes.device)
+
+
+@native_op("quant_unpack_int4")
+def _unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """packed int32 (N / 8, ceil(K / 32), 32) -> codes uint8 (N, K)."""
+    return torch.empty((packed.shape[0] * 8, k), dtype=torch.uint8, device=packed.device)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (N, K), each in [0, 15], N and K multiples of 8 -> the packed int32 words of
+    docs/quant.md (the W4A16 kernel's layout: one word a lane per 8 x 32 block)."""
+    return _pack(codes.contiguous())
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of pack_int4: the (N, K) uint8 codes."""
+    return _unpack(packed.contiguous(), int(k))
+
+
+@dataclasses.dataclass
+class Int4Weight:
+    """An int4-quantized (out_features, in_features) weight: w[n, k] ~ (q[n, k] - zeros[g, n]) * scales[g, n]
+    with g = k // group_size (one group when group_size is -1)."""
+    packed: torch.Tensor        # int32 (N / 8, ceil(K / 32), 32)
+    scales: torch.Tensor        # bf16 or fp16 (groups, N)
+    zeros: torch.Tensor         # uint8 (groups, N), 4-bit values; 8 everywhere when symmetric
+    group_size: int             # 32, 64, 128 or -1 (per channel)
+    shape: Tuple[int, int]      # (N, K)
+    symmetric: bool
+
+    def codes(self) -> torch.Tensor:
+        return unpack_int4(self.packed, self.shape[1])
+
+
+def _round_up_to(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """scales in `dtype`, rounded up (never below the float32 value), so that the group's extreme
+    values stay inside the code range."""
+    rounded = scales.to(dtype)
+    low = rounded.float() < scales
+    return torch.where(low, torch.nextafter(rounded, torch.full_like(rounded, float("inf"))), rounded)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = False,
+                  scale_dtype: torch.dtype = None) -> Int4Weight:
+    """Group-wise int4 quantization of an (N, K) weight along K. Every element ends within half a
+    step (its group's scale / 2) of its dequantized value.
+
+    symmetric: scale = max|w| / 7 and zero point 8 (codes 1..15 for |w| <= max). Otherwise scale =
+    (max - min) / 15 and a 4-bit zero point round(-min / scale) (min and max over the group, with 0
+    included, so that zero is exact). Scales are bf16 or fp16 (default: w's dtype if 16-bit, else bf16),
+    rounded up from the exact value."""
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
+        raise TypeError(f"w must be a 2-D floating-point tensor (out_features, in_features); got "
+                        f"{getattr(w, 'dtype', type(w).__name__)} of shape {tuple(getattr(w, 'shape', ()))}")
+    n, k = w.shape
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}; got {group_size}")
+    if n % 8 or k % 8:
+        raise ValueError(f"w's out_features and in_features must be multiples of 8; got shape {(n, k)}")
+    size = k if group_size == -1 else group_size
+    if k % size:
+        raise ValueError(f"in_features ({k}) must be a multiple of group_size ({group_size})")
+    if scale_dtype is None:
+        scale_dtype = w.dtype if w.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    if scale_dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"scale_dtype must be bfloat16 or float16; got {scale_dtype}")
+    groups = w.float().reshape(n, k // size, size)
+    if symmetric:
+        scale = groups.abs().amax(dim=2) / 7
+    else:
+        low = groups.amin(dim=2).clamp(max=0)
+        high = groups.amax(dim=2).clamp(min=0)
+        scale = (high - low) / 15
+    scale = _round_up_to(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype)   # all-zero group: 1
+    s = scale.float()
+    if symmetric:
+        zero = torch.full_like(s, 8)
+    else:
+        zero = torch.round(-low / s).clamp(0, 15)
+    codes = (torch.round(groups / s[:, :, None]) + zero[:, :, None]).clamp(0, 15).to(torch.uint8).reshape(n, k)
+    return Int4Weight(pack_int4(codes), scale.T.contiguous(), zero.to(torch.uint8).T.contiguous(), group_size,
+                      (n, k), symmetric)
+
+
+def dequantize(weight: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (N, K) weight that `weight` represents, (q - z) * s computed in float32, then `dtype`."""
+    n, k = weight.shape
+    size = k if weight.group_size == -1 else weight.group_size
+    codes = weight.codes().float().reshape(n, k // size, size)
+    scales, zeros = weight.scales.float().T, weight.zeros.float().T   # (N, groups)
+    return ((codes - zeros[:, :, None]) * scales[:, :, None]).reshape(n, k).to(dtype)

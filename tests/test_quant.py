@@ -1,0 +1,109 @@
+"""Quantized GEMM (issue 11, in progress): the int4 format so far. The packed layout against the PTX
+ISA's mma.m16n8k16 B-fragment table written out here (not through the library's own position
+function), pack/unpack as exact inverses, quantization's half-step error bound, and dequantize
+against the reference's reading of the format (llmkernels.reference.quant)."""
+import pytest
+import torch
+
+from llmkernels import quant
+from llmkernels.reference import quant as reference
+
+from helpers import generator, randn
+
+SHAPES = [(8, 8), (8, 32), (16, 40), (24, 72), (64, 2752 // 8), (40, 136)]   # (N, K): K tails of the 32-blocks
+
+
+def random_codes(n, k, seed=0):
+    return torch.randint(0, 16, (n, k), generator=generator(seed), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_pack_and_unpack_are_exact_inverses(shape):
+    codes = random_codes(*shape, seed=shape[1])
+    packed = quant.pack_int4(codes)
+    assert packed.dtype == torch.int32 and packed.shape == (shape[0] // 8, (shape[1] + 31) // 32, 32)
+    assert torch.equal(quant.unpack_int4(packed, shape[1]), codes)
+
+
+def test_packed_words_hold_the_mma_b_fragments():
+    """PTX ISA, mma.m16n8k16 (16-bit types), B fragment: lane l = 4g + t holds b0 = (k 2t, 2t + 1) and
+    b1 = (k 2t + 8, 2t + 9) of column n = g, the lower k in the lower half. docs/quant.md: a lane's
+    word holds registers r = 0, 1 (first k16 half: b0, b1) and 2, 3 (second half), register r's
+    lower element at bits 4r and its upper at 4r + 16."""
+    n, k = 16, 96
+    codes = random_codes(n, k, seed=5)
+    words = quant.pack_int4(codes)
+    for n_block in range(n // 8):
+        for k_block in range((k + 31) // 32):
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                word = int(words[n_block, k_block, lane]) & 0xFFFFFFFF
+                for r in range(4):
+                    half, upper = r // 2, r % 2
+                    k0 = 32 * k_block + 16 * half + 2 * t + 8 * upper
+                    row = 8 * n_block + g
+                    assert (word >> (4 * r)) & 0xF == codes[row, k0], (n_block, k_block, lane, r)
+                    assert (word >> (4 * r + 16)) & 0xF == codes[row, k0 + 1], (n_block, k_block, lane, r)
+
+
+def test_padding_past_k_is_code_zero():
+    codes = random_codes(8, 40, seed=2)   # one full 32-block and one with 8 of 32 columns
+    words = quant.pack_int4(codes)[0, 1]
+    padded = torch.zeros(8, 64, dtype=torch.uint8)
+    padded[:, :40] = codes
+    assert torch.equal(quant.unpack_int4(quant.pack_int4(padded), 64)[:, 40:], torch.zeros(8, 24, dtype=torch.uint8))
+    assert torch.equal(words, quant.pack_int4(padded)[0, 1])
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asymmetric", "symmetric"])
+@pytest.mark.parametrize("group_size", quant.GROUP_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_int4_is_within_half_a_step(group_size, symmetric, dtype):
+    n, k = 48, 256
+    w = randn((n, k), dtype=dtype, seed=group_size + 100 * symmetric, scale=0.05)
+    w[3, :64] = 0.0                         # an all-zero group (any group size)
+    q = quant.quantize_int4(w, group_size=group_size, symmetric=symmetric)
+    size = k if group_size == -1 else group_size
+    assert q.scales.shape == (k // size, n) and q.zeros.shape == (k // size, n)
+    assert q.scales.dtype == (dtype if dtype != torch.float32 else torch.bfloat16)
+    codes = q.codes()
+    assert int(codes.max()) <= 15
+    if symmetric:
+        assert (q.zeros == 8).all()
+    else:
+        assert int(q.zeros.max()) <= 15
+    w_hat = quant.dequantize(q)
+    step = q.scales.float().T.repeat_interleave(size, dim=1)     # (N, K): each element's group scale
+    assert ((w.float() - w_hat).abs() <= step / 2 * (1 + 1e-6)).all()
+    assert torch.equal(w_hat, reference.dequantize_int4(codes, q.scales, q.zeros, group_size))
+    assert (w_hat[3, :64] == 0).all()       # zero is exact
+
+
+def test_quantize_int4_refuses_bad_shapes_and_types():
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        quant.quantize_int4(torch.randn(8, 96), group_size=64)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        quant.quantize_int4(torch.randn(12, 64), group_size=32)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        quant.quantize_int4(torch.randn(8, 64), group_size=16)
+    with pytest.raises(TypeError):
+        quant.quantize_int4(torch.randint(0, 3, (8, 64)))
+    with pytest.raises(ValueError, match=r"codes must hold 4-bit codes in \[0, 15\]; got 16"):
+        quant.pack_int4(torch.full((8, 8), 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        quant.pack_int4(torch.zeros(8, 12, dtype=torch.uint8))
+
+
+def test_reference_int4_linear_is_the_dequantized_matmul():
+    w = randn((24, 128), seed=3, scale=0.1)
+    q = quant.quantize_int4(w, group_size=32)
+    x = randn((5, 128), seed=4)
+    bias = randn((24,), seed=5)
+    out = reference.int4_linear(x, q.codes(), q.scales, q.zeros, 32, bias)
+    torch.testing.assert_close(out, x @ quant.dequantize(q).T + bias, rtol=1e-6, atol=1e-6)
+
+
+def test_opcheck_pack_and_unpack():
+    codes = random_codes(16, 40, seed=9)
+    torch.library.opcheck(torch.ops.llmkernels.quant_pack_int4.default, (codes,))
+    torch.library.opcheck(torch.ops.llmkernels.quant_unpack_int4.default, (quant.pack_int4(codes), 40))
