@@ -173,6 +173,18 @@ void quant_unpack_int4(const py::object& packed, int64_t /*k: codes' shape says 
   quant::unpack_int4(packed_view, codes_view, stream_pointer(stream));
 }
 
+void quant_int4_linear(const py::object& x, const py::object& packed, const py::object& scales,
+                       const py::object& zeros, int64_t group_size, const py::object& bias, const py::object& out,
+                       uintptr_t stream) {
+  const TensorView x_view = tensor(x, "x"), packed_view = tensor(packed, "packed");
+  const TensorView scales_view = tensor(scales, "scales"), zeros_view = tensor(zeros, "zeros");
+  const auto bias_view = optional_tensor(bias, "bias");
+  const TensorView out_view = tensor(out, "out");
+  py::gil_scoped_release no_gil;
+  quant::int4_linear(x_view, packed_view, scales_view, zeros_view, group_size, pointer(bias_view), out_view,
+                     stream_pointer(stream));
+}
+
 void def_emulator(py::module_& m) {
   py::module_ e = m.def_submodule("emulator", "The SIMT emulator that runs the CUDA kernels on CPU tensors");
   e.def("settings", [] {
@@ -368,6 +380,9 @@ PYBIND11_MODULE(_C, m) {
         "int4 codes uint8 (N, K) -> packed int32 (N / 8, ceil(K / 32), 32), common/quant_format.h's layout");
   m.def("quant_unpack_int4", &quant_unpack_int4, py::arg("packed"), py::arg("k"), py::arg("codes"), py::arg("stream"),
         "packed int32 (N / 8, ceil(K / 32), 32) -> int4 codes uint8 (N, K)");
+  m.def("quant_int4_linear", &quant_int4_linear, py::arg("x"), py::arg("packed"), py::arg("scales"),
+        py::arg("zeros"), py::arg("group_size"), py::arg("bias"), py::arg("out"), py::arg("stream"),
+        "W4A16: out (M, N) = x (M, K) · dequantized int4 weightᵀ (+ float32 bias); CPU kernel only so far");
   m.def("gemm_workspace", &gemm::split_k_workspace, py::arg("m"), py::arg("n"), py::arg("k"),
         "float32 elements of the GEMM core's split-K workspace for (m, n, k) (0: no split)");
   m.def("gemm_split_limits", [] { return py::make_tuple(gemm::kSplitMaxRows, gemm::kSplitMaxRanges); },

@@ -8,7 +8,7 @@ import torch
 from llmkernels import quant
 from llmkernels.reference import quant as reference
 
-from helpers import generator, randn
+from helpers import assert_parity, generator, randn
 
 SHAPES = [(8, 8), (8, 32), (16, 40), (24, 72), (64, 2752 // 8), (40, 136)]   # (N, K): K tails of the 32-blocks
 
@@ -107,3 +107,56 @@ def test_opcheck_pack_and_unpack():
     codes = random_codes(16, 40, seed=9)
     torch.library.opcheck(torch.ops.llmkernels.quant_pack_int4.default, (codes,))
     torch.library.opcheck(torch.ops.llmkernels.quant_unpack_int4.default, (quant.pack_int4(codes), 40))
+
+
+# -- W4A16 (CPU kernel) -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("group_size", quant.GROUP_SIZES)
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 16, 17, 64, 129])
+def test_int4_linear_matches_the_dequantized_reference(m, group_size):
+    """W4A16 against the reference (the dequantized weight, float32 matmul) under the parity rule:
+    the oracle is float64 on the same dequantized weight; torch's own error is a bf16 matmul's."""
+    n, k = 40, 256
+    q = quant.quantize_int4(randn((n, k), seed=m, scale=0.1), group_size=group_size, symmetric=m % 2 == 0)
+    x = randn((m, k), dtype=torch.bfloat16, seed=m + 1)
+    bias = randn((n,), seed=m + 2)
+    out = quant.int4_linear(x, q, bias)
+    w = quant.dequantize(q)
+    oracle = x.double() @ w.double().T + bias.double()
+    same = reference.int4_linear(x, q.codes(), q.scales, q.zeros, group_size, bias)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    assert_parity(out, same, oracle, f"int4_linear m={m} group {group_size}")
+
+
+@pytest.mark.parametrize("k", [2752, 5504, 7392, 10944])
+def test_int4_linear_tensor_parallel_k(k):
+    """The K of Llama tensor-parallel splits that Marlin refuses (K % 128 != 0 for some): group 32 and
+    per-channel, fp16 activations, a 3-D input."""
+    for group_size in (32, -1):
+        q = quant.quantize_int4(randn((16, k), seed=k, scale=0.05), group_size=group_size)
+        x = randn((2, 3, k), dtype=torch.float16, seed=k + 1)
+        out = quant.int4_linear(x, q)
+        oracle = (x.double().reshape(-1, k) @ quant.dequantize(q).double().T).reshape(2, 3, 16)
+        same = reference.int4_linear(x.reshape(-1, k), q.codes(), q.scales, q.zeros, group_size).reshape(2, 3, 16)
+        assert_parity(out, same, oracle, f"k={k} group {group_size}")
+
+
+def test_int4_linear_float32_and_bad_inputs():
+    q = quant.quantize_int4(randn((24, 64), seed=1), group_size=32)
+    x = randn((5, 64), seed=2)
+    out = quant.int4_linear(x, q)
+    oracle = x.double() @ quant.dequantize(q).double().T
+    assert_parity(out, x @ quant.dequantize(q).T, oracle, "fp32")
+    with pytest.raises(ValueError, match="in_features 64"):
+        quant.int4_linear(randn((5, 32)), q)
+    with pytest.raises(TypeError, match="Int4Weight"):
+        quant.int4_linear(x, q.packed)
+    with pytest.raises(ValueError, match=r"bias must have shape \(24,\)"):
+        quant.int4_linear(x, q, torch.zeros(23))
+
+
+def test_opcheck_int4_linear():
+    q = quant.quantize_int4(randn((16, 64), seed=6), group_size=32)
+    x = randn((3, 64), dtype=torch.bfloat16, seed=7)
+    torch.library.opcheck(torch.ops.llmkernels.quant_int4_linear.default,
+                          (x, q.packed, q.scales, q.zeros, 32, randn((16,), seed=8)))

@@ -4,6 +4,8 @@
 #include "common/quant_format.h"
 #include "core/errors.h"
 
+#include <vector>
+
 namespace llmk::quant {
 namespace {
 
@@ -42,6 +44,66 @@ void unpack_int4(const TensorView& packed, const TensorView& codes, void* stream
   check_no_overlap({codes}, {packed});
   (void)stream;
   unpack_int4_cpu(packed.data<int32_t>(), codes.shape[0], codes.shape[1], codes.data<uint8_t>());
+}
+
+void int4_linear(const TensorView& x, const TensorView& packed, const TensorView& scales, const TensorView& zeros,
+                 int64_t group_size, const TensorView* bias, const TensorView& out, void* stream) {
+  x.check_ndim(2);
+  x.check_floating();
+  LLMK_CHECK(x.strides[1] == 1, ValueError, "x must have a contiguous last dimension; got strides ", x.strides_str());
+  const int64_t m = x.shape[0], k = x.shape[1];
+  packed.check_dtype(DType::i32);
+  packed.check_ndim(3);
+  packed.check_contiguous();
+  packed.check_same_device(x);
+  const int64_t n = packed.shape[0] * kInt4BlockN;
+  packed.check_shape({n / kInt4BlockN, int4_k_blocks(k), 32});
+  LLMK_CHECK(k % 8 == 0, ValueError, "x's last dimension (in_features) must be a multiple of 8; got ", k);
+  LLMK_CHECK(group_size == -1 || group_size == 32 || group_size == 64 || group_size == 128, ValueError,
+             "group_size must be 32, 64, 128 or -1; got ", group_size);
+  const int64_t size = group_size == -1 ? k : group_size;
+  LLMK_CHECK(k % size == 0, ValueError, "in_features (", k, ") must be a multiple of group_size (", group_size, ")");
+  LLMK_CHECK(scales.dtype == DType::bf16 || scales.dtype == DType::f16, TypeError,
+             "scales must be bfloat16 or float16; got ", dtype_name(scales.dtype));
+  scales.check_contiguous();
+  scales.check_same_device(x);
+  scales.check_shape({k / size, n});
+  zeros.check_dtype(DType::u8);
+  zeros.check_contiguous();
+  zeros.check_same_device(x);
+  zeros.check_shape({k / size, n});
+  if (bias) {
+    bias->check_dtype(DType::f32);
+    bias->check_contiguous();
+    bias->check_same_device(x);
+    bias->check_shape({n});
+  }
+  out.check_same_dtype(x);
+  out.check_same_device(x);
+  out.check_contiguous();
+  out.check_shape({m, n});
+  std::vector<TensorView> read{extent(x), packed, scales, zeros};
+  if (bias) read.push_back(*bias);
+  check_no_overlap({out}, read);
+  LLMK_CHECK(select_backend(x) == Backend::cpu, DeviceError,
+             "int4_linear runs on the CPU kernel only so far: the CUDA kernel (and so the emulated backend) is not "
+             "written yet (issue 11)");
+  (void)stream;
+  Int4Problem p;
+  p.x_dtype = x.dtype;
+  p.scale_dtype = scales.dtype;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.group_size = size;
+  p.x = x.ptr;
+  p.ldx = x.strides[0];
+  p.packed = packed.data<int32_t>();
+  p.scales = scales.ptr;
+  p.zeros = zeros.data<uint8_t>();
+  p.bias = bias ? bias->data<float>() : nullptr;
+  p.out = out.ptr;
+  int4_linear_cpu(p);
 }
 
 }  // namespace llmk::quant

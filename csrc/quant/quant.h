@@ -1,5 +1,5 @@
 // Quantized GEMM (docs/quant.md; issue 11, in progress): so far the int4 format's pack and unpack
-// (common/quant_format.h), CPU kernels only.
+// (common/quant_format.h) and the W4A16 product, CPU kernels only.
 #pragma once
 #include "core/backend.h"
 #include "core/tensor.h"
@@ -11,6 +11,25 @@ namespace llmk::quant {
 void pack_int4(const TensorView& codes, const TensorView& packed, void* stream);
 // The inverse: packed int32 (N / 8, ceil(K / 32), 32) -> codes uint8 (N, K).
 void unpack_int4(const TensorView& packed, const TensorView& codes, void* stream);
+
+// W4A16: out (M, N) = x (M, K) · dequantize(packed, scales, zeros)ᵀ (+ bias), fp32 accumulation.
+// x fp32/bf16/fp16 with a contiguous last dimension, scales bf16/fp16 (groups, N), zeros uint8
+// (groups, N), bias float32 (N) or null, out like x's dtype (M, N) contiguous.
+void int4_linear(const TensorView& x, const TensorView& packed, const TensorView& scales, const TensorView& zeros,
+                 int64_t group_size, const TensorView* bias, const TensorView& out, void* stream);
+
+struct Int4Problem {
+  DType x_dtype = DType::bf16, scale_dtype = DType::bf16;
+  int64_t m = 0, n = 0, k = 0, group_size = 0;  // group_size: K for one group per row
+  const void* x = nullptr;
+  int64_t ldx = 0;
+  const int32_t* packed = nullptr;
+  const void* scales = nullptr;
+  const uint8_t* zeros = nullptr;
+  const float* bias = nullptr;
+  void* out = nullptr;
+};
+void int4_linear_cpu(const Int4Problem& problem);
 
 void pack_int4_cpu(const uint8_t* codes, int64_t n, int64_t k, int32_t* packed);
 void unpack_int4_cpu(const int32_t* packed, int64_t n, int64_t k, uint8_t* codes);

@@ -2,18 +2,18 @@
 
 So far the int4 weight format: `quantize_int4` (group-wise along K, symmetric or with 4-bit zero
 points, 16-bit scales), the packed layout of common/quant_format.h (`pack_int4` / `unpack_int4`, CPU
-kernels) and `dequantize`. Not yet: the W4A16 / W8A8 / W8A16 kernels, int8 formats, linear layers.
+kernels), `dequantize`, and `int4_linear` (W4A16) on the CPU. Not yet: the CUDA kernels, int8
+formats and W8A8 / W8A16, the linear layers.
 """
-from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from ._ops import native_op
 
-__all__ = ["Int4Weight", "quantize_int4", "dequantize", "pack_int4", "unpack_int4"]
+__all__ = ["Int4Weight", "quantize_int4", "dequantize", "int4_linear", "pack_int4", "unpack_int4"]
 
 GROUP_SIZES = (32, 64, 128, -1)
 
@@ -114,3 +114,29 @@ def dequantize(weight: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.
     codes = weight.codes().float().reshape(n, k // size, size)
     scales, zeros = weight.scales.float().T, weight.zeros.float().T   # (N, groups)
     return ((codes - zeros[:, :, None]) * scales[:, :, None]).reshape(n, k).to(dtype)
+
+
+@native_op("quant_int4_linear")
+def _int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """out (M, N) in x's dtype."""
+    return torch.empty((x.shape[0], packed.shape[0] * 8), dtype=x.dtype, device=x.device)
+
+
+def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W4A16: x (..., K) @ dequantize(weight)ᵀ (+ bias), float32 accumulation, in x's dtype (fp16,
+    bf16; fp32 on the CPU). Any number of rows, including 1."""
+    if not isinstance(weight, Int4Weight):
+        raise TypeError(f"weight must be an Int4Weight (llmkernels.quant.quantize_int4); got {type(weight).__name__}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last dimension must be the weight's in_features {k}; got shape {tuple(x.shape)}")
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    if bias is not None:
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape ({n},); got {tuple(bias.shape)}")
+        bias = bias.float().contiguous()
+    out = _int4_linear(rows, weight.packed, weight.scales, weight.zeros, weight.group_size, bias)
+    return out.reshape(*x.shape[:-1], n)
