@@ -12,6 +12,13 @@
 
 namespace llmk::quant {
 
+// The W4A16 dot products compiled for AVX-512, AVX2 and baseline x86-64, picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LLMK_CPU_CLONES_QUANT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LLMK_CPU_CLONES_QUANT
+#endif
+
 void pack_int4_cpu(const uint8_t* codes, int64_t n, int64_t k, int32_t* packed) {
   const int64_t k_blocks = int4_k_blocks(k);
 #pragma omp parallel for schedule(static)
@@ -38,11 +45,34 @@ void unpack_int4_cpu(const int32_t* packed, int64_t n, int64_t k, uint8_t* codes
 
 namespace {
 
-// x (M, K) · W_blockᵀ for one block of 8 output columns, W's 8 rows dequantized into float first:
-// each packed word is read once and decoded by the B-fragment table of quant_format.h. Dot products
-// in float over chunks of 256 (vectorized), the chunks added in double: a K = 14336 row stays far
+// x (M, K) · W_blockᵀ for one block of 8 output columns, W's 8 rows dequantized into float first.
+// A 32-column block's words are decoded by the B-fragment table of quant_format.h: lane 4g + t holds
+// row g's columns 8r + 2t and 8r + 2t + 1 at bits 4r and 4r + 16; a block lies inside one group
+// (group sizes are multiples of 32, or the whole row), so its scale and zero point are per row.
+// Then each row of x is dotted with the 8 rows at once (eight vector accumulators, x read once), in
+// float over chunks of 256 (vectorized), the chunks added in double: a K = 14336 row stays far
 // inside fp32 matmul's error.
 constexpr int64_t kDotChunk = 256;
+
+// out[g] = sum_c x[c] * w[g * ldw + c] for g < 8, c in [c0, c1)
+LLMK_CPU_CLONES_QUANT void dot_8_rows(const float* __restrict x, const float* __restrict w, int64_t ldw, int64_t c0,
+                                      int64_t c1, float* __restrict out) {
+  float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
+  for (int64_t c = c0; c < c1; ++c) {
+    const float v = x[c];
+    s0 += v * w[c];
+    s1 += v * w[ldw + c];
+    s2 += v * w[2 * ldw + c];
+    s3 += v * w[3 * ldw + c];
+    s4 += v * w[4 * ldw + c];
+    s5 += v * w[5 * ldw + c];
+    s6 += v * w[6 * ldw + c];
+    s7 += v * w[7 * ldw + c];
+  }
+  out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
+  out[4] = s4; out[5] = s5; out[6] = s6; out[7] = s7;
+}
 
 template <typename T, typename S>
 void int4_linear_typed(const Int4Problem& p) {
@@ -65,40 +95,32 @@ void int4_linear_typed(const Int4Problem& p) {
 #pragma omp for schedule(static)
     for (int64_t block = 0; block < p.n / kInt4BlockN; ++block) {
       const uint32_t* words = reinterpret_cast<const uint32_t*>(p.packed) + block * k_blocks * 32;
-      for (int64_t kb = 0; kb < k_blocks; ++kb)
-        for (int lane = 0; lane < 32; ++lane) {
-          const uint32_t word = words[kb * 32 + lane];
-          const int g = lane / 4, t = lane % 4;
+      for (int64_t kb = 0; kb < k_blocks; ++kb) {
+        const int64_t group = kb * kInt4BlockK / p.group_size;
+        for (int g = 0; g < kInt4BlockN; ++g) {
           const int64_t n = block * kInt4BlockN + g;
-          for (int r = 0; r < 4; ++r) {
-            const int64_t k = kb * kInt4BlockK + 16 * (r / 2) + 8 * (r % 2) + 2 * t;   // the pair's lower k
-            for (int odd = 0; odd < 2; ++odd) {
-              const int64_t kk = k + odd;
-              float value = 0.0f;
-              if (kk < p.k) {
-                const int64_t group = kk / p.group_size;
-                const float code = float((word >> (4 * r + 16 * odd)) & 0xfu);
-                value = (code - float(p.zeros[group * p.n + n])) * to_float(scales[group * p.n + n]);
-              }
-              w[g * padded_k + kk] = value;
+          const float scale = to_float(scales[group * p.n + n]);
+          const float zero = float(p.zeros[group * p.n + n]);   // (q - z) s, as the reference computes it
+          float* row = w.data() + g * padded_k + kb * kInt4BlockK;
+          for (int t = 0; t < 4; ++t) {
+            const uint32_t word = words[kb * 32 + 4 * g + t];
+            for (int r = 0; r < 4; ++r) {
+              row[8 * r + 2 * t] = (float((word >> (4 * r)) & 0xfu) - zero) * scale;
+              row[8 * r + 2 * t + 1] = (float((word >> (4 * r + 16)) & 0xfu) - zero) * scale;
             }
           }
         }
-      for (int64_t row = 0; row < p.m; ++row) {
-        const float* xr = xs + row * ldx;
+      }
+      for (int64_t m = 0; m < p.m; ++m) {
+        double total[kInt4BlockN] = {};
+        for (int64_t c0 = 0; c0 < p.k; c0 += kDotChunk) {
+          float partial[kInt4BlockN];
+          dot_8_rows(xs + m * ldx, w.data(), padded_k, c0, std::min(p.k, c0 + kDotChunk), partial);
+          for (int g = 0; g < kInt4BlockN; ++g) total[g] += partial[g];
+        }
         for (int g = 0; g < kInt4BlockN; ++g) {
-          const float* wr = w.data() + g * padded_k;
-          double total = 0.0;
-          for (int64_t c0 = 0; c0 < p.k; c0 += kDotChunk) {
-            const int64_t c1 = std::min(p.k, c0 + kDotChunk);
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t c = c0; c < c1; ++c) sum += xr[c] * wr[c];
-            total += sum;
-          }
           const int64_t n = block * kInt4BlockN + g;
-          if (p.bias) total += p.bias[n];
-          out[row * p.n + n] = from_float<T>(float(total));
+          out[m * p.n + n] = from_float<T>(float(p.bias ? total[g] + p.bias[n] : total[g]));
         }
       }
     }

@@ -10,5 +10,6 @@ from .core import Case, Target, build_cases, register
 from . import mezo  # noqa: F401,E402  (registers "mezo")
 from . import gemm  # noqa: F401,E402  (registers "gemm")
 from . import attention  # noqa: F401,E402  (registers "attention")
+from . import quant  # noqa: F401,E402  (registers "quant")
 
 __all__ = ["Case", "Target", "build_cases", "register"]
