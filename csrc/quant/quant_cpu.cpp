@@ -45,33 +45,40 @@ void unpack_int4_cpu(const int32_t* packed, int64_t n, int64_t k, uint8_t* codes
 
 namespace {
 
-// x (M, K) · W_blockᵀ for one block of 8 output columns, W's 8 rows dequantized into float first.
-// A 32-column block's words are decoded by the B-fragment table of quant_format.h: lane 4g + t holds
-// row g's columns 8r + 2t and 8r + 2t + 1 at bits 4r and 4r + 16; a block lies inside one group
-// (group sizes are multiples of 32, or the whole row), so its scale and zero point are per row.
-// Then each row of x is dotted with the 8 rows at once (eight vector accumulators, x read once), in
-// float over chunks of 256 (vectorized), the chunks added in double: a K = 14336 row stays far
-// inside fp32 matmul's error.
-constexpr int64_t kDotChunk = 256;
+// out (M, N) = x · Wᵀ without materializing W: x is permuted once so that each 32-column block's
+// values sit in the packed words' nibble order (lane 4g + t of a block holds row g's columns
+// 8r + 2t + odd at bits 4r + 16 odd, quant_format.h), x_perm[kb * 32 + 8t + 2r + odd]. Then a word's
+// eight codes, as floats minus the group's zero point, multiply eight contiguous x values, lane for
+// lane: eight-wide vector products with no horizontal sum until a chunk ends. Per chunk of at most
+// 256 columns inside one group (group sizes are multiples of 32, or the whole row): the float sums
+// are reduced, times the group's scale, into double totals.
+constexpr int kChunkBlocks = 8;   // 256 columns
 
-// out[g] = sum_c x[c] * w[g * ldw + c] for g < 8, c in [c0, c1)
-LLMK_CPU_CLONES_QUANT void dot_8_rows(const float* __restrict x, const float* __restrict w, int64_t ldw, int64_t c0,
-                                      int64_t c1, float* __restrict out) {
-  float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
-  for (int64_t c = c0; c < c1; ++c) {
-    const float v = x[c];
-    s0 += v * w[c];
-    s1 += v * w[ldw + c];
-    s2 += v * w[2 * ldw + c];
-    s3 += v * w[3 * ldw + c];
-    s4 += v * w[4 * ldw + c];
-    s5 += v * w[5 * ldw + c];
-    s6 += v * w[6 * ldw + c];
-    s7 += v * w[7 * ldw + c];
+// acc[m][g][lane] += x_perm[m][kb * 32 + 8t + lane] * (code(lane) - z[g]) over one 32-column block,
+// for the 8 rows g of a block and every row m of x.
+LLMK_CPU_CLONES_QUANT void accumulate_block(const uint32_t* __restrict words, const float* __restrict zeros,
+                                            const float* __restrict x_perm, int64_t ldx, int64_t m_count,
+                                            float* __restrict acc) {
+  for (int g = 0; g < kInt4BlockN; ++g) {
+    float codes[4][8];   // row g's 32 codes minus z, in x_perm's order (4 words of 8)
+    for (int t = 0; t < 4; ++t) {
+      const uint32_t word = words[4 * g + t];
+#pragma omp simd
+      for (int lane = 0; lane < 8; ++lane)   // lane = 2r + odd: bits 4r + 16 odd
+        codes[t][lane] = float((word >> (4 * (lane / 2) + 16 * (lane % 2))) & 0xfu) - zeros[g];
+    }
+    for (int64_t m = 0; m < m_count; ++m) {   // row g's accumulator stays in a register over the block
+      const float* xv = x_perm + m * ldx;
+      float* a = acc + (m * kInt4BlockN + g) * 8;
+      float sum[8];
+#pragma omp simd
+      for (int lane = 0; lane < 8; ++lane)
+        sum[lane] = a[lane] + xv[lane] * codes[0][lane] + xv[8 + lane] * codes[1][lane] +
+                    xv[16 + lane] * codes[2][lane] + xv[24 + lane] * codes[3][lane];
+#pragma omp simd
+      for (int lane = 0; lane < 8; ++lane) a[lane] = sum[lane];
+    }
   }
-  out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
-  out[4] = s4; out[5] = s5; out[6] = s6; out[7] = s7;
 }
 
 template <typename T, typename S>
@@ -80,49 +87,44 @@ void int4_linear_typed(const Int4Problem& p) {
   const T* x = static_cast<const T*>(p.x);
   const S* scales = static_cast<const S*>(p.scales);
   T* out = static_cast<T*>(p.out);
-  std::vector<float> xf;
-  if constexpr (!std::is_same_v<T, float>) {   // x in float once (it is read N / 8 times)
-    xf.resize(size_t(p.m * p.k));
+  // x permuted into nibble order (zeros past K), once: it is read N / 8 times.
+  std::vector<float> x_perm(size_t(p.m * padded_k), 0.0f);
 #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < p.m; ++r)
-      for (int64_t c = 0; c < p.k; ++c) xf[r * p.k + c] = to_float(x[r * p.ldx + c]);
-  }
-  const float* xs = std::is_same_v<T, float> ? reinterpret_cast<const float*>(x) : xf.data();
-  const int64_t ldx = std::is_same_v<T, float> ? p.ldx : p.k;
+  for (int64_t m = 0; m < p.m; ++m)
+    for (int64_t c = 0; c < p.k; ++c) {
+      const int64_t within = c % kInt4BlockK, r = within / 8, t = (within % 8) / 2, odd = within % 2;
+      x_perm[m * padded_k + (c - within) + 8 * t + 2 * r + odd] = to_float(x[m * p.ldx + c]);
+    }
+  const int64_t chunk_blocks = std::min<int64_t>(kChunkBlocks, p.group_size / kInt4BlockK > 0 ? p.group_size / kInt4BlockK : 1);
 #pragma omp parallel
   {
-    std::vector<float> w(size_t(kInt4BlockN * padded_k));
+    std::vector<float> acc(size_t(p.m * kInt4BlockN * 8));
+    std::vector<double> total(size_t(p.m * kInt4BlockN));
 #pragma omp for schedule(static)
     for (int64_t block = 0; block < p.n / kInt4BlockN; ++block) {
       const uint32_t* words = reinterpret_cast<const uint32_t*>(p.packed) + block * k_blocks * 32;
-      for (int64_t kb = 0; kb < k_blocks; ++kb) {
-        const int64_t group = kb * kInt4BlockK / p.group_size;
-        for (int g = 0; g < kInt4BlockN; ++g) {
-          const int64_t n = block * kInt4BlockN + g;
-          const float scale = to_float(scales[group * p.n + n]);
-          const float zero = float(p.zeros[group * p.n + n]);   // (q - z) s, as the reference computes it
-          float* row = w.data() + g * padded_k + kb * kInt4BlockK;
-          for (int t = 0; t < 4; ++t) {
-            const uint32_t word = words[kb * 32 + 4 * g + t];
-            for (int r = 0; r < 4; ++r) {
-              row[8 * r + 2 * t] = (float((word >> (4 * r)) & 0xfu) - zero) * scale;
-              row[8 * r + 2 * t + 1] = (float((word >> (4 * r + 16)) & 0xfu) - zero) * scale;
-            }
+      std::fill(total.begin(), total.end(), 0.0);
+      for (int64_t kb0 = 0; kb0 < k_blocks; kb0 += chunk_blocks) {
+        const int64_t group = kb0 * kInt4BlockK / p.group_size;
+        float zeros[kInt4BlockN];
+        for (int g = 0; g < kInt4BlockN; ++g) zeros[g] = float(p.zeros[group * p.n + block * kInt4BlockN + g]);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t kb = kb0; kb < std::min(k_blocks, kb0 + chunk_blocks); ++kb)
+          accumulate_block(words + kb * 32, zeros, x_perm.data() + kb * kInt4BlockK, padded_k, p.m, acc.data());
+        for (int64_t m = 0; m < p.m; ++m)
+          for (int g = 0; g < kInt4BlockN; ++g) {
+            const float* a = acc.data() + (m * kInt4BlockN + g) * 8;
+            float sum = 0.0f;
+            for (int lane = 0; lane < 8; ++lane) sum += a[lane];
+            total[m * kInt4BlockN + g] += double(sum) * to_float(scales[group * p.n + block * kInt4BlockN + g]);
           }
-        }
       }
-      for (int64_t m = 0; m < p.m; ++m) {
-        double total[kInt4BlockN] = {};
-        for (int64_t c0 = 0; c0 < p.k; c0 += kDotChunk) {
-          float partial[kInt4BlockN];
-          dot_8_rows(xs + m * ldx, w.data(), padded_k, c0, std::min(p.k, c0 + kDotChunk), partial);
-          for (int g = 0; g < kInt4BlockN; ++g) total[g] += partial[g];
-        }
+      for (int64_t m = 0; m < p.m; ++m)
         for (int g = 0; g < kInt4BlockN; ++g) {
           const int64_t n = block * kInt4BlockN + g;
-          out[m * p.n + n] = from_float<T>(float(p.bias ? total[g] + p.bias[n] : total[g]));
+          const double value = total[m * kInt4BlockN + g] + (p.bias ? p.bias[n] : 0.0f);
+          out[m * p.n + n] = from_float<T>(float(value));
         }
-      }
     }
   }
 }

@@ -7,7 +7,8 @@ Shapes: Llama-3-8B's q/o projection (N = K = 4096) at M = 1 and 16 (--quick: M =
 gets the same weight in its own layout (torch._convert_weight_to_int4pack_for_cpu) with the zero
 point folded into its float offset, (8 - z) * s; the bf16 anchor the dequantized weight. Bytes moved
 count the packed weight (N * K / 2), scales and zeros, x and out. Target (issue 11): at least as
-fast as torch's int4 kernel at M <= 16. No CUDA cases: the CUDA kernel does not exist yet.
+fast as torch's int4 kernel at M <= 16 (not met yet: docs/quant.md). No CUDA cases: the CUDA kernel
+does not exist yet.
 
 Checks (before anything is timed): each side's output is finite and within bf16 rounding of a float32
 product with the dequantized weight.
