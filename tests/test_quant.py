@@ -160,3 +160,41 @@ def test_opcheck_int4_linear():
     x = randn((3, 64), dtype=torch.bfloat16, seed=7)
     torch.library.opcheck(torch.ops.llmkernels.quant_int4_linear.default,
                           (x, q.packed, q.scales, q.zeros, 32, randn((16,), seed=8)))
+
+
+# -- int8 formats -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smoothquant"])
+def test_quantize_int8_is_within_half_a_step(smooth):
+    w = randn((24, 72), seed=11, scale=0.1)
+    w[5] = 0.0
+    factors = torch.rand(72, generator=generator(12)) + 0.5 if smooth else None
+    q = quant.quantize_int8(w, smooth=factors)
+    assert q.data.dtype == torch.int8 and q.scales.shape == (24,) and int(q.data.abs().max()) <= 127
+    scaled = w * factors if smooth else w
+    step = q.scales[:, None]
+    assert ((scaled.double() - q.data.double() * step.double()).abs() <= step.double() / 2 * (1 + 1e-9)).all()
+    assert (quant.dequantize(q)[5] == 0).all()
+    torch.testing.assert_close(quant.dequantize(q), w, rtol=0, atol=float(q.scales.max()) / 2 / 0.5 + 1e-6)
+
+
+def test_quantize_per_token_is_within_half_a_step():
+    x = randn((2, 5, 40), dtype=torch.bfloat16, seed=13)
+    x[1, 2] = 0
+    codes, scales = quant.quantize_per_token(x)
+    assert codes.shape == x.shape and codes.dtype == torch.int8 and scales.shape == (2, 5, 1)
+    assert ((x.double() - codes.double() * scales.double()).abs() <= scales.double() / 2 * (1 + 1e-9)).all()
+    assert (codes[1, 2] == 0).all()
+
+
+def test_reference_int8_matmul_is_exact():
+    """The integer accumulators W8A8 must reproduce bit for bit: the reference's int64 product against
+    a float64 product of the same codes (exact: |entries| < 2^53)."""
+    a = torch.randint(-127, 128, (17, 4096), generator=generator(14), dtype=torch.int8)
+    b = torch.randint(-127, 128, (24, 4096), generator=generator(15), dtype=torch.int8)
+    exact = reference.int8_matmul(a, b)
+    assert exact.dtype == torch.int64
+    assert torch.equal(exact, (a.double() @ b.double().T).long())
+    assert int(exact.abs().max()) < 2 ** 31
+    with pytest.raises(TypeError):
+        reference.int8_matmul(a.float(), b)

@@ -2,8 +2,9 @@
 
 So far the int4 weight format: `quantize_int4` (group-wise along K, symmetric or with 4-bit zero
 points, 16-bit scales), the packed layout of common/quant_format.h (`pack_int4` / `unpack_int4`, CPU
-kernels), `dequantize`, and `int4_linear` (W4A16) on the CPU. Not yet: the CUDA kernels, int8
-formats and W8A8 / W8A16, the linear layers.
+kernels), `dequantize`, and `int4_linear` (W4A16) on the CPU; the int8 formats (`quantize_int8`:
+per-channel weights with optional SmoothQuant factors, `quantize_per_token`: dynamic activations).
+Not yet: the CUDA kernels, W8A8 / W8A16 kernels, the linear layers.
 """
 
 import dataclasses
@@ -13,7 +14,8 @@ import torch
 
 from ._ops import native_op
 
-__all__ = ["Int4Weight", "quantize_int4", "dequantize", "int4_linear", "pack_int4", "unpack_int4"]
+__all__ = ["Int4Weight", "Int8Weight", "quantize_int4", "quantize_int8", "quantize_per_token", "dequantize",
+           "int4_linear", "pack_int4", "unpack_int4"]
 
 GROUP_SIZES = (32, 64, 128, -1)
 
@@ -102,13 +104,18 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = Fals
         zero = torch.full_like(s, 8)
     else:
         zero = torch.round(-low / s).clamp(0, 15)
-    codes = (torch.round(groups / s[:, :, None]) + zero[:, :, None]).clamp(0, 15).to(torch.uint8).reshape(n, k)
+    codes = (torch.round(groups.double() / s.double()[:, :, None]) + zero[:, :, None]).clamp(0, 15)
+    codes = codes.to(torch.uint8).reshape(n, k)
     return Int4Weight(pack_int4(codes), scale.T.contiguous(), zero.to(torch.uint8).T.contiguous(), group_size,
                       (n, k), symmetric)
 
 
-def dequantize(weight: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The (N, K) weight that `weight` represents, (q - z) * s computed in float32, then `dtype`."""
+def dequantize(weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (N, K) weight that an Int4Weight or Int8Weight represents, computed in float32, then
+    `dtype`: (q - z) * s for int4, q * s / smooth for int8."""
+    if isinstance(weight, Int8Weight):
+        w = weight.data.float() * weight.scales[:, None]
+        return (w / weight.smooth[None, :] if weight.smooth is not None else w).to(dtype)
     n, k = weight.shape
     size = k if weight.group_size == -1 else weight.group_size
     codes = weight.codes().float().reshape(n, k // size, size)
@@ -140,3 +147,52 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: Optional[torch.Tensor
         bias = bias.float().contiguous()
     out = _int4_linear(rows, weight.packed, weight.scales, weight.zeros, weight.group_size, bias)
     return out.reshape(*x.shape[:-1], n)
+
+
+# -- int8 ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Int8Weight:
+    """An int8 (out_features, in_features) weight with per-output-channel scales:
+    w[n, k] ~ data[n, k] * scales[n] / smooth[k] (smooth: SmoothQuant's per-input-channel factors, the
+    activations divided by them before their own quantization; None for plain W8A8 / W8A16)."""
+    data: torch.Tensor                    # int8 (N, K), values in [-127, 127]
+    scales: torch.Tensor                  # float32 (N,)
+    smooth: Optional[torch.Tensor] = None  # float32 (K,) or None
+
+
+def _symmetric_int8(values: torch.Tensor):
+    """Row-wise symmetric int8: scale = max|row| / 127 (1 for an all-zero row), codes in [-127, 127];
+    every element within half a step of code * scale."""
+    scale = (values.abs().amax(dim=-1, keepdim=True) / 127).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # (the division in float64: in float32 its rounding moved near-half values by up to 127 ulps of the
+    # step, past the half-step bound)
+    return torch.round(values.double() / scale.double()).clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_int8(w: torch.Tensor, smooth: Optional[torch.Tensor] = None) -> Int8Weight:
+    """Per-output-channel symmetric int8 quantization of an (N, K) weight, of w * smooth when
+    SmoothQuant factors (K,) are given (the activations are then divided by them)."""
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
+        raise TypeError(f"w must be a 2-D floating-point tensor (out_features, in_features); got "
+                        f"{getattr(w, 'dtype', type(w).__name__)} of shape {tuple(getattr(w, 'shape', ()))}")
+    n, k = w.shape
+    if n % 8 or k % 8:
+        raise ValueError(f"w's out_features and in_features must be multiples of 8; got shape {(n, k)}")
+    values = w.float()
+    if smooth is not None:
+        if smooth.shape != (k,) or not (smooth > 0).all():
+            raise ValueError(f"smooth must be ({k},) positive factors; got shape {tuple(smooth.shape)}")
+        smooth = smooth.float().contiguous()
+        values = values * smooth[None, :]
+    data, scale = _symmetric_int8(values)
+    return Int8Weight(data, scale[:, 0].contiguous(), smooth)
+
+
+def quantize_per_token(x: torch.Tensor):
+    """Dynamic per-token (per-row) symmetric int8 quantization of activations x (..., K): returns
+    (int8 codes like x, float32 scales (..., 1)), each element within half a step of code * scale."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor; got {getattr(x, 'dtype', type(x).__name__)}")
+    return _symmetric_int8(x.float())
