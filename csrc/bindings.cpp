@@ -185,6 +185,25 @@ void quant_int4_linear(const py::object& x, const py::object& packed, const py::
                      stream_pointer(stream));
 }
 
+void quant_int8_matmul(const py::object& a, const py::object& b, const py::object& accumulators, uintptr_t stream) {
+  const TensorView a_view = tensor(a, "a"), b_view = tensor(b, "b"), acc_view = tensor(accumulators, "accumulators");
+  py::gil_scoped_release no_gil;
+  quant::int8_matmul(a_view, b_view, acc_view, stream_pointer(stream));
+}
+
+void quant_int8_linear(const py::object& a, const py::object& a_scales, const py::object& b,
+                       const py::object& b_scales, const py::object& bias,
+                       const py::object& /*out_dtype: out's own dtype says it*/,
+                       const py::object& out, uintptr_t stream) {
+  const TensorView a_view = tensor(a, "a"), a_scales_view = tensor(a_scales, "a_scales");
+  const TensorView b_view = tensor(b, "b"), b_scales_view = tensor(b_scales, "b_scales");
+  const auto bias_view = optional_tensor(bias, "bias");
+  const TensorView out_view = tensor(out, "out");
+  py::gil_scoped_release no_gil;
+  quant::int8_linear(a_view, a_scales_view, b_view, b_scales_view, pointer(bias_view), out_view,
+                     stream_pointer(stream));
+}
+
 void def_emulator(py::module_& m) {
   py::module_ e = m.def_submodule("emulator", "The SIMT emulator that runs the CUDA kernels on CPU tensors");
   e.def("settings", [] {
@@ -383,6 +402,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("quant_int4_linear", &quant_int4_linear, py::arg("x"), py::arg("packed"), py::arg("scales"),
         py::arg("zeros"), py::arg("group_size"), py::arg("bias"), py::arg("out"), py::arg("stream"),
         "W4A16: out (M, N) = x (M, K) · dequantized int4 weightᵀ (+ float32 bias); CPU kernel only so far");
+  m.def("quant_int8_matmul", &quant_int8_matmul, py::arg("a"), py::arg("b"), py::arg("accumulators"),
+        py::arg("stream"), "W8A8's exact int32 accumulators a (M, K) int8 · b (N, K) int8ᵀ; CPU kernel only so far");
+  m.def("quant_int8_linear", &quant_int8_linear, py::arg("a"), py::arg("a_scales"), py::arg("b"),
+        py::arg("b_scales"), py::arg("bias"), py::arg("out_dtype"), py::arg("out"), py::arg("stream"),
+        "W8A8: int32 accumulators scaled per token and per channel (+ bias); CPU kernel only so far");
   m.def("gemm_workspace", &gemm::split_k_workspace, py::arg("m"), py::arg("n"), py::arg("k"),
         "float32 elements of the GEMM core's split-K workspace for (m, n, k) (0: no split)");
   m.def("gemm_split_limits", [] { return py::make_tuple(gemm::kSplitMaxRows, gemm::kSplitMaxRanges); },

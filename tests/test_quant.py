@@ -198,3 +198,53 @@ def test_reference_int8_matmul_is_exact():
     assert int(exact.abs().max()) < 2 ** 31
     with pytest.raises(TypeError):
         reference.int8_matmul(a.float(), b)
+
+
+# -- W8A8 (CPU kernel) --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 24, 40), (17, 40, 4096), (64, 16, 2752)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_int8_matmul_accumulators_match_the_reference_bit_for_bit(shape):
+    m, n, k = shape
+    a = torch.randint(-127, 128, (m, k), generator=generator(k), dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, k), generator=generator(k + 1), dtype=torch.int8)
+    acc = quant.int8_matmul(a, b)
+    assert acc.dtype == torch.int32
+    assert torch.equal(acc.long(), reference.int8_matmul(a, b))
+
+
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smoothquant"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_linear_matches_the_reference(dtype, smooth):
+    """W8A8 against the reference on the same codes and scales under the parity rule (oracle: the
+    exact integer product scaled in float64; torch's own error: the same scaled in the output dtype)."""
+    w = randn((40, 136), seed=21, scale=0.1)
+    factors = torch.rand(136, generator=generator(22)) + 0.5 if smooth else None
+    q = quant.quantize_int8(w, smooth=factors)
+    x = randn((2, 7, 136), dtype=dtype, seed=23)
+    bias = randn((40,), seed=24)
+    out = quant.int8_linear(x, q, bias)
+    rows = x.reshape(-1, 136).float() / (factors if smooth else 1.0)
+    codes, scales = quant.quantize_per_token(rows)
+    oracle = reference.w8a8_linear(codes, scales, q.data, q.scales, bias, torch.float64).reshape(2, 7, 40)
+    same = reference.w8a8_linear(codes, scales, q.data, q.scales, bias, dtype).reshape(2, 7, 40)
+    assert out.dtype == dtype
+    assert_parity(out, same, oracle, f"int8_linear {dtype} smooth={smooth}")
+
+
+def test_int8_linear_refuses_what_it_does_not_do():
+    q = quant.quantize_int8(randn((8, 16), seed=1))
+    with pytest.raises(NotImplementedError, match="W8A16"):
+        quant.int8_linear(randn((2, 16)), q, activations="fp")
+    with pytest.raises(ValueError, match="in_features 16"):
+        quant.int8_linear(randn((2, 8)), q)
+    with pytest.raises(TypeError, match="int8"):
+        quant.int8_matmul(torch.zeros(2, 8), torch.zeros(3, 8))
+
+
+def test_opcheck_int8_ops():
+    a = torch.randint(-127, 128, (3, 32), generator=generator(31), dtype=torch.int8)
+    b = torch.randint(-127, 128, (8, 32), generator=generator(32), dtype=torch.int8)
+    torch.library.opcheck(torch.ops.llmkernels.quant_int8_matmul.default, (a, b))
+    torch.library.opcheck(torch.ops.llmkernels.quant_int8_linear.default,
+                          (a, torch.rand(3), b, torch.rand(8), None, torch.bfloat16))

@@ -106,4 +106,73 @@ void int4_linear(const TensorView& x, const TensorView& packed, const TensorView
   int4_linear_cpu(p);
 }
 
+namespace {
+
+// a (M, K) and b (N, K) int8, contiguous, one device, CPU only so far; returns (M, N, K).
+Int8Problem int8_problem(const TensorView& a, const TensorView& b) {
+  for (const TensorView* t : {&a, &b}) {
+    t->check_dtype(DType::i8);
+    t->check_ndim(2);
+    t->check_contiguous();
+    t->check_same_device(a);
+  }
+  LLMK_CHECK(b.shape[1] == a.shape[1], ValueError, "the weight's in_features must be x's last dimension ",
+             a.shape[1], "; got shape ", b.shape_str());
+  LLMK_CHECK(a.shape[1] < 133000, ValueError, "in_features must be below 133000 (int32 accumulators); got ",
+             a.shape[1]);
+  LLMK_CHECK(select_backend(a) == Backend::cpu, DeviceError,
+             "int8_linear runs on the CPU kernel only so far: the CUDA kernel (and so the emulated backend) is not "
+             "written yet (issue 11)");
+  Int8Problem p;
+  p.m = a.shape[0];
+  p.n = b.shape[0];
+  p.k = a.shape[1];
+  p.a = a.data<int8_t>();
+  p.b = b.data<int8_t>();
+  return p;
+}
+
+void check_vector(const TensorView& t, int64_t size, const TensorView& like) {
+  t.check_dtype(DType::f32);
+  t.check_contiguous();
+  t.check_same_device(like);
+  t.check_numel(size);
+}
+
+}  // namespace
+
+void int8_matmul(const TensorView& a, const TensorView& b, const TensorView& accumulators, void* stream) {
+  Int8Problem p = int8_problem(a, b);
+  accumulators.check_dtype(DType::i32);
+  accumulators.check_contiguous();
+  accumulators.check_same_device(a);
+  accumulators.check_shape({p.m, p.n});
+  check_no_overlap({accumulators}, {a, b});
+  p.out = accumulators.ptr;
+  (void)stream;
+  int8_linear_cpu(p);
+}
+
+void int8_linear(const TensorView& a, const TensorView& a_scales, const TensorView& b, const TensorView& b_scales,
+                 const TensorView* bias, const TensorView& out, void* stream) {
+  Int8Problem p = int8_problem(a, b);
+  check_vector(a_scales, p.m, a);
+  check_vector(b_scales, p.n, a);
+  if (bias) check_vector(*bias, p.n, a);
+  out.check_floating();
+  out.check_contiguous();
+  out.check_same_device(a);
+  out.check_shape({p.m, p.n});
+  std::vector<TensorView> read{a, a_scales, b, b_scales};
+  if (bias) read.push_back(*bias);
+  check_no_overlap({out}, read);
+  p.a_scales = a_scales.data<float>();
+  p.b_scales = b_scales.data<float>();
+  p.bias = bias ? bias->data<float>() : nullptr;
+  p.out_dtype = out.dtype;
+  p.out = out.ptr;
+  (void)stream;
+  int8_linear_cpu(p);
+}
+
 }  // namespace llmk::quant

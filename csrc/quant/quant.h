@@ -31,6 +31,25 @@ struct Int4Problem {
 };
 void int4_linear_cpu(const Int4Problem& problem);
 
+// W8A8: accumulators acc (M, N) = a (M, K) int8 · b (N, K) int8ᵀ in int32 (exact: |acc| <= K 127^2,
+// K < 133 000). With `out`: out = acc * a_scales[m] * b_scales[n] (+ bias[n]) in float, rounded once to
+// out's dtype (fp32, bf16, fp16); without: the int32 accumulators themselves into `accumulators`.
+void int8_linear(const TensorView& a, const TensorView& a_scales, const TensorView& b, const TensorView& b_scales,
+                 const TensorView* bias, const TensorView& out, void* stream);
+void int8_matmul(const TensorView& a, const TensorView& b, const TensorView& accumulators, void* stream);
+
+struct Int8Problem {
+  int64_t m = 0, n = 0, k = 0;
+  const int8_t* a = nullptr;
+  const int8_t* b = nullptr;
+  const float* a_scales = nullptr;   // null: write the raw accumulators
+  const float* b_scales = nullptr;
+  const float* bias = nullptr;
+  DType out_dtype = DType::i32;
+  void* out = nullptr;
+};
+void int8_linear_cpu(const Int8Problem& problem);
+
 void pack_int4_cpu(const uint8_t* codes, int64_t n, int64_t k, int32_t* packed);
 void unpack_int4_cpu(const int32_t* packed, int64_t n, int64_t k, uint8_t* codes);
 

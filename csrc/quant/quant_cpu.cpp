@@ -133,7 +133,36 @@ void int4_linear_typed(const Int4Problem& p) {
   }
 }
 
+// sum_k a[k] b[k] of int8 rows, exactly, in int32 (widened products, vectorized).
+LLMK_CPU_CLONES_QUANT int32_t dot_int8(const int8_t* __restrict a, const int8_t* __restrict b, int64_t k) {
+  int32_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < k; ++c) sum += int32_t(a[c]) * int32_t(b[c]);
+  return sum;
+}
+
 }  // namespace
+
+void int8_linear_cpu(const Int8Problem& p) {
+  if (p.m == 0 || p.n == 0) return;
+#pragma omp parallel for schedule(static) collapse(2)
+  for (int64_t m = 0; m < p.m; ++m)
+    for (int64_t n = 0; n < p.n; ++n) {
+      const int32_t acc = dot_int8(p.a + m * p.k, p.b + n * p.k, p.k);
+      const int64_t at = m * p.n + n;
+      if (!p.a_scales) {
+        static_cast<int32_t*>(p.out)[at] = acc;
+        continue;
+      }
+      float value = float(acc) * p.a_scales[m] * p.b_scales[n];
+      if (p.bias) value += p.bias[n];
+      switch (p.out_dtype) {
+        case DType::bf16: static_cast<bf16*>(p.out)[at] = from_float<bf16>(value); break;
+        case DType::f16: static_cast<f16*>(p.out)[at] = from_float<f16>(value); break;
+        default: static_cast<float*>(p.out)[at] = value; break;
+      }
+    }
+}
 
 void int4_linear_cpu(const Int4Problem& problem) {
   if (problem.m == 0 || problem.n == 0) return;

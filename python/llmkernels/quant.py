@@ -15,7 +15,7 @@ import torch
 from ._ops import native_op
 
 __all__ = ["Int4Weight", "Int8Weight", "quantize_int4", "quantize_int8", "quantize_per_token", "dequantize",
-           "int4_linear", "pack_int4", "unpack_int4"]
+           "int4_linear", "int8_linear", "int8_matmul", "pack_int4", "unpack_int4"]
 
 GROUP_SIZES = (32, 64, 128, -1)
 
@@ -196,3 +196,46 @@ def quantize_per_token(x: torch.Tensor):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor; got {getattr(x, 'dtype', type(x).__name__)}")
     return _symmetric_int8(x.float())
+
+
+@native_op("quant_int8_matmul")
+def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int32 (M, N)."""
+    return torch.empty((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
+
+
+@native_op("quant_int8_linear")
+def _int8_linear(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor, b_scales: torch.Tensor,
+                 bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """out (M, N) in out_dtype."""
+    return torch.empty((a.shape[0], b.shape[0]), dtype=out_dtype, device=a.device)
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """W8A8's integer core: a (M, K) int8 times b (N, K) int8 transposed, exact int32 (M, N)."""
+    return _int8_matmul(a.contiguous(), b.contiguous())
+
+
+def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: Optional[torch.Tensor] = None,
+                activations: str = "int8") -> torch.Tensor:
+    """W8A8: x (..., K) quantized per token (after division by the weight's SmoothQuant factors), the
+    exact int32 product with the int8 weight, scaled per token and per channel, plus bias, in x's
+    dtype. (activations="fp", W8A16, is not written yet and is refused.)"""
+    if not isinstance(weight, Int8Weight):
+        raise TypeError(f"weight must be an Int8Weight (llmkernels.quant.quantize_int8); got {type(weight).__name__}")
+    if activations != "int8":
+        raise NotImplementedError(f"int8_linear(activations={activations!r}): only 'int8' (W8A8) exists so far "
+                                  "(W8A16 comes with issue 11's kernels)")
+    n, k = weight.data.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last dimension must be the weight's in_features {k}; got shape {tuple(x.shape)}")
+    rows = x.reshape(-1, k)
+    if weight.smooth is not None:
+        rows = rows.float() / weight.smooth
+    codes, scales = quantize_per_token(rows)
+    if bias is not None:
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape ({n},); got {tuple(bias.shape)}")
+        bias = bias.float().contiguous()
+    out = _int8_linear(codes.contiguous(), scales.reshape(-1).contiguous(), weight.data, weight.scales, bias, x.dtype)
+    return out.reshape(*x.shape[:-1], n)
