@@ -15,7 +15,8 @@ import torch
 from ._ops import native_op
 
 __all__ = ["Int4Weight", "Int8Weight", "quantize_int4", "quantize_int8", "quantize_per_token", "dequantize",
-           "int4_linear", "int8_linear", "int8_matmul", "pack_int4", "unpack_int4"]
+           "int4_linear", "int8_linear", "int8_matmul", "pack_int4", "unpack_int4", "Int4Linear", "Int8Linear",
+           "quantize_model_"]
 
 GROUP_SIZES = (32, 64, 128, -1)
 
@@ -239,3 +240,109 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: Optional[torch.Tensor
         bias = bias.float().contiguous()
     out = _int8_linear(codes.contiguous(), scales.reshape(-1).contiguous(), weight.data, weight.scales, bias, x.dtype)
     return out.reshape(*x.shape[:-1], n)
+
+
+# -- linear layers ------------------------------------------------------------------------------------
+
+class Int4Linear(torch.nn.Module):
+    """A drop-in nn.Linear with an int4 weight (W4A16): `Int4Linear.from_linear(linear, group_size=128)`.
+    Its buffers (packed, scales, zeros, bias) are its state_dict: an Int4Linear built with the same
+    arguments loads it back."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
+                 symmetric: bool = False, scale_dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES}; got {group_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.symmetric = group_size, symmetric
+        groups = 1 if group_size == -1 else in_features // group_size
+        self.register_buffer("packed", torch.zeros((out_features // 8, (in_features + 31) // 32, 32),
+                                                   dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.ones((groups, out_features), dtype=scale_dtype, device=device))
+        self.register_buffer("zeros", torch.zeros((groups, out_features), dtype=torch.uint8, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, group_size: int = 128, symmetric: bool = False) -> "Int4Linear":
+        weight = quantize_int4(linear.weight.detach(), group_size=group_size, symmetric=symmetric)
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, symmetric,
+                     weight.scales.dtype, linear.weight.device)
+        module.packed.copy_(weight.packed)
+        module.scales.copy_(weight.scales)
+        module.zeros.copy_(weight.zeros)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach().float())
+        return module
+
+    def quantized_weight(self) -> Int4Weight:
+        return Int4Weight(self.packed, self.scales, self.zeros, self.group_size, (self.out_features, self.in_features),
+                          self.symmetric)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_linear(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"symmetric={self.symmetric}, bias={self.bias is not None}")
+
+
+class Int8Linear(torch.nn.Module):
+    """A drop-in nn.Linear with an int8 weight and dynamically quantized int8 activations (W8A8):
+    `Int8Linear.from_linear(linear, smooth=None)`. Buffers: data, scales, smooth (or None), bias."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, smooth: bool = False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("data", torch.zeros((out_features, in_features), dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, device=device))
+        self.register_buffer("smooth", torch.ones(in_features, device=device) if smooth else None)
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, smooth: Optional[torch.Tensor] = None) -> "Int8Linear":
+        weight = quantize_int8(linear.weight.detach(), smooth=smooth)
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, smooth is not None,
+                     linear.weight.device)
+        module.data.copy_(weight.data)
+        module.scales.copy_(weight.scales)
+        if smooth is not None:
+            module.smooth.copy_(weight.smooth)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach().float())
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, Int8Weight(self.data, self.scales, self.smooth), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"smooth={self.smooth is not None}, bias={self.bias is not None}")
+
+
+def quantize_model_(model: torch.nn.Module, bits: int = 4, group_size: int = 128, symmetric: bool = False,
+                    skip=("lm_head",)) -> torch.nn.Module:
+    """Replaces, in place, every nn.Linear of `model` whose name (or last name component) is not in
+    `skip` with an Int4Linear (bits=4) or Int8Linear (bits=8). A layer whose shape the format cannot
+    take (features not multiples of 8, in_features not a multiple of group_size) raises ValueError
+    naming it: add it to `skip` to keep it in full precision. Returns the model."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8; got {bits}")
+    skip = set(skip)
+    targets = []
+    for name, module in model.named_modules():
+        if type(module) is not torch.nn.Linear or name in skip or name.rsplit(".", 1)[-1] in skip:
+            continue
+        n, k = module.out_features, module.in_features
+        size = k if group_size == -1 else group_size
+        if n % 8 or k % 8 or (bits == 4 and k % size):
+            raise ValueError(f"layer {name!r} ({k} -> {n}) cannot be quantized to int{bits}"
+                             f"{f' with group_size {group_size}' if bits == 4 else ''}; add it to skip")
+        targets.append((name, module))
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        replacement = (Int4Linear.from_linear(module, group_size, symmetric) if bits == 4
+                       else Int8Linear.from_linear(module))
+        setattr(parent, child, replacement)
+    return model
