@@ -138,11 +138,12 @@ def test_varlen_matches_reference_with_empty_and_single_token_sequences(device):
         out, lse = attention.forward(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
                                      max_seqlen_k=max_k, **options)
         out, lse = out.cpu(), lse.cpu()
-        q, k, v, cu_q, cu_k = (t.cpu() for t in (q, k, v, cu_q, cu_k))
+        # (new names: the next options run the kernel on the device tensors again)
+        qc, kc, vc, cu_qc, cu_kc = (t.cpu() for t in (q, k, v, cu_q, cu_k))
         options = {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in options.items()}
-        oracle, oracle_lse = reference.attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, max_q, max_k,
-                                                        return_lse=True, **options)
-        same = reference.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, upcast=not cuda_kernels(device),
+        oracle, oracle_lse = reference.attention_varlen(qc.double(), kc.double(), vc.double(), cu_qc, cu_kc, max_q,
+                                                        max_k, return_lse=True, **options)
+        same = reference.attention_varlen(qc, kc, vc, cu_qc, cu_kc, max_q, max_k, upcast=not cuda_kernels(device),
                                           **options)
         assert lse.shape == (4, q.shape[0])
         assert_parity(out, same, oracle, f"varlen {options}")
