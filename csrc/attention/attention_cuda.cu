@@ -286,6 +286,18 @@ LLMK_DEVICE KeyTiles key_tiles(int64_t q0, int64_t q_last, const Sequence& seq, 
   return t;
 }
 
+// Key tile `tile` (rows tile * BK.. of sequence b's keys, kv head kv_head) of K and of V into two
+// swizzled tiles: the forward's and the dq pass's ring stage.
+template <typename T, int D, int BK, int Threads>
+LLMK_DEVICE void load_key_value_tile(uint8_t* k_tile, uint8_t* v_tile, const Problem& p, const Sequence& seq,
+                                     int64_t b, int64_t kv_head, int64_t tile, int thread) {
+  const int64_t k0 = tile * BK, rows = seq.sk - k0;
+  load_tile<T, D, BK, Threads>(k_tile, token_row(static_cast<const T*>(p.k), p.k_layout, b, seq.k_begin + k0, kv_head),
+                               p.k_layout.token, rows, int(p.head_dim), thread);
+  load_tile<T, D, BK, Threads>(v_tile, token_row(static_cast<const T*>(p.v), p.v_layout, b, seq.k_begin + k0, kv_head),
+                               p.v_layout.token, rows, int(p.head_dim), thread);
+}
+
 // -- forward ---------------------------------------------------------------------------------------------
 
 template <typename T, int D>
@@ -309,17 +321,11 @@ __global__ void __launch_bounds__(ForwardTiles<D>::threads, 1) forward_kernel(co
   auto v_tile = [&](int stage) { return k_tile(stage) + Tiles::k_bytes; };
 
   const T* q_rows = token_row(static_cast<const T*>(p.q), p.q_layout, b, seq.q_begin + q0, h);
-  const T* k_rows = token_row(static_cast<const T*>(p.k), p.k_layout, b, seq.k_begin, kv_head);
-  const T* v_rows = token_row(static_cast<const T*>(p.v), p.v_layout, b, seq.k_begin, kv_head);
   const KeyTiles tiles = key_tiles(q0, q0 + valid_q - 1, seq, p.mask, BK);
   const ScoreRule rule = score_rule(p, b, h, seq);
 
   auto load_kv = [&](int stage, int64_t tile) {
-    const int64_t k0 = tile * BK, rows = seq.sk - k0;
-    load_tile<T, D, BK, Tiles::threads>(k_tile(stage), k_rows + k0 * p.k_layout.token, p.k_layout.token, rows,
-                                        head_dim, thread);
-    load_tile<T, D, BK, Tiles::threads>(v_tile(stage), v_rows + k0 * p.v_layout.token, p.v_layout.token, rows,
-                                        head_dim, thread);
+    load_key_value_tile<T, D, BK, Tiles::threads>(k_tile(stage), v_tile(stage), p, seq, b, kv_head, tile, thread);
   };
   load_tile<T, D, BQ, Tiles::threads>(q_tile, q_rows, p.q_layout.token, valid_q, head_dim, thread);
   if (tiles.first < tiles.end) load_kv(0, tiles.first);
@@ -511,16 +517,10 @@ __global__ void __launch_bounds__(DqTiles<D>::threads, 1) backward_dq_kernel(con
   auto k_tile = [&](int stage) { return shared + 2 * Tiles::q_bytes + stage * Tiles::stage_bytes; };
   auto v_tile = [&](int stage) { return k_tile(stage) + Tiles::k_bytes; };
 
-  const T* k_rows = token_row(static_cast<const T*>(p.k), p.k_layout, b, seq.k_begin, kv_head);
-  const T* v_rows = token_row(static_cast<const T*>(p.v), p.v_layout, b, seq.k_begin, kv_head);
   const KeyTiles tiles = key_tiles(q0, q0 + valid_q - 1, seq, p.mask, BK);
   const ScoreRule rule = score_rule(p, b, h, seq);
   auto load_kv = [&](int stage, int64_t tile) {
-    const int64_t k0 = tile * BK, rows = seq.sk - k0;
-    load_tile<T, D, BK, Tiles::threads>(k_tile(stage), k_rows + k0 * p.k_layout.token, p.k_layout.token, rows,
-                                        head_dim, thread);
-    load_tile<T, D, BK, Tiles::threads>(v_tile(stage), v_rows + k0 * p.v_layout.token, p.v_layout.token, rows,
-                                        head_dim, thread);
+    load_key_value_tile<T, D, BK, Tiles::threads>(k_tile(stage), v_tile(stage), p, seq, b, kv_head, tile, thread);
   };
   load_tile<T, D, BQ, Tiles::threads>(q_tile, token_row(static_cast<const T*>(p.q), p.q_layout, b, seq.q_begin + q0, h),
                                       p.q_layout.token, valid_q, head_dim, thread);
