@@ -15,8 +15,10 @@
 // groups (no bank conflicts; the emulator counts them, tests/test_gemm.py checks zero).
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include "common/cp_async.h"
+#include "common/launch.h"
 #include "common/device.h"
 #include "common/float_types.h"
 #include "common/ldmatrix.h"
@@ -27,98 +29,142 @@
 
 namespace llmk::gemm {
 
-// Block tile bm x bn, k tile bk, warps_m x warps_n warps, `stages` buffers in the cp.async ring.
-template <int BM, int BN, int BK, int WarpsM, int WarpsN, int Stages>
+// Block tile bm x bn, k tile bk (elements of ElementBytes bytes: 2 for bf16/fp16, 1 for int8),
+// warps_m x warps_n warps, `stages` buffers in the cp.async ring. Each mma step consumes 32 bytes of
+// every A and B row (k 16 of bf16/fp16, k 32 of int8), so a k tile is row_bytes / 32 mma steps.
+template <int BM, int BN, int BK, int WarpsM, int WarpsN, int Stages, int ElementBytes = 2>
 struct Tiling {
   static constexpr int bm = BM, bn = BN, bk = BK, stages = Stages;
   static constexpr int warps_m = WarpsM, warps_n = WarpsN;
   static constexpr int threads = 32 * WarpsM * WarpsN;
   static constexpr int warp_m = BM / WarpsM, warp_n = BN / WarpsN;  // a warp's part of C
   static constexpr int mma_m = warp_m / 16, mma_n = warp_n / 8;      // its mma tiles
-  static constexpr int row_bytes = BK * 2;                           // 16-bit elements
-  static constexpr int a_bytes = BM * row_bytes, b_bytes = BN * row_bytes;
+  static constexpr int row_bytes = BK * ElementBytes;
+  static constexpr int k_steps = row_bytes / 32;                     // mma steps per k tile
+  static constexpr int a_bytes = BM * row_bytes, b_bytes = BN * row_bytes;  // dense A and B tiles
   static constexpr int stage_bytes = a_bytes + b_bytes;
   static constexpr int shared_bytes = Stages * stage_bytes;
-  static_assert(BK == 32 || BK == 64, "k tiles of 64 or 128 bytes (SwizzledTile)");
+  static_assert(row_bytes == 64 || row_bytes == 128, "k tiles of 64 or 128 bytes (SwizzledTile)");
   static_assert(warp_m % 16 == 0 && warp_n % 16 == 0, "a warp covers whole 16x16 ldmatrix.x4 blocks of A and B");
   static_assert(Stages >= 2, "a ring of at least two stages");
   static constexpr SwizzledTile layout() { return SwizzledTile{row_bytes}; }
 };
 
-// Loads rows [row0, row0 + Rows) x columns [k0, k0 + bk) of a row-major matrix of 16-bit elements
-// into a swizzled shared tile with 16-byte cp.async copies; rows at or past `rows` and columns at or
-// past `k` are zero-filled (nothing out of bounds is read: k is a multiple of 8, so a 16-byte chunk is
-// wholly inside or outside). With `row_index`, tile row r is matrix row row_index[row0 + r]
-// (gathered rows, for MoE).
+// One mma step on a 16 x 8 tile: bf16/fp16 (m16n8k16, fp32 accumulators) or int8 (m16n8k32, int32).
+template <typename T, typename Acc>
+LLMK_DEVICE void mma_step(Acc (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same_v<T, int8_t>) mma_m16n8k32_s8(acc, a, b, acc);
+  else mma_m16n8k16<T>(acc, a, b, acc);
+}
+
+// Loads rows [row0, row0 + Rows) x columns [k0, k0 + bk) of a row-major matrix (T: bf16, fp16 or
+// int8) into a swizzled shared tile with 16-byte cp.async copies; rows at or past `rows` and columns
+// at or past `k` are zero-filled (nothing out of bounds is read: k is a multiple of 8, so a chunk of
+// 16-bit elements is wholly inside or outside). With `row_index`, tile row r is matrix row
+// row_index[row0 + r] (gathered rows, for MoE). int8 rows that do not start 16-byte aligned (ld or k
+// not a multiple of 16: `aligned16` false) are copied as 8-byte halves.
+//
+// As B, `fragments` gives the warp's B fragments of one mma step by ldmatrix.x4 (rows of the tile are
+// columns of B: W (n, k) row-major). Other B loaders (the quantized GEMM's dequantizing one) have the
+// same two functions and `bytes`.
 template <typename T, typename Tiling, int Rows>
 struct RowTileLoader {
+  static constexpr int bytes = Rows * Tiling::row_bytes;  // of the shared tile
   const T* base;
   int64_t ld;                  // elements between rows
   int64_t rows, k;
   const int32_t* row_index;    // optional
+  bool aligned16 = true;       // int8 only: false when rows may start 8 bytes past a 16-byte boundary
 
   LLMK_DEVICE void load(uint8_t* tile, int64_t row0, int64_t k0, int thread) const {
-    constexpr int chunks_per_row = Tiling::bk / 8;
+    constexpr int chunks_per_row = Tiling::row_bytes / 16;
+    constexpr int per_chunk = 16 / int(sizeof(T));  // elements of a 16-byte chunk
     constexpr int chunks = Rows * chunks_per_row;
     static_assert(chunks % Tiling::threads == 0, "every thread copies the same number of chunks");
     constexpr SwizzledTile layout = Tiling::layout();
 #pragma unroll
     for (int c = thread; c < chunks; c += Tiling::threads) {
       const int r = c / chunks_per_row, chunk = c % chunks_per_row;
-      const int64_t row = row0 + r, column = k0 + 8 * chunk;
+      const int64_t row = row0 + r, column = k0 + per_chunk * chunk;
       const bool inside = row < rows && column < k;
       const T* source = base;
       if (inside) source = base + (row_index ? int64_t(load_global(row_index + row)) : row) * ld + column;
-      cp_async<16>(tile + layout.offset(r, 16 * chunk), source, inside ? 16 : 0);
+      uint8_t* destination = tile + layout.offset(r, 16 * chunk);
+      if constexpr (sizeof(T) == 1) {
+        if (!aligned16) {
+          const bool second = inside && column + 8 < k;
+          cp_async<8>(destination, source, inside ? 8 : 0);
+          cp_async<8>(destination + 8, second ? source + 8 : base, second ? 8 : 0);
+          continue;
+        }
+      }
+      cp_async<16>(destination, source, inside ? 16 : 0);
     }
   }
-};
 
-// The accumulators of one thread.
-template <typename Tiling>
-struct Accumulators {
-  float v[Tiling::mma_m][Tiling::mma_n][4];
-};
-
-// One k tile from shared memory: ldmatrix the warp's A and B fragments, mma_m x mma_n mmas per 16 of k.
-template <typename T, typename Tiling>
-LLMK_DEVICE void multiply_tile(Accumulators<Tiling>& acc, const uint8_t* a_tile, const uint8_t* b_tile, int warp_row0,
-                               int warp_col0, int lane) {
-  constexpr SwizzledTile layout = Tiling::layout();
-#pragma unroll
-  for (int kk = 0; kk < Tiling::bk / 16; ++kk) {
-    uint32_t a[Tiling::mma_m][4];
-    uint32_t b[Tiling::mma_n][2];
-#pragma unroll
-    for (int i = 0; i < Tiling::mma_m; ++i) {
-      // lanes 0-15: rows 0-15 at k 0-7; lanes 16-31: the same rows at k 8-15 (mma.h's A order)
-      const int row = warp_row0 + 16 * i + lane % 16;
-      ldmatrix<4>(a[i], a_tile + layout.offset(row, 2 * (16 * kk + 8 * (lane / 16))));
-    }
+  // B fragments of mma step kk for the warp's mma_n column tiles: matrices (n 0-7, bytes 0-15),
+  // (n 0-7, bytes 16-31), (n 8-15, bytes 0-15), (n 8-15, bytes 16-31) of each 16 columns, which are
+  // mma.h's B registers for bf16/fp16 (k 2t.., 2t+8..) and for int8 (k 4t.., 4t+16..) alike.
+  LLMK_DEVICE void fragments(uint32_t (&b)[Tiling::mma_n][2], const uint8_t* tile, int kk, int warp_col0,
+                             int lane) const {
+    constexpr SwizzledTile layout = Tiling::layout();
 #pragma unroll
     for (int j = 0; j < Tiling::mma_n; j += 2) {
-      // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
       const int row = warp_col0 + 8 * j + 8 * (lane / 16) + lane % 8;
       uint32_t r[4];
-      ldmatrix<4>(r, b_tile + layout.offset(row, 2 * (16 * kk + 8 * ((lane / 8) % 2))));
+      ldmatrix<4>(r, tile + layout.offset(row, 32 * kk + 16 * ((lane / 8) % 2)));
       b[j][0] = r[0];
       b[j][1] = r[1];
       b[j + 1][0] = r[2];
       b[j + 1][1] = r[3];
     }
+  }
+};
+
+// The accumulators of one thread: fp32, or int32 for int8 inputs.
+template <typename Tiling, typename E = float>
+struct Accumulators {
+  E v[Tiling::mma_m][Tiling::mma_n][4];
+};
+
+// One k tile from shared memory: ldmatrix the warp's A fragments, take its B fragments from the B
+// loader, mma_m x mma_n mmas per mma step (32 bytes of k).
+template <typename T, typename Tiling, typename E, typename LoaderB>
+LLMK_DEVICE void multiply_tile(Accumulators<Tiling, E>& acc, const uint8_t* a_tile, const uint8_t* b_tile,
+                               const LoaderB& loader_b, int warp_row0, int warp_col0, int lane) {
+  constexpr SwizzledTile layout = Tiling::layout();
+#pragma unroll
+  for (int kk = 0; kk < Tiling::k_steps; ++kk) {
+    uint32_t a[Tiling::mma_m][4];
+    uint32_t b[Tiling::mma_n][2];
+#pragma unroll
+    for (int i = 0; i < Tiling::mma_m; ++i) {
+      // lanes 0-15: rows 0-15 at bytes 0-15 of the step; lanes 16-31: the same rows at bytes 16-31
+      // (mma.h's A order: 16-bit k 0-7 then 8-15, or int8 k 0-15 then 16-31)
+      const int row = warp_row0 + 16 * i + lane % 16;
+      ldmatrix<4>(a[i], a_tile + layout.offset(row, 32 * kk + 16 * (lane / 16)));
+    }
+    loader_b.fragments(b, b_tile, kk, warp_col0, lane);
 #pragma unroll
     for (int i = 0; i < Tiling::mma_m; ++i)
 #pragma unroll
-      for (int j = 0; j < Tiling::mma_n; ++j) mma_m16n8k16<T>(acc.v[i][j], a[i], b[j], acc.v[i][j]);
+      for (int j = 0; j < Tiling::mma_n; ++j) mma_step<T>(acc.v[i][j], a[i], b[j]);
   }
+}
+
+// A stage of the ring: the A tile, then the B tile (each a multiple of 16 bytes).
+template <typename LoaderA, typename LoaderB>
+constexpr int stage_bytes_of() {
+  static_assert(LoaderA::bytes % 16 == 0 && LoaderB::bytes % 16 == 0, "16-byte aligned tiles");
+  return LoaderA::bytes + LoaderB::bytes;
 }
 
 // The main loop: acc = A[block rows] · B[block cols]ᵀ over k tiles [first_tile, first_tile + k_tiles)
 // (all of K, or one split-K range), through the cp.async ring. One barrier per k tile: after it,
 // tile kt has landed for everyone, and every thread has finished reading the stage that the
 // prefetch of tile kt + stages - 1 overwrites (it held tile kt - 1).
-template <typename T, typename Tiling, typename LoaderA, typename LoaderB>
-LLMK_DEVICE void main_loop(Accumulators<Tiling>& acc, const LoaderA& a, const LoaderB& b, int64_t row0, int64_t col0,
+template <typename T, typename Tiling, typename E, typename LoaderA, typename LoaderB>
+LLMK_DEVICE void main_loop(Accumulators<Tiling, E>& acc, const LoaderA& a, const LoaderB& b, int64_t row0, int64_t col0,
                            int64_t first_tile, int64_t k_tiles) {
   uint8_t* shared = dynamic_shared_memory();
   const int thread = int(threadIdx.x), lane = thread % 32, warp = thread / 32;
@@ -129,12 +175,13 @@ LLMK_DEVICE void main_loop(Accumulators<Tiling>& acc, const LoaderA& a, const Lo
 #pragma unroll
     for (int j = 0; j < Tiling::mma_n; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc.v[i][j][e] = 0.0f;
+      for (int e = 0; e < 4; ++e) acc.v[i][j][e] = E(0);
 
-  auto stage = [&](int s) { return shared + s * Tiling::stage_bytes; };
+  constexpr int stage_bytes = stage_bytes_of<LoaderA, LoaderB>();
+  auto stage = [&](int s) { return shared + s * stage_bytes; };
   auto load = [&](int s, int64_t kt) {
     a.load(stage(s), row0, (first_tile + kt) * Tiling::bk, thread);
-    b.load(stage(s) + Tiling::a_bytes, col0, (first_tile + kt) * Tiling::bk, thread);
+    b.load(stage(s) + LoaderA::bytes, col0, (first_tile + kt) * Tiling::bk, thread);
   };
 #pragma unroll
   for (int s = 0; s < Tiling::stages - 1; ++s) {
@@ -149,7 +196,7 @@ LLMK_DEVICE void main_loop(Accumulators<Tiling>& acc, const LoaderA& a, const Lo
     if (kt + Tiling::stages - 1 < k_tiles) load(write_stage, kt + Tiling::stages - 1);
     cp_async_commit();
     const uint8_t* current = stage(read_stage);
-    multiply_tile<T, Tiling>(acc, current, current + Tiling::a_bytes, warp_row0, warp_col0, lane);
+    multiply_tile<T, Tiling>(acc, current, current + LoaderA::bytes, b, warp_row0, warp_col0, lane);
     read_stage = read_stage + 1 == Tiling::stages ? 0 : read_stage + 1;
     write_stage = write_stage + 1 == Tiling::stages ? 0 : write_stage + 1;
   }
@@ -208,8 +255,8 @@ struct Epilogue {
 
   // Calls fn(row, col, v0, v1) for each pair of adjacent columns this thread holds inside (m, n):
   // the (row g) and (row g + 8) pairs of mma_c_coord in each of its mma tiles.
-  template <typename Tiling, typename Fn>
-  LLMK_DEVICE void for_each_pair(const Accumulators<Tiling>& acc, int64_t row0, int64_t col0, Fn&& fn) const {
+  template <typename Tiling, typename E, typename Fn>
+  LLMK_DEVICE void for_each_pair(const Accumulators<Tiling, E>& acc, int64_t row0, int64_t col0, Fn&& fn) const {
     const int thread = int(threadIdx.x), lane = thread % 32, warp = thread / 32;
     const int64_t warp_row0 = row0 + (warp / Tiling::warps_n) * Tiling::warp_m;
     const int64_t warp_col0 = col0 + (warp % Tiling::warps_n) * Tiling::warp_n;
@@ -221,23 +268,106 @@ struct Epilogue {
         for (int h = 0; h < 2; ++h) {
           const FragmentCoord c = mma_c_coord(lane, 2 * h);
           const int64_t row = warp_row0 + 16 * i + c.row, col = warp_col0 + 8 * j + c.col;
-          if (row < m && col < n) fn(row, col, acc.v[i][j][2 * h], acc.v[i][j][2 * h + 1]);
+          if (row < m && col < n) fn(row, col, float(acc.v[i][j][2 * h]), float(acc.v[i][j][2 * h + 1]));
         }
   }
 
-  template <typename OutT, typename Tiling>
-  LLMK_DEVICE void store(const Accumulators<Tiling>& acc, int64_t row0, int64_t col0) const {
+  template <typename OutT, typename Tiling, typename E>
+  LLMK_DEVICE void store(const Accumulators<Tiling, E>& acc, int64_t row0, int64_t col0) const {
     for_each_pair(acc, row0, col0, [&](int64_t row, int64_t col, float v0, float v1) { store_pair<OutT>(row, col, v0, v1); });
   }
 
   // Split-K: this range's raw sums, fp32, into partial[row * n + col] (the epilogue runs after the
   // ranges are added: split_k_reduce_kernel).
-  template <typename Tiling>
-  LLMK_DEVICE void store_partial(const Accumulators<Tiling>& acc, int64_t row0, int64_t col0, float* partial) const {
+  template <typename Tiling, typename E>
+  LLMK_DEVICE void store_partial(const Accumulators<Tiling, E>& acc, int64_t row0, int64_t col0, float* partial) const {
     for_each_pair(acc, row0, col0, [&](int64_t row, int64_t col, float v0, float v1) {
       store_global(reinterpret_cast<Vec<float, 2>*>(partial + row * n + col), Vec<float, 2>{{v0, v1}});
     });
   }
+
+  // Split-K's second half for one column pair (`pair` of the m * n / 2): adds the `splits` ranges'
+  // partial sums in range order (deterministic) and stores them through the epilogue.
+  template <typename OutT>
+  LLMK_DEVICE void reduce_pair(const float* partial, int splits, int64_t pair) const {
+    const int64_t row = pair / (n / 2), col = 2 * (pair % (n / 2));
+    if (row >= m) return;
+    float v0 = 0.0f, v1 = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      const Vec<float, 2> v = load_global(reinterpret_cast<const Vec<float, 2>*>(partial + (s * m + row) * n + col));
+      v0 += v[0];
+      v1 += v[1];
+    }
+    store_pair<OutT>(row, col, v0, v1);
+  }
 };
+
+// -- the kernel: one block per bm x bn tile of C (x one split-K range) ------------------------------
+//
+// A family's kernel parameters derive from TiledParams and add the pointers its loaders need and two
+// functions that build them, `loader_a<Tiling>()` and `loader_b<Tiling>()`; the kernel, the split-K
+// reduce and the launcher below are the same for all (gemm_cuda.cu, quant/quant_cuda.cu).
+struct TiledParams {
+  int64_t m, n, k;
+  Epilogue epilogue;
+  float* partial;            // split-K: gridDim.z ranges of m * n partial sums; null without split
+  int64_t tiles_per_split;   // k tiles per range (all of them without split)
+};
+
+// T: the mma inputs (bf16, fp16, int8); OutT: the 16-bit output type when the output is not fp32;
+// E: the accumulators (float, int32).
+// (__launch_bounds__(threads, 1): without the 1, ptxas capped the gemm's large tiling at 128
+// registers and spilled 8 bytes on sm_80; with it, 154 registers, no spill, one 8-warp block per SM.)
+template <typename T, typename OutT, typename Tiling, typename E, typename Params>
+__global__ void __launch_bounds__(Tiling::threads, 1) tiled_kernel(const __grid_constant__ Params p) {
+  const int64_t row0 = int64_t(blockIdx.y) * Tiling::bm;
+  const int64_t col0 = int64_t(blockIdx.x) * Tiling::bn;
+  const auto a = p.template loader_a<Tiling>();
+  const auto b = p.template loader_b<Tiling>();
+  const int64_t k_tiles = (p.k + Tiling::bk - 1) / Tiling::bk;
+  const int64_t first_tile = int64_t(blockIdx.z) * p.tiles_per_split;
+  const int64_t tiles = first_tile + p.tiles_per_split < k_tiles ? p.tiles_per_split : k_tiles - first_tile;
+  Accumulators<Tiling, E> acc;
+  main_loop<T, Tiling>(acc, a, b, row0, col0, first_tile, tiles);
+  if (p.partial) p.epilogue.store_partial(acc, row0, col0, p.partial + int64_t(blockIdx.z) * p.m * p.n);
+  else if (p.epilogue.out_is_f32) p.epilogue.template store<float>(acc, row0, col0);
+  else p.epilogue.template store<OutT>(acc, row0, col0);
+}
+
+// Split-K's second half: each thread adds the ranges' partial sums of one column pair.
+constexpr int kReduceThreads = 256;
+
+template <typename OutT, typename Params>
+__global__ void __launch_bounds__(kReduceThreads) split_k_reduce_kernel(const __grid_constant__ Params p, int splits) {
+  const int64_t pair = int64_t(blockIdx.x) * kReduceThreads + threadIdx.x;
+  if (p.epilogue.out_is_f32) p.epilogue.template reduce_pair<float>(p.partial, splits, pair);
+  else p.epilogue.template reduce_pair<OutT>(p.partial, splits, pair);
+}
+
+// Launches tiled_kernel over (n / bn, m / bm, splits) blocks, then the reduce when K is split
+// (`split.splits` > 1: `params.partial` must hold splits * m * n floats).
+template <typename T, typename OutT, typename Tiling, typename E, typename Params>
+void launch_tiled(const char* name, const char* reduce_name, Params params, SplitK split, DeviceStream stream) {
+  using LoaderA = decltype(params.template loader_a<Tiling>());
+  using LoaderB = decltype(params.template loader_b<Tiling>());
+  const int64_t k_tiles = (params.k + Tiling::bk - 1) / Tiling::bk;
+  const int splits = split.splits;
+  params.tiles_per_split = splits > 1 ? split.tiles_per_split : k_tiles;
+  if (splits <= 1) params.partial = nullptr;
+  const int64_t row_tiles = (params.m + Tiling::bm - 1) / Tiling::bm;
+  const int64_t col_tiles = (params.n + Tiling::bn - 1) / Tiling::bn;
+  LLMK_CHECK(row_tiles <= 65535, ValueError, name, ": m = ", params.m, " needs more than 65535 row tiles of ",
+             Tiling::bm);
+  launch(name, tiled_kernel<T, OutT, Tiling, E, Params>,
+         LaunchShape{dim3(uint32_t(col_tiles), uint32_t(row_tiles), uint32_t(splits)), dim3(Tiling::threads),
+                     size_t(Tiling::stages) * stage_bytes_of<LoaderA, LoaderB>()},
+         stream, params);
+  if (splits > 1) {
+    const int64_t pairs = params.m * params.n / 2;
+    launch(reduce_name, split_k_reduce_kernel<OutT, Params>,
+           LaunchShape{dim3(uint32_t((pairs + kReduceThreads - 1) / kReduceThreads)), dim3(kReduceThreads)}, stream,
+           params, splits);
+  }
+}
 
 }  // namespace llmk::gemm

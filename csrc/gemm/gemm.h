@@ -55,14 +55,20 @@ struct SplitK {
   int64_t tiles_per_split = 0;  // of kSplitTileK elements
 };
 constexpr int64_t kSplitMaxRows = 16, kSplitMaxRanges = 16, kSplitTileN = 32, kSplitTileK = 64;
-inline SplitK split_k(int64_t m, int64_t n, int64_t k) {
-  const int64_t k_tiles = (k + kSplitTileK - 1) / kSplitTileK;
-  if (m == 0 || m > kSplitMaxRows) return SplitK{1, k_tiles};
-  const int64_t blocks = (n + kSplitTileN - 1) / kSplitTileN, target = 2 * 132;
-  int64_t splits = std::min<int64_t>(std::min<int64_t>((target + blocks - 1) / blocks, k_tiles / 4), kSplitMaxRanges);
+// The plan for `col_blocks` blocks over N and K in `k_tiles` tiles: ranges of at least `min_tiles`
+// tiles, at most kSplitMaxRanges of them, aiming at `target_blocks` blocks in all (quant's small-M
+// kernels plan with it too).
+inline SplitK plan_split_k(int64_t col_blocks, int64_t k_tiles, int64_t target_blocks, int64_t min_tiles) {
+  const int64_t wanted = (target_blocks + col_blocks - 1) / col_blocks;
+  const int64_t splits = std::min<int64_t>(std::min<int64_t>(wanted, k_tiles / min_tiles), kSplitMaxRanges);
   if (splits <= 1) return SplitK{1, k_tiles};
   const int64_t per = (k_tiles + splits - 1) / splits;
   return SplitK{int((k_tiles + per - 1) / per), per};  // no empty range
+}
+inline SplitK split_k(int64_t m, int64_t n, int64_t k) {
+  const int64_t k_tiles = (k + kSplitTileK - 1) / kSplitTileK;
+  if (m == 0 || m > kSplitMaxRows) return SplitK{1, k_tiles};
+  return plan_split_k((n + kSplitTileN - 1) / kSplitTileN, k_tiles, 2 * 132, 4);
 }
 // The floats split-K needs for (m, n, k): at most kSplitMaxRanges * m * n, and only for m <= kSplitMaxRows
 // (the Python layer allocates that bound: a size it can compute while torch.compile traces).
