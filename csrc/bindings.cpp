@@ -175,14 +175,14 @@ void quant_unpack_int4(const py::object& packed, int64_t /*k: codes' shape says 
 
 void quant_int4_linear(const py::object& x, const py::object& packed, const py::object& scales,
                        const py::object& zeros, int64_t group_size, const py::object& bias, const py::object& out,
-                       uintptr_t stream) {
+                       const py::object& workspace, uintptr_t stream) {
   const TensorView x_view = tensor(x, "x"), packed_view = tensor(packed, "packed");
   const TensorView scales_view = tensor(scales, "scales"), zeros_view = tensor(zeros, "zeros");
   const auto bias_view = optional_tensor(bias, "bias");
-  const TensorView out_view = tensor(out, "out");
+  const TensorView out_view = tensor(out, "out"), workspace_view = tensor(workspace, "workspace");
   py::gil_scoped_release no_gil;
   quant::int4_linear(x_view, packed_view, scales_view, zeros_view, group_size, pointer(bias_view), out_view,
-                     stream_pointer(stream));
+                     workspace_view, stream_pointer(stream));
 }
 
 void quant_int8_matmul(const py::object& a, const py::object& b, const py::object& accumulators, uintptr_t stream) {
@@ -400,8 +400,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("quant_unpack_int4", &quant_unpack_int4, py::arg("packed"), py::arg("k"), py::arg("codes"), py::arg("stream"),
         "packed int32 (N / 8, ceil(K / 32), 32) -> int4 codes uint8 (N, K)");
   m.def("quant_int4_linear", &quant_int4_linear, py::arg("x"), py::arg("packed"), py::arg("scales"),
-        py::arg("zeros"), py::arg("group_size"), py::arg("bias"), py::arg("out"), py::arg("stream"),
-        "W4A16: out (M, N) = x (M, K) · dequantized int4 weightᵀ (+ float32 bias); CPU kernel only so far");
+        py::arg("zeros"), py::arg("group_size"), py::arg("bias"), py::arg("out"), py::arg("workspace"),
+        py::arg("stream"),
+        "W4A16: out (M, N) = x (M, K) · dequantized int4 weightᵀ (+ float32 bias); workspace: the CUDA kernel's "
+        "split-K partial sums (float32)");
+  m.def("quant_int4_split_limits", [] { return py::make_tuple(quant::kInt4SplitMaxRows, gemm::kSplitMaxRanges); },
+        "(most rows M that split K in the W4A16 kernel, most K ranges): its workspace is at most ranges * M * N "
+        "floats");
   m.def("quant_int8_matmul", &quant_int8_matmul, py::arg("a"), py::arg("b"), py::arg("accumulators"),
         py::arg("stream"), "W8A8's exact int32 accumulators a (M, K) int8 · b (N, K) int8ᵀ; CPU kernel only so far");
   m.def("quant_int8_linear", &quant_int8_linear, py::arg("a"), py::arg("a_scales"), py::arg("b"),

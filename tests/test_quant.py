@@ -2,6 +2,8 @@
 ISA's mma.m16n8k16 B-fragment table written out here (not through the library's own position
 function), pack/unpack as exact inverses, quantization's half-step error bound, and dequantize
 against the reference's reading of the format (llmkernels.reference.quant)."""
+import contextlib
+
 import pytest
 import torch
 
@@ -19,11 +21,38 @@ def random_codes(n, k, seed=0):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_pack_and_unpack_are_exact_inverses(shape):
-    codes = random_codes(*shape, seed=shape[1])
+def test_pack_and_unpack_are_exact_inverses(device, shape):
+    codes = random_codes(*shape, seed=shape[1]).to(device)
     packed = quant.pack_int4(codes)
     assert packed.dtype == torch.int32 and packed.shape == (shape[0] // 8, (shape[1] + 31) // 32, 32)
     assert torch.equal(quant.unpack_int4(packed, shape[1]), codes)
+    assert torch.equal(packed.cpu(), table_pack(codes.cpu()))
+
+
+def table_pack(codes):
+    """The packed words built from the PTX ISA's mma.m16n8k16 B-fragment table (see the next test),
+    in plain Python: lane 4g + t of block (n / 8, k / 32) holds column g's k = 32 kb + 16 half + 8 upper
+    + 2t (+ 1) at bits 4r (+ 16), r = 2 half + upper; past K, code 0."""
+    n, k = codes.shape
+    k_blocks = (k + 31) // 32
+    padded = torch.zeros(n, 32 * k_blocks, dtype=torch.int64)
+    padded[:, :k] = codes.long()
+    blocks = padded.reshape(n // 8, 8, k_blocks, 2, 2, 4, 2)   # (nb, g, kb, half, upper, t, odd)
+    words = torch.zeros(n // 8, k_blocks, 8, 4, dtype=torch.int64)   # (nb, kb, g, t)
+    for half in range(2):
+        for upper in range(2):
+            for odd in range(2):
+                nibble = blocks[:, :, :, half, upper, :, odd].permute(0, 2, 1, 3)   # (nb, kb, g, t)
+                words |= nibble << (4 * (2 * half + upper) + 16 * odd)
+    words = words.reshape(n // 8, k_blocks, 32)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def test_pack_refuses_codes_past_15(device):
+    codes = random_codes(8, 16, seed=1)
+    codes[3, 5] = 16
+    with pytest.raises(ValueError, match=r"codes must hold 4-bit codes in \[0, 15\]; got .*16"):
+        quant.pack_int4(codes.to(device))
 
 
 def test_packed_words_hold_the_mma_b_fragments():
@@ -110,36 +139,74 @@ def test_opcheck_pack_and_unpack():
     torch.library.opcheck(torch.ops.llmkernels.quant_unpack_int4.default, (quant.pack_int4(codes), 40))
 
 
-# -- W4A16 (CPU kernel) -------------------------------------------------------------------------------
+# -- W4A16: the CPU kernel, the CUDA kernel emulated, the CUDA kernel -----------------------------------
+
+def cpu_kernel(device) -> bool:
+    return device.type == "cpu" and not llmkernels.emulator.enabled()
+
+
+def int4_case(m, n, k, group_size, symmetric, dtype, device, seed, bias=True):
+    """x (m, k), an int4 weight (n, k) quantized with scales in x's dtype, bias or None, on `device`;
+    and the weight's codes (unpacked on the CPU)."""
+    q = quant.quantize_int4(randn((n, k), seed=seed, scale=k ** -0.5), group_size=group_size, symmetric=symmetric,
+                            scale_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
+    x = randn((m, k), dtype=dtype, seed=seed + 1)
+    b = randn((n,), seed=seed + 2) if bias else None
+    return x.to(device), q.to(device), (b.to(device) if bias else None), q.codes().to(device)
+
+
+def check_int4(out, x, q, bias, codes, device, name):
+    """The parity rule against the float64 product with the dequantized weight. Torch's own error:
+    for the CPU kernel (float32 arithmetic) the float32 matmul rounded once; for the CUDA kernel (its
+    tensor cores take the weight dequantized into x's dtype) a matmul in x's dtype with the weight
+    dequantized and rounded to it, which is what a user without the kernel runs."""
+    k = x.shape[-1]
+    w = reference.dequantize_int4(codes, q.scales, q.zeros, q.group_size)
+    oracle = x.double().reshape(-1, k) @ w.double().T
+    if bias is not None:
+        oracle = oracle + bias.double()
+    same = reference.int4_linear(x.reshape(-1, k), codes, q.scales, q.zeros, q.group_size, bias,
+                                 upcast=cpu_kernel(device))
+    assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], q.shape[0])
+    assert_parity(out.reshape(-1, q.shape[0]), same, oracle, name)
+
 
 @pytest.mark.parametrize("group_size", quant.GROUP_SIZES)
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 16, 17, 64, 129])
-def test_int4_linear_matches_the_dequantized_reference(m, group_size):
-    """W4A16 against the reference (the dequantized weight, float32 matmul) under the parity rule:
-    the oracle is float64 on the same dequantized weight; torch's own error is a bf16 matmul's."""
-    n, k = 40, 256
-    q = quant.quantize_int4(randn((n, k), seed=m, scale=0.1), group_size=group_size, symmetric=m % 2 == 0)
-    x = randn((m, k), dtype=torch.bfloat16, seed=m + 1)
-    bias = randn((n,), seed=m + 2)
-    out = quant.int4_linear(x, q, bias)
-    w = quant.dequantize(q)
-    oracle = x.double() @ w.double().T + bias.double()
-    same = reference.int4_linear(x, q.codes(), q.scales, q.zeros, group_size, bias)
-    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
-    assert_parity(out, same, oracle, f"int4_linear m={m} group {group_size}")
+def test_int4_linear_matches_the_dequantized_reference(device, m, group_size):
+    """W4A16 under the parity rule, symmetric and not, bf16, N not a multiple of the tiles, K with half
+    a k tile of 64 at the end where the group size allows it (groups 32 and per-channel)."""
+    k = 288 if group_size in (32, -1) else 384
+    x, q, bias, codes = int4_case(m, 40, k, group_size, m % 2 == 0, torch.bfloat16, device, seed=m)
+    check_int4(quant.int4_linear(x, q, bias), x, q, bias, codes, device, f"int4_linear m={m} group {group_size}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_int4_linear_fp16_and_3d_input(device, dtype):
+    x, q, bias, codes = int4_case(6, 24, 96, 32, False, dtype, device, seed=3)
+    x = x.reshape(2, 3, 96)
+    check_int4(quant.int4_linear(x, q, bias), x, q, bias, codes, device, f"{dtype} 3-D")
 
 
 @pytest.mark.parametrize("k", [2752, 5504, 7392, 10944])
-def test_int4_linear_tensor_parallel_k(k):
+def test_int4_linear_tensor_parallel_k(device, k):
     """The K of Llama tensor-parallel splits that Marlin refuses (K % 128 != 0 for some): group 32 and
-    per-channel, fp16 activations, a 3-D input."""
+    per-channel, fp16 activations, small M (split K on the CUDA kernel)."""
     for group_size in (32, -1):
-        q = quant.quantize_int4(randn((16, k), seed=k, scale=0.05), group_size=group_size)
-        x = randn((2, 3, k), dtype=torch.float16, seed=k + 1)
-        out = quant.int4_linear(x, q)
-        oracle = (x.double().reshape(-1, k) @ quant.dequantize(q).double().T).reshape(2, 3, 16)
-        same = reference.int4_linear(x.reshape(-1, k), q.codes(), q.scales, q.zeros, group_size).reshape(2, 3, 16)
-        assert_parity(out, same, oracle, f"k={k} group {group_size}")
+        x, q, _, codes = int4_case(3, 16, k, group_size, False, torch.float16, device, seed=k, bias=False)
+        check_int4(quant.int4_linear(x, q), x, q, None, codes, device, f"k={k} group {group_size}")
+
+
+def test_int4_linear_misaligned_and_strided_x(device):
+    """A view that starts off a 16-byte boundary or has an odd row stride is copied, not refused."""
+    x, q, bias, codes = int4_case(5, 16, 64, 32, True, torch.bfloat16, device, seed=4)
+    padded = torch.zeros(5, 67, dtype=x.dtype, device=x.device)
+    padded[:, 1:65] = x
+    view = padded[:, 1:65]
+    check_int4(quant.int4_linear(view, q, bias), x, q, bias, codes, device, "strided view")
+    flat = torch.zeros(5 * 64 + 1, dtype=x.dtype, device=x.device)
+    flat[1:].copy_(x.reshape(-1))
+    check_int4(quant.int4_linear(flat[1:].view(5, 64), q, bias), x, q, bias, codes, device, "misaligned start")
 
 
 def test_int4_linear_float32_and_bad_inputs():
@@ -154,6 +221,20 @@ def test_int4_linear_float32_and_bad_inputs():
         quant.int4_linear(x, q.packed)
     with pytest.raises(ValueError, match=r"bias must have shape \(24,\)"):
         quant.int4_linear(x, q, torch.zeros(23))
+
+
+@pytest.mark.parametrize("device", [pytest.param("emu", marks=pytest.mark.emu), pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_int4_linear_device_kernel_refuses_what_it_cannot_take(device):
+    """The tensor-core kernel dequantizes into x's dtype: float32 x and scales of another dtype are
+    refused there (not silently converted), with what to do instead."""
+    where = "cpu" if device == "emu" else "cuda"
+    context = llmkernels.emulator.emulate() if device == "emu" else contextlib.nullcontext()
+    q = quant.quantize_int4(randn((16, 64), seed=1), group_size=32, scale_dtype=torch.float16).to(where)
+    with context:
+        with pytest.raises(TypeError, match=r"x must be bfloat16 or float16 for the CUDA kernel \(float32 runs on the CPU"):
+            quant.int4_linear(randn((2, 64), seed=2).to(where), q)
+        with pytest.raises(TypeError, match=r"scales must have x's dtype \(bfloat16\).*got float16: quantize with scale_dtype"):
+            quant.int4_linear(randn((2, 64), dtype=torch.bfloat16, seed=2).to(where), q)
 
 
 def test_opcheck_int4_linear():
@@ -319,3 +400,44 @@ def test_quantize_model_refuses_layers_it_cannot_take():
         quant.quantize_model_(model, bits=4, group_size=32)
     quant.quantize_model_(model, bits=8, skip=("0", "1"))   # everything skipped: unchanged
     assert all(type(m) is torch.nn.Linear for m in model)
+
+
+# -- the CUDA W4A16 kernel's source under the emulator: every tiling, no bank conflicts, any schedule --
+
+# One shape per tiling of quant_cuda.cu: small (M <= 16, K split into ranges), medium, large (>= 132
+# tiles of 128 x 128); each with more k tiles of 64 than its ring has stages and half a tile at the end,
+# so the prefetch wraps onto used buffers and the last tile overhangs K.
+INT4_TILINGS = {"small": (16, 72, 12 * 64 + 32, 32), "medium": (130, 136, 6 * 64 + 32, -1),
+                "large": (12 * 128, 11 * 128 + 8, 4 * 64 + 32, 32)}
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("tiling", sorted(INT4_TILINGS))
+def test_emulated_int4_kernel_every_tiling_without_bank_conflicts(tiling):
+    m, n, k, group_size = INT4_TILINGS[tiling]
+    x, q, bias, codes = int4_case(m, n, k, group_size, False, torch.bfloat16, torch.device("cpu"), seed=21)
+    llmkernels.emulator.reset_report()
+    with llmkernels.emulator.emulate():
+        out = quant.int4_linear(x, q, bias)
+        check_int4(out, x, q, bias, codes, torch.device("cpu"), f"emulated int4_linear, {tiling} tiling")
+    reports = {r["kernel"]: r for r in llmkernels.emulator.report()}
+    expected = {"int4_linear", "int4_linear split-k reduce"} if tiling == "small" else {"int4_linear"}
+    assert set(reports) == expected, sorted(reports)
+    if tiling == "small":
+        assert reports["int4_linear"]["blocks"] > 2   # K split into ranges (N gives 2 column blocks)
+    report = reports["int4_linear"]
+    assert report["launches"] == 1 and report["shared_accesses"] > 0
+    assert report["bank_conflicts_by_site"] == {}, report
+    assert report["shared_wavefronts"] == report["shared_ideal_wavefronts"]
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("seed", [1, 2])
+def test_emulated_int4_kernel_gives_the_same_bits_under_shuffled_schedules(seed):
+    for m in (5, 33):
+        x, q, bias, _ = int4_case(m, 24, 1024, 64, seed == 1, torch.float16, torch.device("cpu"), seed=seed)
+        with llmkernels.emulator.emulate():
+            ordered = quant.int4_linear(x, q, bias)
+        with llmkernels.emulator.emulate(schedule="shuffled", seed=seed):
+            shuffled = quant.int4_linear(x, q, bias)
+        assert torch.equal(ordered, shuffled), m

@@ -52,15 +52,6 @@ void check_like(const TensorView& t, const TensorView& like) {
              t.strides_str());
 }
 
-// The CUDA kernels copy rows of head_dim in 16-byte pieces: the tensor's start 16-byte aligned and
-// its other strides multiples of 8 elements (the Python layer copies a tensor that is not).
-void check_rows_aligned(const TensorView& t) {
-  bool aligned = reinterpret_cast<uintptr_t>(t.ptr) % 16 == 0;
-  for (int i = 0; i + 1 < t.ndim; ++i) aligned = aligned && (t.shape[i] <= 1 || t.strides[i] % 8 == 0);
-  LLMK_CHECK(aligned, ValueError, t.name, " must start at a 16-byte boundary with strides that are multiples of 8 "
-             "elements for the CUDA kernels; got strides ", t.strides_str());
-}
-
 // The checks the forward and the backward share; `out` is the forward's output (written by the forward,
 // read by the backward), `lse` likewise.
 Problem make_problem(const TensorView& q, const TensorView& k, const TensorView& v, const TensorView* cu_seqlens_q,
@@ -153,7 +144,7 @@ Problem make_problem(const TensorView& q, const TensorView& k, const TensorView&
   p.softcap = float(softcap);
   p.mask = Mask{causal, window_left, window_right};
   if (select_backend(q) != Backend::cpu)
-    for (const TensorView* t : {&q, &k, &v, &out}) check_rows_aligned(*t);
+    for (const TensorView* t : {&q, &k, &v, &out}) t->check_rows_aligned();
   return p;
 }
 
@@ -203,7 +194,7 @@ void backward(const TensorView& dout, const TensorView& q, const TensorView& k, 
   const bool device_kernels = select_backend(q) != Backend::cpu;
   std::vector<TensorView> written{extent(dq), extent(dk), extent(dv)};
   if (device_kernels) {
-    for (const TensorView* t : {&dout, &dq, &dk, &dv}) check_rows_aligned(*t);
+    for (const TensorView* t : {&dout, &dq, &dk, &dv}) t->check_rows_aligned();
     LLMK_CHECK(delta, ValueError, "the CUDA backward needs the delta workspace");
     delta->check_dtype(DType::f32);
     delta->check_contiguous();

@@ -53,4 +53,10 @@ LLMK_HD Int4Position int4_position(int64_t n, int64_t k, int64_t k_blocks) {
   return Int4Position{((n / kInt4BlockN) * k_blocks + k / kInt4BlockK) * 32 + lane, 4 * r + 16 * odd};
 }
 
+// The inverse, inside one block: nibble `shift / 4` (register r = shift / 4 % 4, odd = shift / 16) of
+// lane `lane`'s word is row lane / 4, column 8r + 2 (lane % 4) + odd of the block.
+LLMK_HD int int4_block_column(int lane, int shift) {
+  return 8 * ((shift / 4) % 4) + 2 * (lane % 4) + shift / 16;
+}
+
 }  // namespace llmk::quant

@@ -133,6 +133,14 @@ void TensorView::check_contiguous() const {
              " with strides ", strides_str());
 }
 
+void TensorView::check_rows_aligned() const {
+  bool aligned = reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (ndim == 0 || shape[ndim - 1] <= 1 || strides[ndim - 1] == 1);
+  for (int i = 0; i + 1 < ndim; ++i) aligned = aligned && (shape[i] <= 1 || strides[i] * dtype_size(dtype) % 16 == 0);
+  LLMK_CHECK(aligned, ValueError, name, " must start at a 16-byte boundary with unit stride along its last dimension "
+             "and other strides that are multiples of 16 bytes, for the CUDA kernels; got shape ", shape_str(),
+             ", strides ", strides_str(), " at address ", ptr);
+}
+
 void TensorView::check_dense() const {
   LLMK_CHECK(is_dense(), ValueError, name, " must be dense and non-overlapping (contiguous in some "
              "dimension order, e.g. row-major or channels_last); got shape ", shape_str(),

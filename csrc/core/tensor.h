@@ -75,6 +75,10 @@ struct TensorView {
   void check_dtype(DType expected) const;                      // TypeError
   void check_same_dtype(const TensorView& other) const;        // TypeError
   void check_same_device(const TensorView& other) const;       // RuntimeError
+  // ValueError unless rows of the last dimension can be copied in 16-byte pieces (what the CUDA
+  // kernels' cp.async tiles need): a 16-byte aligned start, unit stride along the last dimension and
+  // the other strides multiples of 16 bytes (the Python layers copy a tensor that is not).
+  void check_rows_aligned() const;
 };
 
 // Throws ValueError when two of `written` share memory (their byte ranges overlap), or when one of

@@ -21,9 +21,6 @@ void check_int4_pair(const TensorView& codes, const TensorView& packed) {
   LLMK_CHECK(n % 8 == 0 && k % 8 == 0, ValueError, codes.name, " must have N and K multiples of 8; got shape ",
              codes.shape_str());
   packed.check_shape({n / kInt4BlockN, int4_k_blocks(k), 32});
-  LLMK_CHECK(select_backend(codes) == Backend::cpu, DeviceError,
-             "int4 pack/unpack run on the CPU kernel only so far: the CUDA kernel (and so the emulated backend) "
-             "is not written yet (issue 11)");
 }
 
 }  // namespace
@@ -32,22 +29,31 @@ void pack_int4(const TensorView& codes, const TensorView& packed, void* stream) 
   check_int4_pair(codes, packed);
   check_no_overlap({packed}, {codes});
   const uint8_t* c = codes.data<uint8_t>();
-  for (int64_t i = 0; i < codes.numel(); ++i)
-    LLMK_CHECK(c[i] <= 15, ValueError, codes.name, " must hold 4-bit codes in [0, 15]; got ", int(c[i]),
-               " at flat index ", i);
-  (void)stream;
-  pack_int4_cpu(c, codes.shape[0], codes.shape[1], packed.data<int32_t>());
+  const int64_t n = codes.shape[0], k = codes.shape[1];
+  int32_t* words = packed.data<int32_t>();
+  // (The codes' range is checked here only where they are host memory: on CUDA the Python layer checks
+  // it; the kernels keep the low four bits.)
+  if (codes.device == DeviceType::cpu)
+    for (int64_t i = 0; i < codes.numel(); ++i)
+      LLMK_CHECK(c[i] <= 15, ValueError, codes.name, " must hold 4-bit codes in [0, 15]; got ", int(c[i]),
+                 " at flat index ", i);
+  run_on_backend(codes, stream, Operands().add(codes).add(packed), [&] { pack_int4_cpu(c, n, k, words); },
+                 [&](auto device_stream) { pack_int4_device(c, n, k, words, device_stream); });
 }
 
 void unpack_int4(const TensorView& packed, const TensorView& codes, void* stream) {
   check_int4_pair(codes, packed);
   check_no_overlap({codes}, {packed});
-  (void)stream;
-  unpack_int4_cpu(packed.data<int32_t>(), codes.shape[0], codes.shape[1], codes.data<uint8_t>());
+  const int32_t* words = packed.data<int32_t>();
+  uint8_t* c = codes.data<uint8_t>();
+  const int64_t n = codes.shape[0], k = codes.shape[1];
+  run_on_backend(codes, stream, Operands().add(codes).add(packed), [&] { unpack_int4_cpu(words, n, k, c); },
+                 [&](auto device_stream) { unpack_int4_device(words, n, k, c, device_stream); });
 }
 
 void int4_linear(const TensorView& x, const TensorView& packed, const TensorView& scales, const TensorView& zeros,
-                 int64_t group_size, const TensorView* bias, const TensorView& out, void* stream) {
+                 int64_t group_size, const TensorView* bias, const TensorView& out,
+                 const TensorView& workspace, void* stream) {
   x.check_ndim(2);
   x.check_floating();
   LLMK_CHECK(x.strides[1] == 1, ValueError, "x must have a contiguous last dimension; got strides ", x.strides_str());
@@ -82,13 +88,32 @@ void int4_linear(const TensorView& x, const TensorView& packed, const TensorView
   out.check_same_device(x);
   out.check_contiguous();
   out.check_shape({m, n});
+  workspace.check_dtype(DType::f32);
+  workspace.check_contiguous();
+  workspace.check_same_device(x);
+  const Backend backend = select_backend(x);
+  const int64_t workspace_needed = backend == Backend::cpu ? 0 : int4_split_k_workspace(m, n, k);
+  LLMK_CHECK(workspace.numel() >= workspace_needed, ValueError, workspace.name, " must have at least ",
+             workspace_needed, " elements (int4_split_k_workspace(m, n, k)); got ", workspace.numel());
   std::vector<TensorView> read{extent(x), packed, scales, zeros};
   if (bias) read.push_back(*bias);
   check_no_overlap({out}, read);
-  LLMK_CHECK(select_backend(x) == Backend::cpu, DeviceError,
-             "int4_linear runs on the CPU kernel only so far: the CUDA kernel (and so the emulated backend) is not "
-             "written yet (issue 11)");
-  (void)stream;
+  if (workspace_needed > 0) {
+    read.push_back(out);
+    check_no_overlap({workspace}, read);
+  }
+  if (backend != Backend::cpu) {
+    // The tensor-core kernel: 16-bit x, dequantized in x's dtype, 16-byte copies.
+    LLMK_CHECK(x.dtype == DType::bf16 || x.dtype == DType::f16, TypeError,
+               "x must be bfloat16 or float16 for the CUDA kernel (float32 runs on the CPU kernel only); got ",
+               dtype_name(x.dtype), backend == Backend::emu ? " (emulated)" : " on CUDA");
+    LLMK_CHECK(scales.dtype == x.dtype, TypeError, "scales must have x's dtype (", dtype_name(x.dtype),
+               ") for the CUDA kernel, which dequantizes in it; got ", dtype_name(scales.dtype),
+               ": quantize with scale_dtype=x.dtype");
+    for (const TensorView* t : {&x, &packed, &scales, &out}) t->check_rows_aligned();
+    LLMK_CHECK(reinterpret_cast<uintptr_t>(zeros.ptr) % 8 == 0, ValueError,
+               "zeros must start at an 8-byte boundary for the CUDA kernel (8-byte copies); got address ", zeros.ptr);
+  }
   Int4Problem p;
   p.x_dtype = x.dtype;
   p.scale_dtype = scales.dtype;
@@ -97,13 +122,18 @@ void int4_linear(const TensorView& x, const TensorView& packed, const TensorView
   p.k = k;
   p.group_size = size;
   p.x = x.ptr;
-  p.ldx = x.strides[0];
+  p.ldx = m <= 1 ? k : x.strides[0];
   p.packed = packed.data<int32_t>();
   p.scales = scales.ptr;
   p.zeros = zeros.data<uint8_t>();
   p.bias = bias ? bias->data<float>() : nullptr;
   p.out = out.ptr;
-  int4_linear_cpu(p);
+  p.workspace = workspace_needed > 0 ? workspace.data<float>() : nullptr;
+  if (m == 0) return;
+  Operands operands;
+  operands.add(x).add(packed).add(scales).add(zeros).add(bias).add(out).add(workspace);
+  run_on_backend(x, stream, operands, [&] { int4_linear_cpu(p); },
+                 [&](auto device_stream) { int4_linear_device(p, device_stream); });
 }
 
 namespace {

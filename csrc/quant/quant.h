@@ -3,6 +3,7 @@
 #pragma once
 #include "core/backend.h"
 #include "core/tensor.h"
+#include "gemm/gemm.h"
 
 namespace llmk::quant {
 
@@ -15,8 +16,10 @@ void unpack_int4(const TensorView& packed, const TensorView& codes, void* stream
 // W4A16: out (M, N) = x (M, K) · dequantize(packed, scales, zeros)ᵀ (+ bias), fp32 accumulation.
 // x fp32/bf16/fp16 with a contiguous last dimension, scales bf16/fp16 (groups, N), zeros uint8
 // (groups, N), bias float32 (N) or null, out like x's dtype (M, N) contiguous.
+// workspace: float32, at least int4_split_k_workspace(m, n, k) elements for the CUDA kernel (unused by the CPU kernel).
 void int4_linear(const TensorView& x, const TensorView& packed, const TensorView& scales, const TensorView& zeros,
-                 int64_t group_size, const TensorView* bias, const TensorView& out, void* stream);
+                 int64_t group_size, const TensorView* bias, const TensorView& out,
+                 const TensorView& workspace, void* stream);
 
 struct Int4Problem {
   DType x_dtype = DType::bf16, scale_dtype = DType::bf16;
@@ -28,8 +31,24 @@ struct Int4Problem {
   const uint8_t* zeros = nullptr;
   const float* bias = nullptr;
   void* out = nullptr;
+  float* workspace = nullptr;    // int4_split_k_workspace(m, n, k) floats, for the CUDA kernel's split-K
 };
 void int4_linear_cpu(const Int4Problem& problem);
+void int4_linear_device(const Int4Problem& problem, CudaStream stream);
+void int4_linear_device(const Int4Problem& problem, EmuStream stream);
+
+// Split-K of the CUDA W4A16 kernel for M <= 16 (quant_cuda.cu's small tiling: 64 columns, k tiles
+// of 64): ranges of at least 4 k tiles, aiming at four blocks per H100 SM.
+constexpr int64_t kInt4SplitMaxRows = 16, kInt4SplitTileN = 64, kInt4SplitTileK = 64;
+inline gemm::SplitK int4_split_k(int64_t m, int64_t n, int64_t k) {
+  const int64_t k_tiles = (k + kInt4SplitTileK - 1) / kInt4SplitTileK;
+  if (m == 0 || m > kInt4SplitMaxRows) return gemm::SplitK{1, k_tiles};
+  return gemm::plan_split_k((n + kInt4SplitTileN - 1) / kInt4SplitTileN, k_tiles, 4 * 132, 4);
+}
+inline int64_t int4_split_k_workspace(int64_t m, int64_t n, int64_t k) {
+  const gemm::SplitK s = int4_split_k(m, n, k);
+  return s.splits > 1 ? int64_t(s.splits) * m * n : 0;
+}
 
 // W8A8: accumulators acc (M, N) = a (M, K) int8 · b (N, K) int8ᵀ in int32 (exact: |acc| <= K 127^2,
 // K < 133 000). With `out`: out = acc * a_scales[m] * b_scales[n] (+ bias[n]) in float, rounded once to
@@ -52,5 +71,9 @@ void int8_linear_cpu(const Int8Problem& problem);
 
 void pack_int4_cpu(const uint8_t* codes, int64_t n, int64_t k, int32_t* packed);
 void unpack_int4_cpu(const int32_t* packed, int64_t n, int64_t k, uint8_t* codes);
+void pack_int4_device(const uint8_t* codes, int64_t n, int64_t k, int32_t* packed, CudaStream stream);
+void pack_int4_device(const uint8_t* codes, int64_t n, int64_t k, int32_t* packed, EmuStream stream);
+void unpack_int4_device(const int32_t* packed, int64_t n, int64_t k, uint8_t* codes, CudaStream stream);
+void unpack_int4_device(const int32_t* packed, int64_t n, int64_t k, uint8_t* codes, EmuStream stream);
 
 }  // namespace llmk::quant

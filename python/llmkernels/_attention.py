@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import _validate as check
 from . import emulator
 from ._ops import native_op
 
@@ -84,24 +85,10 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (max_q, max_k, scale, softcap, causal, left, right, slopes, deterministic)
 
 
-def _rows_aligned(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its head_dim rows can be copied in 16-byte pieces (contiguous last dimension,
-    16-byte aligned start, other strides multiples of 8 elements: what the CUDA kernels need, and any
-    slice of a packed qkv tensor is), else a contiguous copy."""
-    # (The storage offset, not data_ptr(): fake tensors have no data, and torch's allocations are
-    # aligned to at least 64 bytes. torch.compile does not trace storage_offset(): there the strides
-    # decide, and the native layer refuses a misaligned start with a clear error.)
-    aligned = t.stride(-1) == 1 and all(size <= 1 or stride % 8 == 0
-                                        for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
-    if aligned and not torch.compiler.is_compiling():
-        aligned = t.storage_offset() * t.element_size() % 16 == 0
-    return t if aligned else t.contiguous()
-
-
 def _autograd_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, slopes = ctx.saved_tensors
     max_q, max_k, scale, softcap, causal, left, right, _, deterministic = ctx.options
-    dout = torch.zeros_like(out) if dout is None else _rows_aligned(dout)
+    dout = torch.zeros_like(out) if dout is None else check.rows_aligned(dout)
     dlse = None if dlse is None else dlse.contiguous()
     dq, dk, dv, _, _ = _backward(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, softcap, causal,
                                  left, right, slopes, deterministic)
@@ -129,7 +116,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     backward adds dq with float atomics unless `deterministic` (bit-reproducible, somewhat slower);
     the CPU backward is deterministic either way."""
     scale, softcap, left, right = _options(q, softmax_scale, window, softcap)
-    q, k, v = _rows_aligned(q), _rows_aligned(k), _rows_aligned(v)
+    q, k, v = check.rows_aligned(q), check.rows_aligned(k), check.rows_aligned(v)
     out, lse = _forward(q, k, v, None, None, 0, 0, scale, softcap, bool(causal), left, right, alibi_slopes,
                         bool(deterministic))
     return (out, lse) if return_lse else out
@@ -144,7 +131,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     head_dim), int32 cumulative lengths cu_seqlens_q/k of batch + 1 entries (sequences may be empty).
     The log-sum-exp is (heads_q, total_q)."""
     scale, softcap, left, right = _options(q, softmax_scale, window, softcap)
-    q, k, v = _rows_aligned(q), _rows_aligned(k), _rows_aligned(v)
+    q, k, v = check.rows_aligned(q), check.rows_aligned(k), check.rows_aligned(v)
     out, lse = _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale, softcap,
                         bool(causal), left, right, alibi_slopes, bool(deterministic))
     return (out, lse) if return_lse else out

@@ -143,3 +143,19 @@ def members(items, pool: Sequence[torch.Tensor], name: str) -> List[int]:
             raise ValueError(f"{name}[{index}] is not one of params (compared by identity)")
         positions += found
     return positions
+
+
+def rows_aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its last-dimension rows can be copied in 16-byte pieces (unit stride along the
+    last dimension, a 16-byte aligned start, other strides multiples of 16 bytes: what the CUDA
+    kernels' tiles need, and any slice of a packed qkv tensor is), else an aligned contiguous copy."""
+    # (The storage offset, not data_ptr(): fake tensors have no data, and torch's allocations are
+    # aligned to at least 64 bytes. torch.compile does not trace storage_offset(): there the strides
+    # decide, and the native layer refuses a misaligned start with a clear error.)
+    size = t.element_size()
+    aligned = (t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1) and all(
+        n <= 1 or stride * size % 16 == 0 for n, stride in zip(t.shape[:-1], t.stride()[:-1]))
+    if aligned and not torch.compiler.is_compiling():
+        aligned = t.storage_offset() * size % 16 == 0
+    # (clone, not contiguous(): a contiguous tensor that starts off the boundary is its own contiguous())
+    return t if aligned else t.clone(memory_format=torch.contiguous_format)

@@ -12,7 +12,10 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import emulator
+from ._ext import C
 from ._ops import native_op
+from ._validate import rows_aligned
 
 __all__ = ["Int4Weight", "Int8Weight", "quantize_int4", "quantize_int8", "quantize_per_token", "dequantize",
            "int4_linear", "int8_linear", "int8_matmul", "pack_int4", "unpack_int4", "Int4Linear", "Int8Linear",
@@ -37,6 +40,11 @@ def _unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes (N, K), each in [0, 15], N and K multiples of 8 -> the packed int32 words of
     docs/quant.md (the W4A16 kernel's layout: one word a lane per 8 x 32 block)."""
+    if codes.device.type == "cuda" and codes.dtype == torch.uint8 and codes.numel() and not torch.compiler.is_compiling():
+        # (the native layer checks host memory itself; here one device-wide max, one sync)
+        top = int(codes.max())
+        if top > 15:
+            raise ValueError(f"codes must hold 4-bit codes in [0, 15]; got a code of {top}")
     return _pack(codes.contiguous())
 
 
@@ -58,6 +66,11 @@ class Int4Weight:
 
     def codes(self) -> torch.Tensor:
         return unpack_int4(self.packed, self.shape[1])
+
+    def to(self, device) -> "Int4Weight":
+        """The same weight with its tensors on `device`."""
+        return dataclasses.replace(self, packed=self.packed.to(device), scales=self.scales.to(device),
+                                   zeros=self.zeros.to(device))
 
 
 def _round_up_to(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -124,11 +137,24 @@ def dequantize(weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return ((codes - zeros[:, :, None]) * scales[:, :, None]).reshape(n, k).to(dtype)
 
 
+# The CUDA W4A16 kernel splits K for M <= INT4_SPLIT_MAX_ROWS into at most INT4_SPLIT_MAX_RANGES
+# ranges (csrc/quant/quant.h: int4_split_k); its float32 workspace is allocated at that bound (plain
+# arithmetic that torch.compile traces), only where the CUDA kernel (or its emulation) runs.
+INT4_SPLIT_MAX_ROWS, INT4_SPLIT_MAX_RANGES = C.quant_int4_split_limits()
+
+
+def _device_kernels(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" or emulator.enabled()
+
+
 @native_op("quant_int4_linear")
 def _int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                 bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """out (M, N) in x's dtype."""
-    return torch.empty((x.shape[0], packed.shape[0] * 8), dtype=x.dtype, device=x.device)
+                 bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """out (M, N) in x's dtype, and the CUDA kernel's split-K workspace."""
+    m, n = x.shape[0], packed.shape[0] * 8
+    size = INT4_SPLIT_MAX_RANGES * m * n if _device_kernels(x) and m <= INT4_SPLIT_MAX_ROWS else 0
+    return (torch.empty((m, n), dtype=x.dtype, device=x.device),
+            torch.empty((size,), dtype=torch.float32, device=x.device))
 
 
 def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -139,14 +165,12 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: Optional[torch.Tensor
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x's last dimension must be the weight's in_features {k}; got shape {tuple(x.shape)}")
-    rows = x.reshape(-1, k)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = rows_aligned(x.reshape(-1, k))
     if bias is not None:
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},); got {tuple(bias.shape)}")
         bias = bias.float().contiguous()
-    out = _int4_linear(rows, weight.packed, weight.scales, weight.zeros, weight.group_size, bias)
+    out, _ = _int4_linear(rows, weight.packed, weight.scales, weight.zeros, weight.group_size, bias)
     return out.reshape(*x.shape[:-1], n)
 
 

@@ -24,9 +24,15 @@ def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
 
 
 def int4_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """W4A16's result: x (..., K) times the dequantized weight's transpose, plus bias, in float32."""
+                bias: Optional[torch.Tensor] = None, upcast: bool = True) -> torch.Tensor:
+    """W4A16's result: x (..., K) times the dequantized weight's transpose, plus bias, in float32
+    (upcast), or what a user gets without the kernel: the dequantized weight rounded to x's dtype,
+    torch.matmul in that dtype, plus bias in it (upcast=False; the baseline of the tensor-core kernel,
+    which dequantizes into x's dtype)."""
     w = dequantize_int4(codes, scales, zeros, group_size)
+    if not upcast:
+        out = x @ w.to(x.dtype).T
+        return out if bias is None else out + bias.to(x.dtype)
     out = x.float() @ w.T
     if bias is not None:
         out = out + bias.float()
