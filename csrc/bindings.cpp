@@ -204,6 +204,14 @@ void quant_int8_linear(const py::object& a, const py::object& a_scales, const py
                      stream_pointer(stream));
 }
 
+void quant_quantize_per_token(const py::object& x, const py::object& smooth, const py::object& codes,
+                              const py::object& scales, uintptr_t stream) {
+  const TensorView x_view = tensor(x, "x"), codes_view = tensor(codes, "codes"), scales_view = tensor(scales, "scales");
+  const auto smooth_view = optional_tensor(smooth, "smooth");
+  py::gil_scoped_release no_gil;
+  quant::quantize_per_token(x_view, pointer(smooth_view), codes_view, scales_view, stream_pointer(stream));
+}
+
 void def_emulator(py::module_& m) {
   py::module_ e = m.def_submodule("emulator", "The SIMT emulator that runs the CUDA kernels on CPU tensors");
   e.def("settings", [] {
@@ -408,10 +416,13 @@ PYBIND11_MODULE(_C, m) {
         "(most rows M that split K in the W4A16 kernel, most K ranges): its workspace is at most ranges * M * N "
         "floats");
   m.def("quant_int8_matmul", &quant_int8_matmul, py::arg("a"), py::arg("b"), py::arg("accumulators"),
-        py::arg("stream"), "W8A8's exact int32 accumulators a (M, K) int8 · b (N, K) int8ᵀ; CPU kernel only so far");
+        py::arg("stream"), "W8A8's exact int32 accumulators a (M, K) int8 · b (N, K) int8ᵀ");
+  m.def("quant_quantize_per_token", &quant_quantize_per_token, py::arg("x"), py::arg("smooth"), py::arg("codes"),
+        py::arg("scales"), py::arg("stream"),
+        "Dynamic per-token int8: x (M, K) (divided by smooth (K,) when given) -> codes int8 (M, K), scales f32 (M,)");
   m.def("quant_int8_linear", &quant_int8_linear, py::arg("a"), py::arg("a_scales"), py::arg("b"),
         py::arg("b_scales"), py::arg("bias"), py::arg("out_dtype"), py::arg("out"), py::arg("stream"),
-        "W8A8: int32 accumulators scaled per token and per channel (+ bias); CPU kernel only so far");
+        "W8A8: int32 accumulators scaled per token and per channel (+ bias)");
   m.def("gemm_workspace", &gemm::split_k_workspace, py::arg("m"), py::arg("n"), py::arg("k"),
         "float32 elements of the GEMM core's split-K workspace for (m, n, k) (0: no split)");
   m.def("gemm_split_limits", [] { return py::make_tuple(gemm::kSplitMaxRows, gemm::kSplitMaxRanges); },

@@ -260,13 +260,38 @@ def test_quantize_int8_is_within_half_a_step(smooth):
     torch.testing.assert_close(quant.dequantize(q), w, rtol=0, atol=float(q.scales.max()) / 2 / 0.5 + 1e-6)
 
 
-def test_quantize_per_token_is_within_half_a_step():
-    x = randn((2, 5, 40), dtype=torch.bfloat16, seed=13)
+def torch_per_token(v: torch.Tensor):
+    """The per-token formula in torch ops (float32 scale = max|v| / 127, 1 for an all-zero row; codes
+    round-half-even(v / scale) in float64, clamped): what the kernels must reproduce bit for bit."""
+    scale = v.float().abs().amax(dim=-1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(v.double() / scale.double()).clamp(-127, 127).to(torch.int8), scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_per_token_is_within_half_a_step(device, dtype):
+    x = randn((2, 5, 40), dtype=dtype, seed=13).to(device)
     x[1, 2] = 0
     codes, scales = quant.quantize_per_token(x)
     assert codes.shape == x.shape and codes.dtype == torch.int8 and scales.shape == (2, 5, 1)
     assert ((x.double() - codes.double() * scales.double()).abs() <= scales.double() / 2 * (1 + 1e-9)).all()
-    assert (codes[1, 2] == 0).all()
+    assert (codes[1, 2] == 0).all() and (scales[1, 2] == 1).all()
+    expected_codes, expected_scales = torch_per_token(x.float())
+    assert torch.equal(codes, expected_codes) and torch.equal(scales, expected_scales)
+
+
+def test_quantize_per_token_smooth_long_rows_and_nan(device):
+    """SmoothQuant division inside the kernel (the same bits as dividing first in float32); rows longer
+    than the CUDA kernel's block and not a multiple of it; a NaN makes its row's scale NaN."""
+    x = randn((3, 1000), dtype=torch.bfloat16, seed=14)
+    smooth = torch.rand(1000, generator=generator(15)) + 0.5
+    codes, scales = quant.quantize_per_token(x.to(device), smooth.to(device))
+    expected_codes, expected_scales = torch_per_token(x.float() / smooth)
+    assert torch.equal(codes.cpu(), expected_codes) and torch.equal(scales.cpu(), expected_scales)
+    x[1, 7] = float("nan")
+    codes, scales = quant.quantize_per_token(x.to(device))
+    assert torch.isnan(scales[1]).all() and torch.isfinite(scales[[0, 2]]).all()
+    assert torch.equal(codes[[0, 2]].cpu(), torch_per_token(x[[0, 2]].float())[0])
 
 
 def test_reference_int8_matmul_is_exact():
@@ -282,36 +307,38 @@ def test_reference_int8_matmul_is_exact():
         reference.int8_matmul(a.float(), b)
 
 
-# -- W8A8 (CPU kernel) --------------------------------------------------------------------------------
+# -- W8A8: the CPU kernel, the CUDA kernel emulated, the CUDA kernel ---------------------------------
 
-@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 24, 40), (17, 40, 4096), (64, 16, 2752)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_int8_matmul_accumulators_match_the_reference_bit_for_bit(shape):
+# K = 40 and 2744: rows that start 8 bytes past a 16-byte boundary (the CUDA kernel's 8-byte copies).
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 24, 40), (17, 40, 4096), (64, 16, 2752), (20, 24, 2744),
+                                   (130, 136, 200)], ids=lambda s: "x".join(map(str, s)))
+def test_int8_matmul_accumulators_match_the_reference_bit_for_bit(device, shape):
     m, n, k = shape
     a = torch.randint(-127, 128, (m, k), generator=generator(k), dtype=torch.int8)
     b = torch.randint(-127, 128, (n, k), generator=generator(k + 1), dtype=torch.int8)
-    acc = quant.int8_matmul(a, b)
+    acc = quant.int8_matmul(a.to(device), b.to(device))
     assert acc.dtype == torch.int32
-    assert torch.equal(acc.long(), reference.int8_matmul(a, b))
+    assert torch.equal(acc.cpu().long(), reference.int8_matmul(a, b))
 
 
 @pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smoothquant"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_int8_linear_matches_the_reference(dtype, smooth):
+def test_int8_linear_matches_the_reference(device, dtype, smooth):
     """W8A8 against the reference on the same codes and scales under the parity rule (oracle: the
-    exact integer product scaled in float64; torch's own error: the same scaled in the output dtype)."""
+    exact integer product scaled in float64; torch's own error: the same scaled in the output dtype).
+    The codes are torch's formula (torch_per_token), independent of the kernels."""
     w = randn((40, 136), seed=21, scale=0.1)
     factors = torch.rand(136, generator=generator(22)) + 0.5 if smooth else None
     q = quant.quantize_int8(w, smooth=factors)
     x = randn((2, 7, 136), dtype=dtype, seed=23)
     bias = randn((40,), seed=24)
-    out = quant.int8_linear(x, q, bias)
+    out = quant.int8_linear(x.to(device), q.to(device), bias.to(device))
     rows = x.reshape(-1, 136).float() / (factors if smooth else 1.0)
-    codes, scales = quant.quantize_per_token(rows)
+    codes, scales = torch_per_token(rows)
     oracle = reference.w8a8_linear(codes, scales, q.data, q.scales, bias, torch.float64).reshape(2, 7, 40)
     same = reference.w8a8_linear(codes, scales, q.data, q.scales, bias, dtype).reshape(2, 7, 40)
     assert out.dtype == dtype
-    assert_parity(out, same, oracle, f"int8_linear {dtype} smooth={smooth}")
+    assert_parity(out.cpu(), same, oracle, f"int8_linear {dtype} smooth={smooth}")
 
 
 def test_int8_linear_refuses_what_it_does_not_do():
@@ -441,3 +468,27 @@ def test_emulated_int4_kernel_gives_the_same_bits_under_shuffled_schedules(seed)
         with llmkernels.emulator.emulate(schedule="shuffled", seed=seed):
             shuffled = quant.int4_linear(x, q, bias)
         assert torch.equal(ordered, shuffled), m
+
+
+# -- the CUDA W8A8 kernel's source under the emulator: every tiling, no bank conflicts ---------------
+
+# small (M <= 16), medium, large (>= 132 tiles of 128 x 128); K tails of the 64-byte k tile, and K =
+# 8 mod 16 (8-byte copies) on the medium tiling.
+INT8_TILINGS = {"small": (16, 72, 7 * 128 + 16), "medium": (130, 136, 5 * 64 + 8),
+                "large": (12 * 128, 11 * 128 + 8, 4 * 64 + 16)}
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("tiling", sorted(INT8_TILINGS))
+def test_emulated_int8_kernel_every_tiling_without_bank_conflicts(tiling):
+    m, n, k = INT8_TILINGS[tiling]
+    a = torch.randint(-127, 128, (m, k), generator=generator(m), dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, k), generator=generator(n), dtype=torch.int8)
+    llmkernels.emulator.reset_report()
+    with llmkernels.emulator.emulate():
+        acc = quant.int8_matmul(a, b)
+    assert torch.equal(acc.long(), reference.int8_matmul(a, b))
+    (report,) = [r for r in llmkernels.emulator.report() if r["kernel"] == "int8_linear"]
+    assert report["launches"] == 1 and report["shared_accesses"] > 0
+    assert report["bank_conflicts_by_site"] == {}, report
+    assert report["shared_wavefronts"] == report["shared_ideal_wavefronts"]

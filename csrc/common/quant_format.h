@@ -24,6 +24,7 @@
 // instruction; one fused multiply-add by the group's scale then dequantizes both. K past the last
 // multiple of 32 is padded with code 0 (the kernels never multiply those columns: x is zero there).
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "common/hd_math.h"
@@ -57,6 +58,21 @@ LLMK_HD Int4Position int4_position(int64_t n, int64_t k, int64_t k_blocks) {
 // lane `lane`'s word is row lane / 4, column 8r + 2 (lane % 4) + odd of the block.
 LLMK_HD int int4_block_column(int lane, int shift) {
   return 8 * ((shift / 4) % 4) + 2 * (lane % 4) + shift / 16;
+}
+
+// Symmetric int8 (weights per output channel, activations per token): scale = max|v| / 127 in float
+// (1 for an all-zero row), code = round-half-even(v / scale) in double, clamped to [-127, 127]: the
+// arithmetic of llmkernels.quant's weight quantization, so the CPU and CUDA kernels give its bits.
+// A row holding a NaN gets a NaN scale (and codes 0), so its outputs are NaN, not finite garbage.
+LLMK_HD float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+LLMK_HD float int8_scale(float absmax) {
+  const float scale = div_rn(absmax, 127.0f);
+  return scale > 0.0f || scale != scale ? scale : 1.0f;
+}
+LLMK_HD int8_t int8_code(float v, float scale) {
+  const double q = rint(double(v) / double(scale));
+  if (q != q) return 0;
+  return int8_t(q > 127.0 ? 127.0 : (q < -127.0 ? -127.0 : q));
 }
 
 }  // namespace llmk::quant

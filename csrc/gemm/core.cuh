@@ -61,8 +61,8 @@ LLMK_DEVICE void mma_step(Acc (&acc)[4], const uint32_t (&a)[4], const uint32_t 
 // int8) into a swizzled shared tile with 16-byte cp.async copies; rows at or past `rows` and columns
 // at or past `k` are zero-filled (nothing out of bounds is read: k is a multiple of 8, so a chunk of
 // 16-bit elements is wholly inside or outside). With `row_index`, tile row r is matrix row
-// row_index[row0 + r] (gathered rows, for MoE). int8 rows that do not start 16-byte aligned (ld or k
-// not a multiple of 16: `aligned16` false) are copied as 8-byte halves.
+// row_index[row0 + r] (gathered rows, for MoE). int8 rows: 16-byte chunks when ld and k are multiples
+// of 16 (`aligned16`), else 8-byte halves (rows that start 8 bytes past a 16-byte boundary).
 //
 // As B, `fragments` gives the warp's B fragments of one mma step by ldmatrix.x4 (rows of the tile are
 // columns of B: W (n, k) row-major). Other B loaders (the quantized GEMM's dequantizing one) have the
@@ -82,6 +82,22 @@ struct RowTileLoader {
     constexpr int chunks = Rows * chunks_per_row;
     static_assert(chunks % Tiling::threads == 0, "every thread copies the same number of chunks");
     constexpr SwizzledTile layout = Tiling::layout();
+    if constexpr (sizeof(T) == 1) {
+      if (!aligned16) {
+        // 8-byte halves, consecutive threads on consecutive halves (a warp writes 256 contiguous
+        // bytes of the tile per instruction, as with 16-byte chunks)
+#pragma unroll
+        for (int h = thread; h < 2 * chunks; h += Tiling::threads) {
+          const int r = h / 2 / chunks_per_row, chunk = h / 2 % chunks_per_row;
+          const int64_t row = row0 + r, column = k0 + per_chunk * chunk + 8 * (h % 2);
+          const bool inside = row < rows && column < k;
+          const T* source = base;
+          if (inside) source = base + (row_index ? int64_t(load_global(row_index + row)) : row) * ld + column;
+          cp_async<8>(tile + layout.offset(r, 16 * chunk + 8 * (h % 2)), source, inside ? 8 : 0);
+        }
+        return;
+      }
+    }
 #pragma unroll
     for (int c = thread; c < chunks; c += Tiling::threads) {
       const int r = c / chunks_per_row, chunk = c % chunks_per_row;
@@ -89,16 +105,7 @@ struct RowTileLoader {
       const bool inside = row < rows && column < k;
       const T* source = base;
       if (inside) source = base + (row_index ? int64_t(load_global(row_index + row)) : row) * ld + column;
-      uint8_t* destination = tile + layout.offset(r, 16 * chunk);
-      if constexpr (sizeof(T) == 1) {
-        if (!aligned16) {
-          const bool second = inside && column + 8 < k;
-          cp_async<8>(destination, source, inside ? 8 : 0);
-          cp_async<8>(destination + 8, second ? source + 8 : base, second ? 8 : 0);
-          continue;
-        }
-      }
-      cp_async<16>(destination, source, inside ? 16 : 0);
+      cp_async<16>(tile + layout.offset(r, 16 * chunk), source, inside ? 16 : 0);
     }
   }
 
@@ -254,8 +261,9 @@ struct Epilogue {
   }
 
   // Calls fn(row, col, v0, v1) for each pair of adjacent columns this thread holds inside (m, n):
-  // the (row g) and (row g + 8) pairs of mma_c_coord in each of its mma tiles.
-  template <typename Tiling, typename E, typename Fn>
+  // the (row g) and (row g + 8) pairs of mma_c_coord in each of its mma tiles, as floats (Raw: as
+  // the accumulators are, int32 for int8 inputs).
+  template <typename Tiling, typename E, typename Fn, bool Raw = false>
   LLMK_DEVICE void for_each_pair(const Accumulators<Tiling, E>& acc, int64_t row0, int64_t col0, Fn&& fn) const {
     const int thread = int(threadIdx.x), lane = thread % 32, warp = thread / 32;
     const int64_t warp_row0 = row0 + (warp / Tiling::warps_n) * Tiling::warp_m;
@@ -268,8 +276,20 @@ struct Epilogue {
         for (int h = 0; h < 2; ++h) {
           const FragmentCoord c = mma_c_coord(lane, 2 * h);
           const int64_t row = warp_row0 + 16 * i + c.row, col = warp_col0 + 8 * j + c.col;
-          if (row < m && col < n) fn(row, col, float(acc.v[i][j][2 * h]), float(acc.v[i][j][2 * h + 1]));
+          if (row < m && col < n) {
+            if constexpr (Raw) fn(row, col, acc.v[i][j][2 * h], acc.v[i][j][2 * h + 1]);
+            else fn(row, col, float(acc.v[i][j][2 * h]), float(acc.v[i][j][2 * h + 1]));
+          }
         }
+  }
+
+  // The accumulators themselves into out (m, ldo) of E: int8_matmul's exact int32 sums.
+  template <typename Tiling, typename E>
+  LLMK_DEVICE void store_raw(const Accumulators<Tiling, E>& acc, int64_t row0, int64_t col0) const {
+    auto store = [&](int64_t row, int64_t col, E v0, E v1) {
+      store_global(reinterpret_cast<Vec<E, 2>*>(static_cast<E*>(out) + row * ldo + col), Vec<E, 2>{{v0, v1}});
+    };
+    for_each_pair<Tiling, E, decltype(store)&, true>(acc, row0, col0, store);
   }
 
   template <typename OutT, typename Tiling, typename E>
@@ -314,8 +334,9 @@ struct TiledParams {
   int64_t tiles_per_split;   // k tiles per range (all of them without split)
 };
 
-// T: the mma inputs (bf16, fp16, int8); OutT: the 16-bit output type when the output is not fp32;
-// E: the accumulators (float, int32).
+// T: the mma inputs (bf16, fp16, int8); OutT: the 16-bit output type when the output is not fp32,
+// or E itself for the raw accumulators (int8_matmul; no split-K then); E: the accumulators (float,
+// int32).
 // (__launch_bounds__(threads, 1): without the 1, ptxas capped the gemm's large tiling at 128
 // registers and spilled 8 bytes on sm_80; with it, 154 registers, no spill, one 8-warp block per SM.)
 template <typename T, typename OutT, typename Tiling, typename E, typename Params>
@@ -329,9 +350,13 @@ __global__ void __launch_bounds__(Tiling::threads, 1) tiled_kernel(const __grid_
   const int64_t tiles = first_tile + p.tiles_per_split < k_tiles ? p.tiles_per_split : k_tiles - first_tile;
   Accumulators<Tiling, E> acc;
   main_loop<T, Tiling>(acc, a, b, row0, col0, first_tile, tiles);
-  if (p.partial) p.epilogue.store_partial(acc, row0, col0, p.partial + int64_t(blockIdx.z) * p.m * p.n);
-  else if (p.epilogue.out_is_f32) p.epilogue.template store<float>(acc, row0, col0);
-  else p.epilogue.template store<OutT>(acc, row0, col0);
+  if constexpr (std::is_same_v<OutT, E>) {
+    p.epilogue.store_raw(acc, row0, col0);
+  } else {
+    if (p.partial) p.epilogue.store_partial(acc, row0, col0, p.partial + int64_t(blockIdx.z) * p.m * p.n);
+    else if (p.epilogue.out_is_f32) p.epilogue.template store<float>(acc, row0, col0);
+    else p.epilogue.template store<OutT>(acc, row0, col0);
+  }
 }
 
 // Split-K's second half: each thread adds the ranges' partial sums of one column pair.
@@ -362,7 +387,9 @@ void launch_tiled(const char* name, const char* reduce_name, Params params, Spli
          LaunchShape{dim3(uint32_t(col_tiles), uint32_t(row_tiles), uint32_t(splits)), dim3(Tiling::threads),
                      size_t(Tiling::stages) * stage_bytes_of<LoaderA, LoaderB>()},
          stream, params);
-  if (splits > 1) {
+  if constexpr (std::is_same_v<OutT, E>) {
+    LLMK_CHECK(splits <= 1, ValueError, name, ": raw accumulators are never split");
+  } else if (splits > 1) {
     const int64_t pairs = params.m * params.n / 2;
     launch(reduce_name, split_k_reduce_kernel<OutT, Params>,
            LaunchShape{dim3(uint32_t((pairs + kReduceThreads - 1) / kReduceThreads)), dim3(kReduceThreads)}, stream,

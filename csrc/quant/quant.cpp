@@ -138,7 +138,7 @@ void int4_linear(const TensorView& x, const TensorView& packed, const TensorView
 
 namespace {
 
-// a (M, K) and b (N, K) int8, contiguous, one device, CPU only so far; returns (M, N, K).
+// a (M, K) and b (N, K) int8, contiguous, one device; returns (M, N, K).
 Int8Problem int8_problem(const TensorView& a, const TensorView& b) {
   for (const TensorView* t : {&a, &b}) {
     t->check_dtype(DType::i8);
@@ -150,9 +150,11 @@ Int8Problem int8_problem(const TensorView& a, const TensorView& b) {
              a.shape[1], "; got shape ", b.shape_str());
   LLMK_CHECK(a.shape[1] < 133000, ValueError, "in_features must be below 133000 (int32 accumulators); got ",
              a.shape[1]);
-  LLMK_CHECK(select_backend(a) == Backend::cpu, DeviceError,
-             "int8_linear runs on the CPU kernel only so far: the CUDA kernel (and so the emulated backend) is not "
-             "written yet (issue 11)");
+  // (The CUDA kernel copies rows in 16-byte pieces, or 8-byte ones when K % 16 == 8.)
+  if (select_backend(a) != Backend::cpu)
+    for (const TensorView* t : {&a, &b})
+      LLMK_CHECK(reinterpret_cast<uintptr_t>(t->ptr) % 16 == 0, ValueError, t->name,
+                 " must start at a 16-byte boundary for the CUDA kernel; got address ", t->ptr);
   Int8Problem p;
   p.m = a.shape[0];
   p.n = b.shape[0];
@@ -179,8 +181,9 @@ void int8_matmul(const TensorView& a, const TensorView& b, const TensorView& acc
   accumulators.check_shape({p.m, p.n});
   check_no_overlap({accumulators}, {a, b});
   p.out = accumulators.ptr;
-  (void)stream;
-  int8_linear_cpu(p);
+  if (p.m == 0) return;
+  run_on_backend(a, stream, Operands().add(a).add(b).add(accumulators), [&] { int8_linear_cpu(p); },
+                 [&](auto device_stream) { int8_linear_device(p, device_stream); });
 }
 
 void int8_linear(const TensorView& a, const TensorView& a_scales, const TensorView& b, const TensorView& b_scales,
@@ -201,8 +204,47 @@ void int8_linear(const TensorView& a, const TensorView& a_scales, const TensorVi
   p.bias = bias ? bias->data<float>() : nullptr;
   p.out_dtype = out.dtype;
   p.out = out.ptr;
-  (void)stream;
-  int8_linear_cpu(p);
+  if (p.m == 0) return;
+  run_on_backend(a, stream, Operands().add(a).add(a_scales).add(b).add(b_scales).add(bias).add(out),
+                 [&] { int8_linear_cpu(p); }, [&](auto device_stream) { int8_linear_device(p, device_stream); });
+}
+
+void quantize_per_token(const TensorView& x, const TensorView* smooth, const TensorView& codes,
+                        const TensorView& scales, void* stream) {
+  x.check_ndim(2);
+  x.check_floating();
+  LLMK_CHECK(x.shape[1] <= 1 || x.strides[1] == 1, ValueError, "x must have a contiguous last dimension; got strides ",
+             x.strides_str());
+  const int64_t m = x.shape[0], k = x.shape[1];
+  if (smooth) {
+    smooth->check_dtype(DType::f32);
+    smooth->check_contiguous();
+    smooth->check_same_device(x);
+    smooth->check_shape({k});
+  }
+  codes.check_dtype(DType::i8);
+  codes.check_contiguous();
+  codes.check_same_device(x);
+  codes.check_shape({m, k});
+  scales.check_dtype(DType::f32);
+  scales.check_contiguous();
+  scales.check_same_device(x);
+  scales.check_shape({m});
+  std::vector<TensorView> read{extent(x)};
+  if (smooth) read.push_back(*smooth);
+  check_no_overlap({codes, scales}, read);
+  TokenQuantProblem p;
+  p.x_dtype = x.dtype;
+  p.m = m;
+  p.k = k;
+  p.ldx = m <= 1 ? k : x.strides[0];
+  p.x = x.ptr;
+  p.smooth = smooth ? smooth->data<float>() : nullptr;
+  p.codes = codes.data<int8_t>();
+  p.scales = scales.data<float>();
+  if (m == 0) return;
+  run_on_backend(x, stream, Operands().add(x).add(smooth).add(codes).add(scales), [&] { quantize_per_token_cpu(p); },
+                 [&](auto device_stream) { quantize_per_token_device(p, device_stream); });
 }
 
 }  // namespace llmk::quant

@@ -68,6 +68,26 @@ struct Int8Problem {
   void* out = nullptr;
 };
 void int8_linear_cpu(const Int8Problem& problem);
+void int8_linear_device(const Int8Problem& problem, CudaStream stream);
+void int8_linear_device(const Int8Problem& problem, EmuStream stream);
+
+// Dynamic per-token int8 quantization of activations (W8A8's first kernel): x (M, K) fp32/bf16/fp16
+// with a contiguous last dimension, divided by smooth (K,) float32 when given (SmoothQuant), ->
+// codes int8 (M, K) contiguous and scales float32 (M,), with quant_format.h's int8_scale/int8_code.
+void quantize_per_token(const TensorView& x, const TensorView* smooth, const TensorView& codes,
+                        const TensorView& scales, void* stream);
+
+struct TokenQuantProblem {
+  DType x_dtype = DType::bf16;
+  int64_t m = 0, k = 0, ldx = 0;
+  const void* x = nullptr;
+  const float* smooth = nullptr;
+  int8_t* codes = nullptr;
+  float* scales = nullptr;
+};
+void quantize_per_token_cpu(const TokenQuantProblem& problem);
+void quantize_per_token_device(const TokenQuantProblem& problem, CudaStream stream);
+void quantize_per_token_device(const TokenQuantProblem& problem, EmuStream stream);
 
 void pack_int4_cpu(const uint8_t* codes, int64_t n, int64_t k, int32_t* packed);
 void unpack_int4_cpu(const int32_t* packed, int64_t n, int64_t k, uint8_t* codes);

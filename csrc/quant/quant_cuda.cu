@@ -8,7 +8,12 @@
 //   small   16 x  64, 4 warps (16 x 16 each), 6 stages: M <= 16, bound by reading the weights; K is
 //           split (gemm.h: plan_split_k) when N alone gives too few blocks, ranges of at least
 //           4 k tiles, a deterministic reduce after
+//
+// W8A8 tilings (int8 mma.m16n8k32, int32 accumulators; k tiles of 64 bytes, 2 mma steps): the same
+// three shapes, no split-K (at M <= 16 W8A8 reads as many weight bytes as W8A16 would; its target is
+// large M). Instantiated per output: bf16, fp16 (fp32 shares them) and the raw int32 accumulators.
 #include "common/quant_format.h"
+#include "common/warp_reduce.h"
 #include "core/dispatch.h"
 #include "gemm/core.cuh"
 #include "quant/int4_loader.cuh"
@@ -87,7 +92,91 @@ LaunchShape pack_shape(int64_t n, int64_t k) {
   return LaunchShape{dim3(uint32_t((int4_packed_words(n, k) + kPackThreads - 1) / kPackThreads)), dim3(kPackThreads)};
 }
 
+template <typename OutT>
+struct Int8Params : TiledParams {
+  const int8_t* a;
+  const int8_t* b;
+  bool aligned16;   // K % 16 == 0: rows start 16-byte aligned
+
+  template <typename Tiling>
+  LLMK_DEVICE RowTileLoader<int8_t, Tiling, Tiling::bm> loader_a() const { return {a, k, m, k, nullptr, aligned16}; }
+  template <typename Tiling>
+  LLMK_DEVICE RowTileLoader<int8_t, Tiling, Tiling::bn> loader_b() const { return {b, k, n, k, nullptr, aligned16}; }
+};
+
+using Int8Large = Tiling<128, 128, 64, 2, 4, 4, 1>;
+using Int8Medium = Tiling<64, 64, 64, 2, 2, 4, 1>;
+using Int8Small = Tiling<16, 32, 128, 1, 2, 4, 1>;
+
+// Per-token quantization: one block per row, two passes over it (the max, then the codes; the second
+// reads the row from L1/L2).
+constexpr int kTokenThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kTokenThreads) quantize_per_token_kernel(const T* x, int64_t ldx, int64_t k,
+                                                                           const float* smooth, int8_t* codes,
+                                                                           float* scales) {
+  const int64_t row = blockIdx.x;
+  const int thread = int(threadIdx.x);
+  const T* source = x + row * ldx;
+  auto value = [&](int64_t column) {
+    const float v = to_float(load_global(source + column));
+    return smooth ? div_rn(v, load_global(smooth + column)) : v;
+  };
+  float absmax = 0.0f;
+  for (int64_t column = thread; column < k; column += kTokenThreads) absmax = nan_max(absmax, fabsf(value(column)));
+  absmax = warp_reduce(absmax, [](float a, float b) { return nan_max(a, b); });
+  auto* partial = reinterpret_cast<float*>(dynamic_shared_memory());
+  if (thread % 32 == 0) store_shared(partial + thread / 32, absmax);
+  __syncthreads();
+  absmax = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kTokenThreads / 32; ++w) absmax = nan_max(absmax, load_shared(partial + w));
+  const float scale = int8_scale(absmax);
+  int8_t* out = codes + row * k;
+  for (int64_t column = thread; column < k; column += kTokenThreads) store_global(out + column, int8_code(value(column), scale));
+  if (thread == 0) store_global(scales + row, scale);
+}
+
 }  // namespace
+
+void quantize_per_token_device(const TokenQuantProblem& problem, DeviceStream stream) {
+  LLMK_CHECK(problem.m < (int64_t(1) << 31), ValueError, "quantize_per_token: ", problem.m, " rows are too many");
+  dispatch<float, bf16, f16>(problem.x_dtype, "quantize_per_token (CUDA kernel)", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    launch("quantize_per_token", quantize_per_token_kernel<T>,
+           LaunchShape{dim3(uint32_t(problem.m)), dim3(kTokenThreads), kTokenThreads / 32 * sizeof(float)}, stream,
+           static_cast<const T*>(problem.x), problem.ldx, problem.k, problem.smooth, problem.codes, problem.scales);
+  });
+}
+
+void int8_linear_device(const Int8Problem& problem, DeviceStream stream) {
+  if (problem.m == 0) return;
+  auto run = [&](auto out_tag) {
+    using OutT = typename decltype(out_tag)::type;
+    using E = int32_t;
+    Int8Params<OutT> params;
+    static_cast<TiledParams&>(params) =
+        TiledParams{problem.m, problem.n, problem.k,
+                    Epilogue{problem.out, problem.n, problem.out_dtype == DType::f32, problem.bias, problem.a_scales,
+                             problem.b_scales, gemm::Activation::none, false, problem.m, problem.n},
+                    nullptr, 0};
+    params.a = problem.a;
+    params.b = problem.b;
+    params.aligned16 = problem.k % 16 == 0;
+    const int64_t large_tiles = ((problem.m + 127) / 128) * ((problem.n + 127) / 128);
+    if (problem.m <= Int8Small::bm)
+      gemm::launch_tiled<int8_t, OutT, Int8Small, E>("int8_linear", "", params, SplitK{}, stream);
+    else if (large_tiles >= kGpuSms)
+      gemm::launch_tiled<int8_t, OutT, Int8Large, E>("int8_linear", "", params, SplitK{}, stream);
+    else
+      gemm::launch_tiled<int8_t, OutT, Int8Medium, E>("int8_linear", "", params, SplitK{}, stream);
+  };
+  // (a_scales null: the raw int32 accumulators, int8_matmul; fp32 output shares the bf16 kernels)
+  if (!problem.a_scales) run(TypeTag<int32_t>{});
+  else if (problem.out_dtype == DType::f16) run(TypeTag<f16>{});
+  else run(TypeTag<bf16>{});
+}
 
 void pack_int4_device(const uint8_t* codes, int64_t n, int64_t k, int32_t* packed, DeviceStream stream) {
   LLMK_CHECK(int4_packed_words(n, k) / kPackThreads < (int64_t(1) << 31), ValueError, "pack_int4: ", n, " x ", k,

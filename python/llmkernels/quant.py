@@ -185,6 +185,11 @@ class Int8Weight:
     scales: torch.Tensor                  # float32 (N,)
     smooth: Optional[torch.Tensor] = None  # float32 (K,) or None
 
+    def to(self, device) -> "Int8Weight":
+        """The same weight with its tensors on `device`."""
+        return Int8Weight(self.data.to(device), self.scales.to(device),
+                          None if self.smooth is None else self.smooth.to(device))
+
 
 def _symmetric_int8(values: torch.Tensor):
     """Row-wise symmetric int8: scale = max|row| / 127 (1 for an all-zero row), codes in [-127, 127];
@@ -215,12 +220,32 @@ def quantize_int8(w: torch.Tensor, smooth: Optional[torch.Tensor] = None) -> Int
     return Int8Weight(data, scale[:, 0].contiguous(), smooth)
 
 
-def quantize_per_token(x: torch.Tensor):
-    """Dynamic per-token (per-row) symmetric int8 quantization of activations x (..., K): returns
-    (int8 codes like x, float32 scales (..., 1)), each element within half a step of code * scale."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor; got {getattr(x, 'dtype', type(x).__name__)}")
-    return _symmetric_int8(x.float())
+@native_op("quant_quantize_per_token")
+def _quantize_per_token(x: torch.Tensor, smooth: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """codes int8 (M, K), scales float32 (M,)."""
+    return (torch.empty(x.shape, dtype=torch.int8, device=x.device),
+            torch.empty((x.shape[0],), dtype=torch.float32, device=x.device))
+
+
+def quantize_per_token(x: torch.Tensor, smooth: Optional[torch.Tensor] = None):
+    """Dynamic per-token (per-row) symmetric int8 quantization of activations x (..., K), divided by
+    SmoothQuant factors `smooth` (K,) first when given: returns (int8 codes like x, float32 scales
+    (..., 1)), each element within half a step of code * scale. One kernel (the CPU's or the CUDA's),
+    with the arithmetic of the weights' quantization: scale = max|v| / 127 in float32 (1 for an all-zero
+    row, NaN for a row holding a NaN), code = round-half-even(v / scale) in float64, clamped to 127."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0:
+        raise TypeError(f"x must be a floating-point tensor of at least one dimension; got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    k = x.shape[-1]
+    if smooth is not None:
+        if not isinstance(smooth, torch.Tensor) or tuple(smooth.shape) != (k,):
+            raise ValueError(f"smooth must have shape ({k},); got {tuple(getattr(smooth, 'shape', ()))}")
+        smooth = smooth.float().contiguous()
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    codes, scales = _quantize_per_token(rows, smooth)
+    return codes.reshape(x.shape), scales.reshape(*x.shape[:-1], 1)
 
 
 @native_op("quant_int8_matmul")
@@ -254,10 +279,7 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: Optional[torch.Tensor
     n, k = weight.data.shape
     if x.shape[-1] != k:
         raise ValueError(f"x's last dimension must be the weight's in_features {k}; got shape {tuple(x.shape)}")
-    rows = x.reshape(-1, k)
-    if weight.smooth is not None:
-        rows = rows.float() / weight.smooth
-    codes, scales = quantize_per_token(rows)
+    codes, scales = quantize_per_token(x.reshape(-1, k), weight.smooth)
     if bias is not None:
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},); got {tuple(bias.shape)}")
