@@ -204,6 +204,17 @@ void quant_int8_linear(const py::object& a, const py::object& a_scales, const py
                      stream_pointer(stream));
 }
 
+void quant_int8_weight_linear(const py::object& x, const py::object& w, const py::object& w_scales,
+                              const py::object& bias, const py::object& out, const py::object& workspace,
+                              uintptr_t stream) {
+  const TensorView x_view = tensor(x, "x"), w_view = tensor(w, "weight"), scales_view = tensor(w_scales, "scales");
+  const auto bias_view = optional_tensor(bias, "bias");
+  const TensorView out_view = tensor(out, "out"), workspace_view = tensor(workspace, "workspace");
+  py::gil_scoped_release no_gil;
+  quant::int8_weight_linear(x_view, w_view, scales_view, pointer(bias_view), out_view, workspace_view,
+                            stream_pointer(stream));
+}
+
 void quant_quantize_per_token(const py::object& x, const py::object& smooth, const py::object& codes,
                               const py::object& scales, uintptr_t stream) {
   const TensorView x_view = tensor(x, "x"), codes_view = tensor(codes, "codes"), scales_view = tensor(scales, "scales");
@@ -417,6 +428,9 @@ PYBIND11_MODULE(_C, m) {
         "floats");
   m.def("quant_int8_matmul", &quant_int8_matmul, py::arg("a"), py::arg("b"), py::arg("accumulators"),
         py::arg("stream"), "W8A8's exact int32 accumulators a (M, K) int8 · b (N, K) int8ᵀ");
+  m.def("quant_int8_weight_linear", &quant_int8_weight_linear, py::arg("x"), py::arg("weight"), py::arg("scales"),
+        py::arg("bias"), py::arg("out"), py::arg("workspace"), py::arg("stream"),
+        "W8A16: out (M, N) = (x (M, K) · int8 weight (N, K)ᵀ) * scales[n] (+ bias); workspace as quant_int4_linear's");
   m.def("quant_quantize_per_token", &quant_quantize_per_token, py::arg("x"), py::arg("smooth"), py::arg("codes"),
         py::arg("scales"), py::arg("stream"),
         "Dynamic per-token int8: x (M, K) (divided by smooth (K,) when given) -> codes int8 (M, K), scales f32 (M,)");

@@ -341,10 +341,76 @@ def test_int8_linear_matches_the_reference(device, dtype, smooth):
     assert_parity(out.cpu(), same, oracle, f"int8_linear {dtype} smooth={smooth}")
 
 
+# -- W8A16: the CPU kernel, the CUDA kernel emulated, the CUDA kernel --------------------------------
+
+def check_w8a16(out, x, q, bias, device, name):
+    """The parity rule against the float64 product with the dequantized weight; torch's own error:
+    the float32 product rounded once (CPU kernel) or a matmul in x's dtype with the dequantized weight
+    rounded to it (the CUDA kernel's tensor cores take x's dtype)."""
+    k, n = x.shape[-1], q.data.shape[0]
+    w = quant.dequantize(q.to("cpu")).to(x.device)
+    rows = x.reshape(-1, k)
+    oracle = rows.double() @ w.double().T + (bias.double() if bias is not None else 0)
+    if cpu_kernel(device):
+        same = (rows.float() @ w.T + (bias if bias is not None else 0)).to(x.dtype)
+    else:
+        same = rows @ w.to(x.dtype).T + (bias.to(x.dtype) if bias is not None else 0)
+    assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], n)
+    assert_parity(out.reshape(-1, n), same, oracle, name)
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 129])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_w8a16_matches_the_dequantized_reference(device, m, dtype):
+    k = 1032 if m <= 16 else 200    # small M: split K (and K = 8 mod 16: 8-byte copies of the weight)
+    q = quant.quantize_int8(randn((40, k), seed=m, scale=k ** -0.5)).to(device)
+    x = randn((m, k), dtype=dtype, seed=m + 1).to(device)
+    bias = randn((40,), seed=m + 2).to(device)
+    check_w8a16(quant.int8_linear(x, q, bias, activations="fp"), x, q, bias, device, f"W8A16 m={m} {dtype}")
+
+
+def test_w8a16_float32_and_3d(device):
+    q = quant.quantize_int8(randn((16, 64), seed=5)).to(device)
+    x = randn((2, 3, 64), dtype=torch.bfloat16, seed=6).to(device)
+    check_w8a16(quant.int8_linear(x, q, activations="fp"), x, q, None, device, "3-D")
+    if cpu_kernel(device):
+        x32 = randn((4, 64), seed=7)
+        check_w8a16(quant.int8_linear(x32, q, activations="fp"), x32, q, None, device, "fp32")
+    else:
+        with pytest.raises(TypeError, match=r"x must be bfloat16 or float16 for the CUDA kernel"):
+            quant.int8_linear(randn((4, 64), seed=7).to(device), q, activations="fp")
+
+
+W8A16_TILINGS = {"small": (16, 72, 12 * 64 + 8), "medium": (130, 136, 6 * 64 + 16),
+                 "large": (12 * 128, 11 * 128 + 8, 4 * 64 + 32)}
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("tiling", sorted(W8A16_TILINGS))
+def test_emulated_w8a16_kernel_every_tiling_without_bank_conflicts(tiling):
+    m, n, k = W8A16_TILINGS[tiling]
+    q = quant.quantize_int8(randn((n, k), seed=n, scale=k ** -0.5))
+    x = randn((m, k), dtype=torch.bfloat16, seed=m)
+    bias = randn((n,), seed=3)
+    llmkernels.emulator.reset_report()
+    with llmkernels.emulator.emulate():
+        out = quant.int8_linear(x, q, bias, activations="fp")
+        check_w8a16(out, x, q, bias, torch.device("cpu"), f"emulated W8A16, {tiling}")
+    reports = {r["kernel"]: r for r in llmkernels.emulator.report()}
+    assert set(reports) == ({"int8_linear_w8a16", "int8_linear_w8a16 split-k reduce"} if tiling == "small"
+                            else {"int8_linear_w8a16"}), sorted(reports)
+    report = reports["int8_linear_w8a16"]
+    assert report["bank_conflicts_by_site"] == {}, report
+    assert report["shared_wavefronts"] == report["shared_ideal_wavefronts"]
+
+
 def test_int8_linear_refuses_what_it_does_not_do():
     q = quant.quantize_int8(randn((8, 16), seed=1))
-    with pytest.raises(NotImplementedError, match="W8A16"):
-        quant.int8_linear(randn((2, 16)), q, activations="fp")
+    with pytest.raises(ValueError, match=r"activations must be one of \('int8', 'fp'\); got 'fp8'"):
+        quant.int8_linear(randn((2, 16)), q, activations="fp8")
+    smoothed = quant.quantize_int8(randn((8, 16), seed=1), smooth=torch.ones(16))
+    with pytest.raises(ValueError, match="without SmoothQuant factors"):
+        quant.int8_linear(randn((2, 16)), smoothed, activations="fp")
     with pytest.raises(ValueError, match="in_features 16"):
         quant.int8_linear(randn((2, 8)), q)
     with pytest.raises(TypeError, match="int8"):

@@ -69,19 +69,24 @@ LLMK_DEVICE void mma_step(Acc (&acc)[4], const uint32_t (&a)[4], const uint32_t 
 // same two functions and `bytes`.
 template <typename T, typename Tiling, int Rows>
 struct RowTileLoader {
-  static constexpr int bytes = Rows * Tiling::row_bytes;  // of the shared tile
+  // Rows of bk elements of T: Tiling::row_bytes for the mma inputs, bk bytes for an int8 weight
+  // beside 16-bit activations (the quantized GEMM's W8A16 loader).
+  static constexpr int row_bytes = Tiling::bk * int(sizeof(T));
+  static constexpr int bytes = Rows * row_bytes;  // of the shared tile
   const T* base;
   int64_t ld;                  // elements between rows
   int64_t rows, k;
   const int32_t* row_index;    // optional
   bool aligned16 = true;       // int8 only: false when rows may start 8 bytes past a 16-byte boundary
 
+  static constexpr SwizzledTile layout() { return SwizzledTile{row_bytes}; }
+
   LLMK_DEVICE void load(uint8_t* tile, int64_t row0, int64_t k0, int thread) const {
-    constexpr int chunks_per_row = Tiling::row_bytes / 16;
+    constexpr int chunks_per_row = row_bytes / 16;
     constexpr int per_chunk = 16 / int(sizeof(T));  // elements of a 16-byte chunk
     constexpr int chunks = Rows * chunks_per_row;
     static_assert(chunks % Tiling::threads == 0, "every thread copies the same number of chunks");
-    constexpr SwizzledTile layout = Tiling::layout();
+    constexpr SwizzledTile layout = RowTileLoader::layout();
     if constexpr (sizeof(T) == 1) {
       if (!aligned16) {
         // 8-byte halves, consecutive threads on consecutive halves (a warp writes 256 contiguous
@@ -114,6 +119,7 @@ struct RowTileLoader {
   // mma.h's B registers for bf16/fp16 (k 2t.., 2t+8..) and for int8 (k 4t.., 4t+16..) alike.
   LLMK_DEVICE void fragments(uint32_t (&b)[Tiling::mma_n][2], const uint8_t* tile, int kk, int warp_col0,
                              int lane) const {
+    static_assert(row_bytes == Tiling::row_bytes, "ldmatrix fragments from rows of the mma inputs' type");
     constexpr SwizzledTile layout = Tiling::layout();
 #pragma unroll
     for (int j = 0; j < Tiling::mma_n; j += 2) {

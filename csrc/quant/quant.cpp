@@ -209,6 +209,68 @@ void int8_linear(const TensorView& a, const TensorView& a_scales, const TensorVi
                  [&] { int8_linear_cpu(p); }, [&](auto device_stream) { int8_linear_device(p, device_stream); });
 }
 
+void int8_weight_linear(const TensorView& x, const TensorView& w, const TensorView& w_scales, const TensorView* bias,
+                        const TensorView& out, const TensorView& workspace, void* stream) {
+  x.check_ndim(2);
+  x.check_floating();
+  LLMK_CHECK(x.shape[1] <= 1 || x.strides[1] == 1, ValueError, "x must have a contiguous last dimension; got strides ",
+             x.strides_str());
+  const int64_t m = x.shape[0], k = x.shape[1];
+  w.check_dtype(DType::i8);
+  w.check_ndim(2);
+  w.check_contiguous();
+  w.check_same_device(x);
+  const int64_t n = w.shape[0];
+  LLMK_CHECK(w.shape[1] == k, ValueError, "the weight's in_features must be x's last dimension ", k, "; got shape ",
+             w.shape_str());
+  LLMK_CHECK(n % 8 == 0 && k % 8 == 0, ValueError, "out_features and in_features must be multiples of 8; got ",
+             w.shape_str());
+  check_vector(w_scales, n, x);
+  if (bias) check_vector(*bias, n, x);
+  out.check_same_dtype(x);
+  out.check_same_device(x);
+  out.check_contiguous();
+  out.check_shape({m, n});
+  workspace.check_dtype(DType::f32);
+  workspace.check_contiguous();
+  workspace.check_same_device(x);
+  const Backend backend = select_backend(x);
+  const int64_t workspace_needed = backend == Backend::cpu ? 0 : int4_split_k_workspace(m, n, k);
+  LLMK_CHECK(workspace.numel() >= workspace_needed, ValueError, workspace.name, " must have at least ",
+             workspace_needed, " elements; got ", workspace.numel());
+  std::vector<TensorView> read{extent(x), w, w_scales};
+  if (bias) read.push_back(*bias);
+  check_no_overlap({out}, read);
+  if (workspace_needed > 0) {
+    read.push_back(out);
+    check_no_overlap({workspace}, read);
+  }
+  if (backend != Backend::cpu) {
+    LLMK_CHECK(x.dtype == DType::bf16 || x.dtype == DType::f16, TypeError,
+               "x must be bfloat16 or float16 for the CUDA kernel (float32 runs on the CPU kernel only); got ",
+               dtype_name(x.dtype), backend == Backend::emu ? " (emulated)" : " on CUDA");
+    for (const TensorView* t : {&x, &out}) t->check_rows_aligned();
+    LLMK_CHECK(reinterpret_cast<uintptr_t>(w.ptr) % 16 == 0, ValueError,
+               "the int8 weight must start at a 16-byte boundary for the CUDA kernel; got address ", w.ptr);
+  }
+  Int8WeightProblem p;
+  p.x_dtype = x.dtype;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.ldx = m <= 1 ? k : x.strides[0];
+  p.x = x.ptr;
+  p.w = w.data<int8_t>();
+  p.w_scales = w_scales.data<float>();
+  p.bias = bias ? bias->data<float>() : nullptr;
+  p.out = out.ptr;
+  p.workspace = workspace_needed > 0 ? workspace.data<float>() : nullptr;
+  if (m == 0) return;
+  run_on_backend(x, stream, Operands().add(x).add(w).add(w_scales).add(bias).add(out).add(workspace),
+                 [&] { int8_weight_linear_cpu(p); },
+                 [&](auto device_stream) { int8_weight_linear_device(p, device_stream); });
+}
+
 void quantize_per_token(const TensorView& x, const TensorView* smooth, const TensorView& codes,
                         const TensorView& scales, void* stream) {
   x.check_ndim(2);

@@ -71,6 +71,26 @@ void int8_linear_cpu(const Int8Problem& problem);
 void int8_linear_device(const Int8Problem& problem, CudaStream stream);
 void int8_linear_device(const Int8Problem& problem, EmuStream stream);
 
+// W8A16: out (M, N) = (x (M, K) · w (N, K) int8ᵀ) * w_scales[n] (+ bias), x fp32/bf16/fp16 with a
+// contiguous last dimension (fp32 on the CPU kernel only), w_scales and bias float32 (N), out like
+// x's dtype; workspace as int4_linear's (the CUDA kernel shares W4A16's tilings and split-K).
+void int8_weight_linear(const TensorView& x, const TensorView& w, const TensorView& w_scales, const TensorView* bias,
+                        const TensorView& out, const TensorView& workspace, void* stream);
+
+struct Int8WeightProblem {
+  DType x_dtype = DType::bf16;
+  int64_t m = 0, n = 0, k = 0, ldx = 0;
+  const void* x = nullptr;
+  const int8_t* w = nullptr;
+  const float* w_scales = nullptr;
+  const float* bias = nullptr;
+  void* out = nullptr;
+  float* workspace = nullptr;
+};
+void int8_weight_linear_cpu(const Int8WeightProblem& problem);
+void int8_weight_linear_device(const Int8WeightProblem& problem, CudaStream stream);
+void int8_weight_linear_device(const Int8WeightProblem& problem, EmuStream stream);
+
 // Dynamic per-token int8 quantization of activations (W8A8's first kernel): x (M, K) fp32/bf16/fp16
 // with a contiguous last dimension, divided by smooth (K,) float32 when given (SmoothQuant), ->
 // codes int8 (M, K) contiguous and scales float32 (M,), with quant_format.h's int8_scale/int8_code.

@@ -9,6 +9,10 @@
 //           split (gemm.h: plan_split_k) when N alone gives too few blocks, ranges of at least
 //           4 k tiles, a deterministic reduce after
 //
+// W8A16 (int8 weights, bf16/fp16 activations): the W4A16 tilings and split-K with an int8 B tile
+// converted to x's dtype at the fragment (exact: |code| <= 127) and the per-channel scales in the
+// epilogue (col_scale), so the products are x times the integer codes, scaled once in fp32.
+//
 // W8A8 tilings (int8 mma.m16n8k32, int32 accumulators; k tiles of 64 bytes, 2 mma steps): the same
 // three shapes, no split-K (at M <= 16 W8A8 reads as many weight bytes as W8A16 would; its target is
 // large M). Instantiated per output: bf16, fp16 (fp32 shares them) and the raw int32 accumulators.
@@ -28,6 +32,7 @@ using gemm::SplitK;
 using gemm::TiledParams;
 using gemm::Tiling;
 
+// (the weight-only tilings: W4A16 and W8A16)
 using Int4Large = Tiling<128, 128, 64, 2, 4, 4>;
 using Int4Medium = Tiling<64, 64, 64, 2, 2, 4>;
 using Int4Small = Tiling<16, 64, 64, 1, 4, 6>;
@@ -91,6 +96,44 @@ __global__ void __launch_bounds__(kPackThreads) unpack_int4_kernel(const int32_t
 LaunchShape pack_shape(int64_t n, int64_t k) {
   return LaunchShape{dim3(uint32_t((int4_packed_words(n, k) + kPackThreads - 1) / kPackThreads)), dim3(kPackThreads)};
 }
+
+// W8A16's B: the int8 weight tile (rows of bk bytes, swizzled), each B register two codes converted
+// to T: bytes 2t, 2t + 1 (register 0) and 2t + 8, 2t + 9 (register 1) of the step's 16 in row g.
+template <typename T, typename Tiling>
+struct Int8WeightLoader {
+  using Rows = RowTileLoader<int8_t, Tiling, Tiling::bn>;
+  static constexpr int bytes = Rows::bytes;
+  Rows rows;
+
+  LLMK_DEVICE void load(uint8_t* tile, int64_t col0, int64_t k0, int thread) const { rows.load(tile, col0, k0, thread); }
+
+  LLMK_DEVICE void fragments(uint32_t (&b)[Tiling::mma_n][2], const uint8_t* tile, int kk, int warp_col0,
+                             int lane) const {
+    constexpr SwizzledTile layout = Rows::layout();
+#pragma unroll
+    for (int j = 0; j < Tiling::mma_n; ++j) {
+      const int row = warp_col0 + 8 * j + lane / 4;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const uint16_t pair = load_shared(reinterpret_cast<const uint16_t*>(tile + layout.offset(row, 16 * kk + 8 * r + 2 * (lane % 4))));
+        b[j][r] = pack_pair<T>(float(int8_t(pair & 0xff)), float(int8_t(pair >> 8)));
+      }
+    }
+  }
+};
+
+template <typename T>
+struct Int8WeightParams : TiledParams {
+  const T* x;
+  int64_t ldx;
+  const int8_t* w;
+  bool aligned16;
+
+  template <typename Tiling>
+  LLMK_DEVICE RowTileLoader<T, Tiling, Tiling::bm> loader_a() const { return {x, ldx, m, k, nullptr}; }
+  template <typename Tiling>
+  LLMK_DEVICE Int8WeightLoader<T, Tiling> loader_b() const { return {{w, k, n, k, nullptr, aligned16}}; }
+};
 
 template <typename OutT>
 struct Int8Params : TiledParams {
@@ -176,6 +219,34 @@ void int8_linear_device(const Int8Problem& problem, DeviceStream stream) {
   if (!problem.a_scales) run(TypeTag<int32_t>{});
   else if (problem.out_dtype == DType::f16) run(TypeTag<f16>{});
   else run(TypeTag<bf16>{});
+}
+
+void int8_weight_linear_device(const Int8WeightProblem& problem, DeviceStream stream) {
+  if (problem.m == 0) return;
+  const SplitK split = int4_split_k(problem.m, problem.n, problem.k);
+  LLMK_CHECK(split.splits == 1 || problem.workspace, ValueError, "int8_linear (W8A16): split-K needs a workspace of ",
+             int4_split_k_workspace(problem.m, problem.n, problem.k), " floats");
+  dispatch<bf16, f16>(problem.x_dtype, "int8_linear W8A16 (CUDA kernel)", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    Int8WeightParams<T> params;
+    static_cast<TiledParams&>(params) =
+        TiledParams{problem.m, problem.n, problem.k,
+                    Epilogue{problem.out, problem.n, false, problem.bias, nullptr, problem.w_scales,
+                             gemm::Activation::none, false, problem.m, problem.n},
+                    problem.workspace, 0};
+    params.x = static_cast<const T*>(problem.x);
+    params.ldx = problem.ldx;
+    params.w = problem.w;
+    params.aligned16 = problem.k % 16 == 0;
+    const int64_t large_tiles = ((problem.m + 127) / 128) * ((problem.n + 127) / 128);
+    if (problem.m <= Int4Small::bm)
+      gemm::launch_tiled<T, T, Int4Small, float>("int8_linear_w8a16", "int8_linear_w8a16 split-k reduce", params,
+                                                 split, stream);
+    else if (large_tiles >= kGpuSms)
+      gemm::launch_tiled<T, T, Int4Large, float>("int8_linear_w8a16", "", params, SplitK{}, stream);
+    else
+      gemm::launch_tiled<T, T, Int4Medium, float>("int8_linear_w8a16", "", params, SplitK{}, stream);
+  });
 }
 
 void pack_int4_device(const uint8_t* codes, int64_t n, int64_t k, int32_t* packed, DeviceStream stream) {

@@ -266,24 +266,46 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _int8_matmul(a.contiguous(), b.contiguous())
 
 
+@native_op("quant_int8_weight_linear")
+def _int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                        bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """out (M, N) in x's dtype, and the CUDA kernel's split-K workspace (as W4A16's)."""
+    m, n = x.shape[0], weight.shape[0]
+    size = INT4_SPLIT_MAX_RANGES * m * n if _device_kernels(x) and m <= INT4_SPLIT_MAX_ROWS else 0
+    return (torch.empty((m, n), dtype=x.dtype, device=x.device),
+            torch.empty((size,), dtype=torch.float32, device=x.device))
+
+
+ACTIVATIONS = ("int8", "fp")
+
+
 def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: Optional[torch.Tensor] = None,
                 activations: str = "int8") -> torch.Tensor:
-    """W8A8: x (..., K) quantized per token (after division by the weight's SmoothQuant factors), the
-    exact int32 product with the int8 weight, scaled per token and per channel, plus bias, in x's
-    dtype. (activations="fp", W8A16, is not written yet and is refused.)"""
+    """x (..., K) times an int8 weight, plus bias, in x's dtype.
+
+    activations="int8" (W8A8): x quantized per token by one kernel (after division by the weight's
+    SmoothQuant factors), the exact int32 product with the int8 weight on the int8 tensor cores,
+    scaled per token and per channel. activations="fp" (W8A16): x as it is times the integer codes
+    (converted exactly to x's dtype), scaled per channel in float32; a weight with SmoothQuant factors
+    is refused there (they belong to W8A8's activations)."""
     if not isinstance(weight, Int8Weight):
         raise TypeError(f"weight must be an Int8Weight (llmkernels.quant.quantize_int8); got {type(weight).__name__}")
-    if activations != "int8":
-        raise NotImplementedError(f"int8_linear(activations={activations!r}): only 'int8' (W8A8) exists so far "
-                                  "(W8A16 comes with issue 11's kernels)")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}; got {activations!r}")
     n, k = weight.data.shape
     if x.shape[-1] != k:
         raise ValueError(f"x's last dimension must be the weight's in_features {k}; got shape {tuple(x.shape)}")
-    codes, scales = quantize_per_token(x.reshape(-1, k), weight.smooth)
     if bias is not None:
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},); got {tuple(bias.shape)}")
         bias = bias.float().contiguous()
+    if activations == "fp":
+        if weight.smooth is not None:
+            raise ValueError("int8_linear(activations='fp') takes a weight quantized without SmoothQuant factors "
+                             "(quantize_int8(w)); this one has `smooth`, which belongs to W8A8 (activations='int8')")
+        out, _ = _int8_weight_linear(rows_aligned(x.reshape(-1, k)), weight.data, weight.scales, bias)
+        return out.reshape(*x.shape[:-1], n)
+    codes, scales = quantize_per_token(x.reshape(-1, k), weight.smooth)
     out = _int8_linear(codes.contiguous(), scales.reshape(-1).contiguous(), weight.data, weight.scales, bias, x.dtype)
     return out.reshape(*x.shape[:-1], n)
 
