@@ -109,6 +109,17 @@ def test_quantize_int4_is_within_half_a_step(group_size, symmetric, dtype):
     assert (w_hat[3, :64] == 0).all()       # zero is exact
 
 
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asymmetric", "symmetric"])
+def test_quantize_int4_on_the_device_gives_the_cpu_bits(device, symmetric):
+    """Converting a model on the GPU (torch's ops there, then the pack kernel) gives the CPU's weight
+    bit for bit: packed words, scales, zeros."""
+    w = randn((24, 2752), seed=9, scale=0.05)
+    here = quant.quantize_int4(w, group_size=64, symmetric=symmetric)
+    there = quant.quantize_int4(w.to(device), group_size=64, symmetric=symmetric)
+    for name in ("packed", "scales", "zeros"):
+        assert torch.equal(getattr(there, name).cpu(), getattr(here, name)), name
+
+
 def test_quantize_int4_refuses_bad_shapes_and_types():
     with pytest.raises(ValueError, match="multiple of group_size"):
         quant.quantize_int4(torch.randn(8, 96), group_size=64)
@@ -456,19 +467,21 @@ class TinyTransformer(torch.nn.Module):
         return self.lm_head(self.norm(x))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_quantize_model_keeps_logits_close(bits):
+@pytest.mark.parametrize("bits, activations", [(4, "int8"), (8, "int8"), (8, "fp")], ids=["w4a16", "w8a8", "w8a16"])
+def test_quantize_model_keeps_logits_close(bits, activations):
     model = TinyTransformer(seed=bits)
     tokens = torch.randint(0, 64, (2, 19), generator=generator(bits))
     with torch.no_grad():
         expected = model(tokens)
-        quant.quantize_model_(model, bits=bits, group_size=32)
+        quant.quantize_model_(model, bits=bits, group_size=32, activations=activations)
         got = model(tokens)
-    swapped = [type(m).__name__ for m in model.modules() if isinstance(m, (quant.Int4Linear, quant.Int8Linear))]
+    swapped = [m for m in model.modules() if isinstance(m, (quant.Int4Linear, quant.Int8Linear))]
     assert len(swapped) == 8 and type(model.lm_head) is torch.nn.Linear     # lm_head skipped by default
+    assert all(getattr(m, "activations", activations) == activations for m in swapped)
     cosine = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0).item()
     relative = ((got - expected).norm() / expected.norm()).item()
-    # measured: int4 (group 32) cosine 0.99944, relative error 0.033; int8 0.999992 and 0.0039
+    # measured: int4 (group 32) cosine 0.99944, relative error 0.033; int8 (W8A8) 0.999992 and 0.0039;
+    # W8A16 (weights alone quantized) 0.999998 and 0.0018
     minimum_cosine, maximum_relative = (0.998, 0.06) if bits == 4 else (0.9999, 0.01)
     assert cosine > minimum_cosine and relative < maximum_relative, (cosine, relative)
 

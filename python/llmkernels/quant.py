@@ -356,22 +356,29 @@ class Int4Linear(torch.nn.Module):
 
 
 class Int8Linear(torch.nn.Module):
-    """A drop-in nn.Linear with an int8 weight and dynamically quantized int8 activations (W8A8):
-    `Int8Linear.from_linear(linear, smooth=None)`. Buffers: data, scales, smooth (or None), bias."""
+    """A drop-in nn.Linear with an int8 weight: dynamically quantized int8 activations (W8A8,
+    activations="int8") or activations as they are (W8A16, "fp"): `Int8Linear.from_linear(linear,
+    smooth=None, activations="int8")`. Buffers: data, scales, smooth (or None), bias."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, smooth: bool = False, device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, smooth: bool = False, device=None,
+                 activations: str = "int8"):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}; got {activations!r}")
+        if smooth and activations == "fp":
+            raise ValueError("SmoothQuant factors belong to W8A8 (activations='int8'), not W8A16")
+        self.in_features, self.out_features, self.activations = in_features, out_features, activations
         self.register_buffer("data", torch.zeros((out_features, in_features), dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, device=device))
         self.register_buffer("smooth", torch.ones(in_features, device=device) if smooth else None)
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, smooth: Optional[torch.Tensor] = None) -> "Int8Linear":
-        weight = quantize_int8(linear.weight.detach(), smooth=smooth)
+    def from_linear(cls, linear: torch.nn.Linear, smooth: Optional[torch.Tensor] = None,
+                    activations: str = "int8") -> "Int8Linear":
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, smooth is not None,
-                     linear.weight.device)
+                     linear.weight.device, activations)
+        weight = quantize_int8(linear.weight.detach(), smooth=smooth)
         module.data.copy_(weight.data)
         module.scales.copy_(weight.scales)
         if smooth is not None:
@@ -381,21 +388,24 @@ class Int8Linear(torch.nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, Int8Weight(self.data, self.scales, self.smooth), self.bias)
+        return int8_linear(x, Int8Weight(self.data, self.scales, self.smooth), self.bias, self.activations)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, activations={self.activations}, "
                 f"smooth={self.smooth is not None}, bias={self.bias is not None}")
 
 
 def quantize_model_(model: torch.nn.Module, bits: int = 4, group_size: int = 128, symmetric: bool = False,
-                    skip=("lm_head",)) -> torch.nn.Module:
+                    skip=("lm_head",), activations: str = "int8") -> torch.nn.Module:
     """Replaces, in place, every nn.Linear of `model` whose name (or last name component) is not in
-    `skip` with an Int4Linear (bits=4) or Int8Linear (bits=8). A layer whose shape the format cannot
+    `skip` with an Int4Linear (bits=4) or Int8Linear (bits=8, with `activations` "int8" for W8A8 or
+    "fp" for W8A16). A layer whose shape the format cannot
     take (features not multiples of 8, in_features not a multiple of group_size) raises ValueError
     naming it: add it to `skip` to keep it in full precision. Returns the model."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8; got {bits}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}; got {activations!r}")
     skip = set(skip)
     targets = []
     for name, module in model.named_modules():
@@ -411,6 +421,6 @@ def quantize_model_(model: torch.nn.Module, bits: int = 4, group_size: int = 128
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         replacement = (Int4Linear.from_linear(module, group_size, symmetric) if bits == 4
-                       else Int8Linear.from_linear(module))
+                       else Int8Linear.from_linear(module, activations=activations))
         setattr(parent, child, replacement)
     return model
