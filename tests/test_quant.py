@@ -434,6 +434,24 @@ def test_opcheck_int8_ops():
     torch.library.opcheck(torch.ops.llmkernels.quant_int8_matmul.default, (a, b))
     torch.library.opcheck(torch.ops.llmkernels.quant_int8_linear.default,
                           (a, torch.rand(3), b, torch.rand(8), None, torch.bfloat16))
+    x = randn((3, 32), dtype=torch.bfloat16, seed=33)
+    torch.library.opcheck(torch.ops.llmkernels.quant_quantize_per_token.default, (x, torch.rand(32) + 0.5))
+    torch.library.opcheck(torch.ops.llmkernels.quant_int8_weight_linear.default, (x, b, torch.rand(8), torch.rand(8)))
+
+
+@pytest.mark.slow
+def test_torch_compile_of_every_quantized_linear_follows_changing_m():
+    """fullgraph torch.compile of W4A16, W8A8 and W8A16, with a second M (a symbolic M: the split-K
+    workspace's size must stay traceable)."""
+    q4 = quant.quantize_int4(randn((24, 256), seed=40, scale=0.1), group_size=64)
+    q8 = quant.quantize_int8(randn((24, 256), seed=41, scale=0.1))
+    bias = randn((24,), seed=42)
+    for fn in (lambda x: quant.int4_linear(x, q4, bias), lambda x: quant.int8_linear(x, q8, bias),
+               lambda x: quant.int8_linear(x, q8, bias, activations="fp")):
+        compiled = torch.compile(fn, fullgraph=True)
+        for m in (3, 5, 40):
+            x = randn((m, 256), dtype=torch.bfloat16, seed=m)
+            assert torch.equal(compiled(x), fn(x)), m
 
 
 # -- linear layers and model conversion ---------------------------------------------------------------
