@@ -208,6 +208,39 @@ def test_int4_linear_tensor_parallel_k(device, k):
         check_int4(quant.int4_linear(x, q), x, q, None, codes, device, f"k={k} group {group_size}")
 
 
+# Llama-2/3 7B/8B and 70B projections (N, K), and the tensor-parallel K of their splits. On the CPU
+# (and emulated: too slow there, so not run) N is cut to 256 rows of the weight: the product's
+# reduction over K is what the shape tests, and the tiles over N repeat; on CUDA the full shapes.
+LLAMA_SHAPES = [(4096, 4096), (6144, 4096), (11008, 4096), (4096, 11008), (28672, 4096), (4096, 14336),
+                (8192, 8192), (10240, 8192), (8192, 28672), (57344, 8192), (4096, 2752), (4096, 5504)]
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("shape", LLAMA_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_int4_linear_llama_projection_shapes(device, shape):
+    device = torch.device(device)
+    n, k = shape if device.type == "cuda" else (256, shape[1])
+    for m in (1, 16, 1000) if device.type == "cuda" else (1, 7):
+        group_size = 128 if k % 128 == 0 else 64   # K = 2752: 43 groups of 64
+        x, q, bias, codes = int4_case(m, n, k, group_size, False, torch.bfloat16, device, seed=k + m)
+        check_int4(quant.int4_linear(x, q, bias), x, q, bias, codes, device, f"{n}x{k} m={m}")
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_quantized_linears_at_m_1000(device):
+    device = torch.device(device)
+    n, k = (4096, 4096) if device.type == "cuda" else (64, 1024)
+    x, q, bias, codes = int4_case(1000, n, k, 64, True, torch.bfloat16, device, seed=1000)
+    check_int4(quant.int4_linear(x, q, bias), x, q, bias, codes, device, "W4A16 m=1000")
+    q8 = quant.quantize_int8(randn((n, k), seed=1001, scale=k ** -0.5)).to(device)
+    check_w8a16(quant.int8_linear(x, q8, bias, activations="fp"), x, q8, bias, device, "W8A16 m=1000")
+    codes8, scales = torch_per_token(x.float())
+    out = quant.int8_linear(x, q8, bias)
+    oracle = reference.w8a8_linear(codes8.cpu(), scales.cpu(), q8.data.cpu(), q8.scales.cpu(), bias.cpu(), torch.float64)
+    same = reference.w8a8_linear(codes8.cpu(), scales.cpu(), q8.data.cpu(), q8.scales.cpu(), bias.cpu(), x.dtype)
+    assert_parity(out.cpu(), same, oracle, "W8A8 m=1000")
+
+
 def test_int4_linear_misaligned_and_strided_x(device):
     """A view that starts off a 16-byte boundary or has an odd row stride is copied, not refused."""
     x, q, bias, codes = int4_case(5, 16, 64, 32, True, torch.bfloat16, device, seed=4)
