@@ -38,6 +38,22 @@ LLMK_DEVICE void cp_async(void* shared_destination, const void* global_source, i
 #endif
 }
 
+// A 16-byte cp.async of data read once (weights streamed through a weight-only GEMM) with the L2
+// evict_first policy, so the stream does not push reused data (activations, scales) out of L2.
+// Emulated: cp_async<16> (the emulator models no caches).
+LLMK_DEVICE void cp_async_stream16(void* shared_destination, const void* global_source, int source_bytes LLMK_SITE) {
+#if defined(LLMK_EMULATED)
+  emu::cp_async(shared_destination, global_source, 16, source_bytes, site);
+#else
+  const uint32_t destination = static_cast<uint32_t>(__cvta_generic_to_shared(shared_destination));
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(destination),
+               "l"(global_source), "r"(source_bytes), "l"(policy)
+               : "memory");
+#endif
+}
+
 // Closes the calling thread's current group of copies.
 LLMK_DEVICE void cp_async_commit() {
 #if defined(LLMK_EMULATED)

@@ -93,7 +93,7 @@ struct Int4TileLoader {
       const int nb = c / (kb_per_tile * 8), kb = (c / 8) % kb_per_tile, part = c % 8;
       const bool inside = (nb0 + nb) * kInt4BlockN < n && kb0 + kb < k_blocks;
       const int32_t* source = inside ? packed + ((nb0 + nb) * k_blocks + kb0 + kb) * 32 + 4 * part : packed;
-      cp_async<16>(tile + 16 * c, source, inside ? 16 : 0);
+      cp_async_stream16(tile + 16 * c, source, inside ? 16 : 0);   // read once: L2 evict_first
     }
     // scales and zeros: one 16-byte (8-byte) chunk per (k block, 8 columns), the row of the k block's
     // group. A k block past the end (a tile that overhangs K) gets zeros everywhere: its codes are 0
