@@ -1,10 +1,17 @@
-"""Quantized GEMM (csrc/quant/, docs/quant.md): IN PROGRESS (issue 11).
+"""Quantized GEMM (csrc/quant/, docs/quant.md).
 
-So far the int4 weight format: `quantize_int4` (group-wise along K, symmetric or with 4-bit zero
-points, 16-bit scales), the packed layout of common/quant_format.h (`pack_int4` / `unpack_int4`, CPU
-kernels), `dequantize`, and `int4_linear` (W4A16) on the CPU; the int8 formats (`quantize_int8`:
-per-channel weights with optional SmoothQuant factors, `quantize_per_token`: dynamic activations).
-Not yet: the CUDA kernels, W8A8 / W8A16 kernels, the linear layers.
+    w4 = quantize_int4(linear.weight, group_size=128)        # Int4Weight: packed codes, scales, zeros
+    y = int4_linear(x, w4, bias)                              # W4A16
+    w8 = quantize_int8(linear.weight)                         # Int8Weight: per-channel int8
+    y = int8_linear(x, w8, bias)                              # W8A8: x quantized per token by one kernel
+    y = int8_linear(x, w8, bias, activations="fp")            # W8A16
+    quantize_model_(model, bits=4)                            # every nn.Linear but lm_head, in place
+
+The int4 format is group-wise along K (groups of 32, 64, 128 or one per row), symmetric or with
+4-bit zero points, 16-bit scales, packed in the layout of common/quant_format.h (`pack_int4` /
+`unpack_int4`); the int8 weights are per output channel (optionally with SmoothQuant factors), the
+activations per token. CPU kernels and CUDA kernels (the GEMM core with a dequantizing B loader, or
+int8 tiles); x is (..., K) with any number of rows, N and K multiples of 8, K a multiple of the group.
 """
 
 import dataclasses
