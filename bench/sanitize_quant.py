@@ -5,8 +5,8 @@ large at 1100 x 2056), every group size, symmetric and not, bf16 and fp16; the p
 mod 16 (8-byte copies) and not, raw int32 accumulators; W8A16 on every tiling. Shapes have odd M
 and N, K multiples of 8 (and of the group) but of nothing larger where the format allows. The
 kernels use shared memory, cp.async and barriers. (The same workload passes under the emulator on CPU
-tensors: 24 pack, 12 unpack, 12 W4A16 and 4 split-K reductions, 30 per-token quantizations, 30 W8A8,
-12 W8A16 and 4 reductions; no report, no bank conflict.)
+tensors: no report, no bank conflict.) The large tiling's shapes run in bf16 only: the sanitizers'
+time grows with the grid.
 # sanitize: racecheck synccheck
 """
 import torch
@@ -25,6 +25,8 @@ def main() -> None:
     results = []
     for dtype in (torch.bfloat16, torch.float16):
         for m, n, k, group_size in INT4_SHAPES:
+            if m >= 1000 and dtype == torch.float16:
+                continue   # the large tiling once (the sanitizers' time goes with the grid size)
             weight = quant.quantize_int4((randn(n, k) * k ** -0.5).to(device), group_size=group_size,
                                          symmetric=m % 2 == 1, scale_dtype=dtype)
             codes = quant.unpack_int4(weight.packed, k)
@@ -35,7 +37,7 @@ def main() -> None:
     for m, n, k in INT8_SHAPES:
         weight = quant.quantize_int8((randn(n, k) * k ** -0.5).to(device))
         smoothed = quant.quantize_int8((randn(n, k) * k ** -0.5).to(device), smooth=(torch.rand(k, generator=generator) + 0.5).to(device))
-        for dtype in (torch.bfloat16, torch.float16):
+        for dtype in (torch.bfloat16,) if m >= 1000 else (torch.bfloat16, torch.float16):
             x = randn(m, k).to(dtype=dtype, device=device)
             results.append(quant.int8_linear(x, weight, randn(n).to(device)))
             results.append(quant.int8_linear(x, smoothed))
