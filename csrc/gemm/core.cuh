@@ -403,4 +403,16 @@ void launch_tiled(const char* name, const char* reduce_name, Params params, Spli
   }
 }
 
+// The tiling for an (m, n) problem: Small while m fits its rows (K split as `split` says), Large when
+// it gives at least one tile per SM, Medium otherwise.
+constexpr int64_t kGpuSms = 132;  // H100 SXM; only the tiling choice depends on it
+
+template <typename T, typename OutT, typename E, typename Small, typename Medium, typename Large, typename Params>
+void launch_sized(const char* name, const char* reduce_name, const Params& params, SplitK split, DeviceStream stream) {
+  const int64_t large_tiles = ((params.m + Large::bm - 1) / Large::bm) * ((params.n + Large::bn - 1) / Large::bn);
+  if (params.m <= Small::bm) launch_tiled<T, OutT, Small, E>(name, reduce_name, params, split, stream);
+  else if (large_tiles >= kGpuSms) launch_tiled<T, OutT, Large, E>(name, reduce_name, params, SplitK{}, stream);
+  else launch_tiled<T, OutT, Medium, E>(name, reduce_name, params, SplitK{}, stream);
+}
+
 }  // namespace llmk::gemm

@@ -17,8 +17,6 @@ using Large = Tiling<128, 128, 32, 2, 4, 4>;
 using Medium = Tiling<64, 64, 32, 2, 2, 4>;
 using Small = Tiling<16, 32, 64, 1, 2, 6>;
 
-constexpr int64_t kGpuSms = 132;  // H100 SXM; only the tiling choice depends on it
-
 template <typename T>
 struct Params : TiledParams {
   const T* a;
@@ -57,10 +55,7 @@ void gemm_device(const Problem& problem, DeviceStream stream) {
     params.a_rows = problem.a_rows;
     params.b = static_cast<const T*>(problem.b);
     params.ldb = problem.ldb;
-    const int64_t large_tiles = ((problem.m + 127) / 128) * ((problem.n + 127) / 128);
-    if (problem.m <= Small::bm) launch_tiled<T, T, Small, float>("gemm", "gemm split-k reduce", params, split, stream);
-    else if (large_tiles >= kGpuSms) launch_tiled<T, T, Large, float>("gemm", "gemm split-k reduce", params, SplitK{}, stream);
-    else launch_tiled<T, T, Medium, float>("gemm", "gemm split-k reduce", params, SplitK{}, stream);
+    launch_sized<T, T, float, Small, Medium, Large>("gemm", "gemm split-k reduce", params, split, stream);
   });
 }
 

@@ -23,6 +23,34 @@ void check_int4_pair(const TensorView& codes, const TensorView& packed) {
   packed.check_shape({n / kInt4BlockN, int4_k_blocks(k), 32});
 }
 
+// The weight-only products' (W4A16, W8A16) checks of x, out and the split-K workspace once the
+// weight's own are done: the output shares memory with nothing it reads (`read`), the workspace
+// (float32, at least int4_split_k_workspace(m, n, k) for the CUDA kernels) with nothing at all; on
+// the CUDA kernels x is 16-bit (the tensor cores take it as it is) and x and out copy in 16-byte rows.
+// Returns the workspace the kernel uses (0: none).
+int64_t check_weight_only_io(const TensorView& x, std::vector<TensorView> read, const TensorView& out,
+                             const TensorView& workspace, int64_t m, int64_t n, int64_t k) {
+  workspace.check_dtype(DType::f32);
+  workspace.check_contiguous();
+  workspace.check_same_device(x);
+  const Backend backend = select_backend(x);
+  const int64_t needed = backend == Backend::cpu ? 0 : int4_split_k_workspace(m, n, k);
+  LLMK_CHECK(workspace.numel() >= needed, ValueError, workspace.name, " must have at least ", needed,
+             " elements (int4_split_k_workspace(m, n, k)); got ", workspace.numel());
+  check_no_overlap({out}, read);
+  if (needed > 0) {
+    read.push_back(out);
+    check_no_overlap({workspace}, read);
+  }
+  if (backend != Backend::cpu) {
+    LLMK_CHECK(x.dtype == DType::bf16 || x.dtype == DType::f16, TypeError,
+               "x must be bfloat16 or float16 for the CUDA kernel (float32 runs on the CPU kernel only); got ",
+               dtype_name(x.dtype), backend == Backend::emu ? " (emulated)" : " on CUDA");
+    for (const TensorView* t : {&x, &out}) t->check_rows_aligned();
+  }
+  return needed;
+}
+
 }  // namespace
 
 void pack_int4(const TensorView& codes, const TensorView& packed, void* stream) {
@@ -88,29 +116,15 @@ void int4_linear(const TensorView& x, const TensorView& packed, const TensorView
   out.check_same_device(x);
   out.check_contiguous();
   out.check_shape({m, n});
-  workspace.check_dtype(DType::f32);
-  workspace.check_contiguous();
-  workspace.check_same_device(x);
-  const Backend backend = select_backend(x);
-  const int64_t workspace_needed = backend == Backend::cpu ? 0 : int4_split_k_workspace(m, n, k);
-  LLMK_CHECK(workspace.numel() >= workspace_needed, ValueError, workspace.name, " must have at least ",
-             workspace_needed, " elements (int4_split_k_workspace(m, n, k)); got ", workspace.numel());
   std::vector<TensorView> read{extent(x), packed, scales, zeros};
   if (bias) read.push_back(*bias);
-  check_no_overlap({out}, read);
-  if (workspace_needed > 0) {
-    read.push_back(out);
-    check_no_overlap({workspace}, read);
-  }
+  const int64_t workspace_needed = check_weight_only_io(x, read, out, workspace, m, n, k);
+  const Backend backend = select_backend(x);
   if (backend != Backend::cpu) {
-    // The tensor-core kernel: 16-bit x, dequantized in x's dtype, 16-byte copies.
-    LLMK_CHECK(x.dtype == DType::bf16 || x.dtype == DType::f16, TypeError,
-               "x must be bfloat16 or float16 for the CUDA kernel (float32 runs on the CPU kernel only); got ",
-               dtype_name(x.dtype), backend == Backend::emu ? " (emulated)" : " on CUDA");
     LLMK_CHECK(scales.dtype == x.dtype, TypeError, "scales must have x's dtype (", dtype_name(x.dtype),
                ") for the CUDA kernel, which dequantizes in it; got ", dtype_name(scales.dtype),
                ": quantize with scale_dtype=x.dtype");
-    for (const TensorView* t : {&x, &packed, &scales, &out}) t->check_rows_aligned();
+    for (const TensorView* t : {&packed, &scales}) t->check_rows_aligned();
     LLMK_CHECK(reinterpret_cast<uintptr_t>(zeros.ptr) % 8 == 0, ValueError,
                "zeros must start at an 8-byte boundary for the CUDA kernel (8-byte copies); got address ", zeros.ptr);
   }
@@ -231,25 +245,10 @@ void int8_weight_linear(const TensorView& x, const TensorView& w, const TensorVi
   out.check_same_device(x);
   out.check_contiguous();
   out.check_shape({m, n});
-  workspace.check_dtype(DType::f32);
-  workspace.check_contiguous();
-  workspace.check_same_device(x);
-  const Backend backend = select_backend(x);
-  const int64_t workspace_needed = backend == Backend::cpu ? 0 : int4_split_k_workspace(m, n, k);
-  LLMK_CHECK(workspace.numel() >= workspace_needed, ValueError, workspace.name, " must have at least ",
-             workspace_needed, " elements; got ", workspace.numel());
   std::vector<TensorView> read{extent(x), w, w_scales};
   if (bias) read.push_back(*bias);
-  check_no_overlap({out}, read);
-  if (workspace_needed > 0) {
-    read.push_back(out);
-    check_no_overlap({workspace}, read);
-  }
-  if (backend != Backend::cpu) {
-    LLMK_CHECK(x.dtype == DType::bf16 || x.dtype == DType::f16, TypeError,
-               "x must be bfloat16 or float16 for the CUDA kernel (float32 runs on the CPU kernel only); got ",
-               dtype_name(x.dtype), backend == Backend::emu ? " (emulated)" : " on CUDA");
-    for (const TensorView* t : {&x, &out}) t->check_rows_aligned();
+  const int64_t workspace_needed = check_weight_only_io(x, read, out, workspace, m, n, k);
+  if (select_backend(x) != Backend::cpu) {
     LLMK_CHECK(reinterpret_cast<uintptr_t>(w.ptr) % 16 == 0, ValueError,
                "the int8 weight must start at a 16-byte boundary for the CUDA kernel; got address ", w.ptr);
   }

@@ -40,8 +40,6 @@ static_assert(Int4Small::bm == kInt4SplitMaxRows && Int4Small::bn == kInt4SplitT
                   Int4Small::bk == kInt4SplitTileK,
               "quant.h's int4_split_k plans for the small tiling");
 
-constexpr int64_t kGpuSms = 132;  // H100 SXM; only the tiling choice depends on it
-
 template <typename T>
 struct Int4Params : TiledParams {
   const T* x;
@@ -207,13 +205,8 @@ void int8_linear_device(const Int8Problem& problem, DeviceStream stream) {
     params.a = problem.a;
     params.b = problem.b;
     params.aligned16 = problem.k % 16 == 0;
-    const int64_t large_tiles = ((problem.m + 127) / 128) * ((problem.n + 127) / 128);
-    if (problem.m <= Int8Small::bm)
-      gemm::launch_tiled<int8_t, OutT, Int8Small, E>("int8_linear", "", params, SplitK{}, stream);
-    else if (large_tiles >= kGpuSms)
-      gemm::launch_tiled<int8_t, OutT, Int8Large, E>("int8_linear", "", params, SplitK{}, stream);
-    else
-      gemm::launch_tiled<int8_t, OutT, Int8Medium, E>("int8_linear", "", params, SplitK{}, stream);
+    gemm::launch_sized<int8_t, OutT, E, Int8Small, Int8Medium, Int8Large>("int8_linear", "", params, SplitK{},
+                                                                           stream);
   };
   // (a_scales null: the raw int32 accumulators, int8_matmul; fp32 output shares the bf16 kernels)
   if (!problem.a_scales) run(TypeTag<int32_t>{});
@@ -238,14 +231,8 @@ void int8_weight_linear_device(const Int8WeightProblem& problem, DeviceStream st
     params.ldx = problem.ldx;
     params.w = problem.w;
     params.aligned16 = problem.k % 16 == 0;
-    const int64_t large_tiles = ((problem.m + 127) / 128) * ((problem.n + 127) / 128);
-    if (problem.m <= Int4Small::bm)
-      gemm::launch_tiled<T, T, Int4Small, float>("int8_linear_w8a16", "int8_linear_w8a16 split-k reduce", params,
-                                                 split, stream);
-    else if (large_tiles >= kGpuSms)
-      gemm::launch_tiled<T, T, Int4Large, float>("int8_linear_w8a16", "", params, SplitK{}, stream);
-    else
-      gemm::launch_tiled<T, T, Int4Medium, float>("int8_linear_w8a16", "", params, SplitK{}, stream);
+    gemm::launch_sized<T, T, float, Int4Small, Int4Medium, Int4Large>(
+        "int8_linear_w8a16", "int8_linear_w8a16 split-k reduce", params, split, stream);
   });
 }
 
@@ -280,13 +267,8 @@ void int4_linear_device(const Int4Problem& problem, DeviceStream stream) {
     params.scales = static_cast<const T*>(problem.scales);
     params.zeros = problem.zeros;
     params.group_size = problem.group_size;
-    const int64_t large_tiles = ((problem.m + 127) / 128) * ((problem.n + 127) / 128);
-    if (problem.m <= Int4Small::bm)
-      gemm::launch_tiled<T, T, Int4Small, float>("int4_linear", "int4_linear split-k reduce", params, split, stream);
-    else if (large_tiles >= kGpuSms)
-      gemm::launch_tiled<T, T, Int4Large, float>("int4_linear", "", params, SplitK{}, stream);
-    else
-      gemm::launch_tiled<T, T, Int4Medium, float>("int4_linear", "", params, SplitK{}, stream);
+    gemm::launch_sized<T, T, float, Int4Small, Int4Medium, Int4Large>("int4_linear", "int4_linear split-k reduce",
+                                                                      params, split, stream);
   });
 }
 
