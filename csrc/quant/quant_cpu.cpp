@@ -2,6 +2,7 @@
 // function, OpenMP over blocks of 8 columns (each writes its own words); and W4A16.
 #include <algorithm>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -45,126 +46,195 @@ void unpack_int4_cpu(const int32_t* packed, int64_t n, int64_t k, uint8_t* codes
 
 namespace {
 
-// out (M, N) = x · Wᵀ without materializing W. x is permuted once so that each 32-column block's
-// values sit in the packed words' nibble order (lane 4g + t of a block holds row g's columns
-// 8r + 2t + odd at bits 4r + 16 odd, quant_format.h), x_perm[kb * 32 + 8t + 2r + odd]. Then a word's
-// eight codes, as floats, multiply eight contiguous x values lane for lane: eight-wide vector
-// products with no horizontal sum until a chunk of at most 256 columns inside one group ends. The
-// group's scale and zero point stay out of that loop, applied per chunk in double:
+// out (M, N) = x · Wᵀ without materializing W, a packed block (8 columns n, 32 of k) at a time, with
+// the block's 8 columns n in the 8 lanes of a vector: a multiply-add of a code vector by one x value
+// broadcast adds to eight outputs at once, and the group's scales and zero points are vectors too.
 //
-//   sum_k x[k] (q[k] - z) s = s (sum_k x[k] q[k] - z sum_k x[k]),   sum_k x[k] from x_block_sums.
+// Decode. Row g's word t (t = 0..3) sits at 4g + t and holds column 8r + 2t + odd at bits 4r + 16 odd
+// (quant_format.h). Eight in-lane unpacks transpose the block's 32 words into 4 vectors by_t[t], lane i
+// holding row kLaneRow[i]'s word t (rows 0 2 4 6 1 3 5 7: the unpacks' natural order; scales, zeros
+// and outputs follow it). Each of a word's eight nibbles is then masked in place, not shifted down:
 //
-// (Dequantizing each word in the loop, one multiply-add by s with offset -z s, cost 0.3 ns a word:
-// 2.3 against 1.5 ms at M = 1, N = K = 4096, one thread.)
+//   by_t & (0xf << 4r)                 -> q 2^(4r)          (odd = 0)
+//   (by_t >> 4) & (0xf << (12 + 4r))   -> q 2^(12 + 4r)     (odd = 1; the highest nibble at bit 24, so
+//                                                            the int32 conversion stays positive)
 //
-// Register blocking: a tile of `Rows` rows of x by 8 / Rows rows g of a packed block keeps its eight
-// accumulator vectors in registers over a chunk, so one decoded word feeds Rows rows of x and one
-// load of x feeds 8 / Rows words: 4 x 2 while M >= 4, then 2 x 4 and 1 x 8 (at M = 1 the eight
-// words of a step give eight independent chains, enough to hide the multiply-add latency). Chunks
-// are the outer loop of a block so that x's chunk (16 rows: 16 KiB) stays in L1 over its tiles.
-constexpr int kChunkBlocks = 8;   // 256 columns
+// and converted: one mask and one conversion per 8 codes, exact (and one subtraction for fp32 outputs,
+// which sum q - 8: accumulate_block). x is permuted once into that column
+// order, x_perm[kb * 32 + 8t + r + 4 odd], and scaled by 2^-(4r + 12 odd) to match (exact too, unless
+// |x| < 2^-102, where it loses bits to underflow).
+//
+// Accumulation. A tile of `Rows` rows of x (4, then 2 and 1 for the rest) keeps 8 accumulator vectors
+// over a chunk of at most 128 columns inside one group, so one decode feeds Rows rows (8 rows a tile
+// measured the same as 4 at M = 16, within 2%). The group's scale and zero point stay out of that
+// loop, applied per chunk in double, lanes over the 8 columns n:
+//
+//   sum_k x[k] (q[k] - z) s = s (sum_k x[k] q[k] - z sum_k x[k]),   sum_k x[k] from x_chunk_sums.
+//
+// No horizontal sums, and nothing a row of x costs per chunk but 2 x 4 multiply-adds in double.
+//
+// Measured (one thread of the shared 2-core AVX2 EPYC, N = K = 4096, group 128, bf16 x, the versions
+// timed in one process; ms at M = 1 and 16, loaded machine): the first kernel (8 lanes over k, each
+// word dequantized in the loop, accumulators through memory) 4.5 and 58; register tiles of 4 x 2
+// (rows of x by block rows) over k lanes 2.2 and 20; scale and zero point out of the loop 1.6 and 19;
+// two words a 64-bit broadcast, nibbles masked in place, 1.5 and 17 (its horizontal sums at each
+// chunk's end: 15% at M = 16, 2x at group 32); this kernel 1.45 and 12.6.
+constexpr int kChunkBlocks = 4;   // 128 columns
 
 typedef float Vec8 __attribute__((vector_size(32)));
-typedef float UnalignedVec8 __attribute__((vector_size(32), aligned(4)));  // a plain (vmovups) load
+typedef double Vec4d __attribute__((vector_size(32)));
 typedef int32_t Int32x8 __attribute__((vector_size(32)));
 typedef uint32_t Uint32x8 __attribute__((vector_size(32)));
+typedef uint32_t UnalignedUint32x8 __attribute__((vector_size(32), aligned(4)));   // a plain (vmovdqu) load
 
-// The shift of x_perm lane 2r + odd's nibble, so that the decode is one vector shift (vpsrlvd) of
-// the word broadcast to all lanes.
-constexpr Uint32x8 kLaneShift = {0, 16, 4, 20, 8, 24, 12, 28};
+// The row g of a packed block in lane i of the decoded vectors.
+constexpr int kLaneRow[kInt4BlockN] = {0, 2, 4, 6, 1, 3, 5, 7};
 
-// Where column `within` (0..31) of a block goes in x_perm's block: lane 2r + odd of word t.
+// Where column `within` (0..31) of a block goes in x_perm's block (word t's nibble r + 4 odd), and the
+// power of two it is scaled by.
 constexpr int x_perm_slot(int within) {
-  return 8 * ((within % 8) / 2) + 2 * (within / 8) + within % 2;
+  const int r = within / 8, t = (within % 8) / 2, odd = within % 2;
+  return 8 * t + r + 4 * odd;
+}
+constexpr float x_perm_scale(int within) {
+  return 1.0f / float(1u << (4 * (within / 8) + 12 * (within % 2)));
 }
 
-// A word's eight codes as floats in x_perm's lane order: broadcast, shift, mask, convert.
-__attribute__((always_inline)) inline void decode_word(uint32_t word, Vec8& codes) {
-  const Uint32x8 lanes = (Uint32x8{word, word, word, word, word, word, word, word} >> kLaneShift) & 0xfu;
-  codes = __builtin_convertvector(__builtin_convertvector(lanes, Int32x8), Vec8);
+// by_t[t] lane i = word t of row kLaneRow[i]: words 0..7 hold rows 0 and 1, 8..15 rows 2 and 3, ...
+__attribute__((always_inline)) inline void transpose_block(const uint32_t* words, Uint32x8 (&by_t)[4]) {
+  const Uint32x8 rows01 = *reinterpret_cast<const UnalignedUint32x8*>(words);
+  const Uint32x8 rows23 = *reinterpret_cast<const UnalignedUint32x8*>(words + 8);
+  const Uint32x8 rows45 = *reinterpret_cast<const UnalignedUint32x8*>(words + 16);
+  const Uint32x8 rows67 = *reinterpret_cast<const UnalignedUint32x8*>(words + 24);
+  // words t = 0, 1 of rows (0 2, 0 2 | 1 3, 1 3), then t = 2, 3 (vpunpckldq, vpunpckhdq)
+  const Uint32x8 t01_rows0123 = __builtin_shufflevector(rows01, rows23, 0, 8, 1, 9, 4, 12, 5, 13);
+  const Uint32x8 t23_rows0123 = __builtin_shufflevector(rows01, rows23, 2, 10, 3, 11, 6, 14, 7, 15);
+  const Uint32x8 t01_rows4567 = __builtin_shufflevector(rows45, rows67, 0, 8, 1, 9, 4, 12, 5, 13);
+  const Uint32x8 t23_rows4567 = __builtin_shufflevector(rows45, rows67, 2, 10, 3, 11, 6, 14, 7, 15);
+  // rows 0 2 4 6 | 1 3 5 7 of one word t (vpunpcklqdq, vpunpckhqdq)
+  by_t[0] = __builtin_shufflevector(t01_rows0123, t01_rows4567, 0, 1, 8, 9, 4, 5, 12, 13);
+  by_t[1] = __builtin_shufflevector(t01_rows0123, t01_rows4567, 2, 3, 10, 11, 6, 7, 14, 15);
+  by_t[2] = __builtin_shufflevector(t23_rows0123, t23_rows4567, 0, 1, 8, 9, 4, 5, 12, 13);
+  by_t[3] = __builtin_shufflevector(t23_rows0123, t23_rows4567, 2, 3, 10, 11, 6, 7, 14, 15);
 }
 
-// The lane sums of eight vectors, as one vector: sums[i] = v[i][0] + ... + v[i][7] (pairwise, in the
-// vhaddps pattern: 9 shuffles and adds rather than eight separate horizontal sums).
-__attribute__((always_inline)) inline void sum_lanes(const Vec8 (&v)[8], Vec8& sums) {
-  auto pair_sums = [](Vec8 a, Vec8 b) {   // [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7]
-    return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
-  };
-  // quads: the sums of lanes 0..3 of v[4j], ..., v[4j + 3], then of their lanes 4..7
-  const Vec8 quads0 = pair_sums(pair_sums(v[0], v[1]), pair_sums(v[2], v[3]));
-  const Vec8 quads1 = pair_sums(pair_sums(v[4], v[5]), pair_sums(v[6], v[7]));
-  sums = __builtin_shufflevector(quads0, quads1, 0, 1, 2, 3, 8, 9, 10, 11) +
-         __builtin_shufflevector(quads0, quads1, 4, 5, 6, 7, 12, 13, 14, 15);
-}
-
-// One chunk of `blocks` 32-column blocks (inside one group) for the Rows rows of x at x_perm (stride
-// ldx) and all 8 rows g of a packed block: totals[r * 8 + g] += s[g] (x[r] · q[g] - z[g] sum x[r]).
-// words, x_perm and x_block_sums point at the chunk's first block.
-template <int Rows>
-__attribute__((always_inline, optimize("fp-contract=fast"))) inline void accumulate_chunk(
-    const uint32_t* __restrict words, const float* __restrict x_perm, const double* __restrict x_block_sums,
-    int64_t ldx, int64_t k_blocks, int64_t blocks, const float* __restrict scales, const float* __restrict zeros,
-    double* __restrict totals) {
-  constexpr int Cols = kInt4BlockN / Rows;   // block rows g per tile
-  double x_sums[Rows];
-  for (int r = 0; r < Rows; ++r) {
-    x_sums[r] = 0.0;
-    for (int64_t kb = 0; kb < blocks; ++kb) x_sums[r] += x_block_sums[r * k_blocks + kb];
-  }
-  for (int g0 = 0; g0 < kInt4BlockN; g0 += Cols) {
-    Vec8 acc[kInt4BlockN] = {};   // acc[r * Cols + c]: row r of x times block row g0 + c
-    for (int64_t kb = 0; kb < blocks; ++kb)
+// sums[r] (lanes: the block's 8 columns n) = sum over `blocks` blocks from `words` on of x[r] q (or
+// x[r] (q - 8) when Centered), for the Rows rows of x_perm (stride ldx) at the same blocks.
+template <int Rows, bool Centered>
+__attribute__((always_inline, optimize("fp-contract=fast"))) inline void accumulate_rows(
+    const uint32_t* __restrict words, const float* __restrict x_perm, int64_t ldx, int64_t blocks,
+    Vec8 (&sums)[Rows]) {
+  // Accumulators a row, taking the columns in turn: eight in all, enough independent chains to hide
+  // the multiply-add latency; four at one row (eight spilled two of them: 7% slower).
+  constexpr int Chains = Rows == 1 ? 4 : kInt4BlockN / Rows;
+  Vec8 acc[Rows][Chains] = {};
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    Uint32x8 by_t[4];
+    transpose_block(words + kb * 32, by_t);
 #pragma GCC unroll 4
-      for (int t = 0; t < 4; ++t) {
-        // x first, then each word decoded and used at once: Rows + 1 + 8 live vectors, no spills
-        // (decoding all eight words first spilled accumulators at Rows = 1).
-        Vec8 xv[Rows];
-#pragma GCC unroll 4
-        for (int r = 0; r < Rows; ++r)
-          xv[r] = *reinterpret_cast<const UnalignedVec8*>(x_perm + r * ldx + kb * kInt4BlockK + 8 * t);
+    for (int t = 0; t < 4; ++t) {
+      const Uint32x8 high = by_t[t] >> 4;
 #pragma GCC unroll 8
-        for (int c = 0; c < Cols; ++c) {
-          Vec8 codes;
-          decode_word(words[kb * 32 + 4 * (g0 + c) + t], codes);
-#pragma GCC unroll 4
-          for (int r = 0; r < Rows; ++r) acc[r * Cols + c] += xv[r] * codes;
-        }
+      for (int j = 0; j < 8; ++j) {   // nibble r = j % 4 of half odd = j / 4
+        const int shift = j < 4 ? 4 * j : 12 + 4 * (j - 4);
+        const Uint32x8 lanes = (j < 4 ? by_t[t] : high) & (0xfu << shift);
+        const Int32x8 values = __builtin_convertvector(lanes, Int32x8) - (Centered ? 8 << shift : 0);
+        const Vec8 codes = __builtin_convertvector(values, Vec8);
+        const float* x = x_perm + kb * kInt4BlockK + 8 * t + j;
+#pragma GCC unroll 8
+        for (int r = 0; r < Rows; ++r) acc[r][(8 * t + j) % Chains] += x[r * ldx] * codes;
       }
-    Vec8 sums;
-    sum_lanes(acc, sums);
-#pragma GCC unroll 8
-    for (int i = 0; i < kInt4BlockN; ++i) {
-      const int r = i / Cols, g = g0 + i % Cols;
-      totals[r * kInt4BlockN + g] += double(scales[g]) * (double(sums[i]) - double(zeros[g]) * x_sums[r]);
     }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < Rows; ++r) {
+    sums[r] = acc[r][0];
+#pragma GCC unroll 8
+    for (int a = 1; a < Chains; ++a) sums[r] += acc[r][a];
   }
 }
 
-// One packed block of 8 columns n over all of K, for every row of x: totals[m * 8 + g] = x[m] · w[g].
-// scales and zeros: (groups, 8) floats of this block; a group is group_blocks blocks.
+// A group's scales and zero points (minus center) of a block's 8 columns, from `at` (group * N) on, in
+// lane order, as doubles. Read here, one group a chunk, rather than all groups before the block: those
+// reads are 2 x groups cache lines (a line of the (groups, N) arrays a group, shared by 4 or 8 blocks),
+// and up front their misses stalled the block (15 to 35% of the time at M = 1); between chunks the
+// work hides them.
+__attribute__((always_inline)) inline void load_group(const void* scales, bool scales_bf16, const uint8_t* zeros,
+                                                    double center, int64_t at, Vec4d (&s)[2], Vec4d (&z)[2]) {
+  for (int i = 0; i < kInt4BlockN; ++i) {
+    const int64_t column = at + kLaneRow[i];
+    s[i / 4][i % 4] = scales_bf16 ? to_float(static_cast<const bf16*>(scales)[column])
+                                  : to_float(static_cast<const f16*>(scales)[column]);
+    z[i / 4][i % 4] = zeros[column] - center;
+  }
+}
+
+// totals (8 doubles, lane order) += s (sum - z x_sum), lane for lane.
+__attribute__((always_inline)) inline void add_chunk(const Vec8& sum, const Vec4d (&scales)[2], const Vec4d (&zeros)[2],
+                                                   double x_sum, double* totals) {
+  const Vec4d halves[2] = {__builtin_convertvector(__builtin_shufflevector(sum, sum, 0, 1, 2, 3), Vec4d),
+                           __builtin_convertvector(__builtin_shufflevector(sum, sum, 4, 5, 6, 7), Vec4d)};
+  for (int h = 0; h < 2; ++h) {
+    Vec4d total;
+    std::memcpy(&total, totals + 4 * h, sizeof(total));
+    total += scales[h] * (halves[h] - zeros[h] * x_sum);
+    std::memcpy(totals + 4 * h, &total, sizeof(total));
+  }
+}
+
+template <int Rows, bool Centered>
+__attribute__((always_inline, optimize("fp-contract=fast"))) inline void accumulate_tile(
+    const uint32_t* words, const float* x_perm, int64_t ldx, int64_t blocks, const Vec4d (&scales)[2],
+    const Vec4d (&zeros)[2], const double* x_chunk_sums, int64_t chunks, double* totals) {
+  Vec8 sums[Rows];
+  accumulate_rows<Rows, Centered>(words, x_perm, ldx, blocks, sums);
+  for (int r = 0; r < Rows; ++r)
+    add_chunk(sums[r], scales, zeros, x_chunk_sums[r * chunks], totals + r * kInt4BlockN);
+}
+
+// One chunk (blocks from kb0 on) for every row of x: tiles of 4 rows, then 2 and 1.
+template <bool Centered>
+__attribute__((always_inline, optimize("fp-contract=fast"))) inline void accumulate_chunk(
+    const uint32_t* words, const float* x_perm, int64_t ldx, int64_t m_count, int64_t kb0, int64_t blocks,
+    const Vec4d (&s)[2], const Vec4d (&z)[2], const double* x_chunk_sums, int64_t chunk, int64_t chunks,
+    double* totals) {
+  const uint32_t* w = words + kb0 * 32;
+  const float* x = x_perm + kb0 * kInt4BlockK;
+  const double* x_sums = x_chunk_sums + chunk;
+  int64_t m = 0;
+  for (; m + 4 <= m_count; m += 4)
+    accumulate_tile<4, Centered>(w, x + m * ldx, ldx, blocks, s, z, x_sums + m * chunks, chunks, totals + m * 8);
+  if (m + 2 <= m_count) {
+    accumulate_tile<2, Centered>(w, x + m * ldx, ldx, blocks, s, z, x_sums + m * chunks, chunks, totals + m * 8);
+    m += 2;
+  }
+  if (m < m_count)
+    accumulate_tile<1, Centered>(w, x + m * ldx, ldx, blocks, s, z, x_sums + m * chunks, chunks, totals + m * 8);
+}
+
+// One packed block of 8 columns n over all of K, for every row of x: totals[m * 8 + i] = x[m] · w[row
+// kLaneRow[i]]. scales (bf16 or fp16) and zeros: the (groups, n) arrays from this block's first column
+// on; chunks of chunk_blocks blocks, never across a group's end (chunk_blocks divides group_blocks, or
+// there is one group).
+//
+// centered: the codes enter the sums as q - 8 (one more integer subtraction per 8 codes: 20% slower at
+// M = 1, 11% at M = 16), z - 8 taking z's place. For fp32 outputs: summed uncentered, every product is
+// q / |q - z| ~ 3 times larger, and so is the float rounding of the sums: 0.8 to 1.3x the parity bound
+// (twice PyTorch's fp32 error) at K = 256 per channel, against 0.2 to 0.4x centered. bf16 and fp16
+// outputs round far above either.
 LLMK_CPU_CLONES_QUANT __attribute__((optimize("fp-contract=fast"))) void accumulate_block(
-    const uint32_t* __restrict words, const float* __restrict x_perm, const double* __restrict x_block_sums,
-    int64_t m_count, int64_t k_blocks, int64_t group_blocks, const float* __restrict scales,
-    const float* __restrict zeros, double* __restrict totals) {
-  const int64_t ldx = k_blocks * kInt4BlockK;
-  for (int64_t kb0 = 0; kb0 < k_blocks;) {
-    const int64_t group = kb0 / group_blocks;
-    const int64_t blocks = std::min({int64_t(kChunkBlocks), k_blocks - kb0, (group + 1) * group_blocks - kb0});
-    const uint32_t* w = words + kb0 * 32;
-    const float *s = scales + group * kInt4BlockN, *z = zeros + group * kInt4BlockN;
-    int64_t m = 0;
-    for (; m + 4 <= m_count; m += 4)
-      accumulate_chunk<4>(w, x_perm + m * ldx + kb0 * kInt4BlockK, x_block_sums + m * k_blocks + kb0, ldx, k_blocks,
-                          blocks, s, z, totals + m * kInt4BlockN);
-    if (m + 2 <= m_count) {
-      accumulate_chunk<2>(w, x_perm + m * ldx + kb0 * kInt4BlockK, x_block_sums + m * k_blocks + kb0, ldx, k_blocks,
-                          blocks, s, z, totals + m * kInt4BlockN);
-      m += 2;
-    }
-    if (m < m_count)
-      accumulate_chunk<1>(w, x_perm + m * ldx + kb0 * kInt4BlockK, x_block_sums + m * k_blocks + kb0, ldx, k_blocks,
-                          blocks, s, z, totals + m * kInt4BlockN);
-    kb0 += blocks;
+    const uint32_t* __restrict words, const float* __restrict x_perm, const double* __restrict x_chunk_sums,
+    int64_t m_count, int64_t k_blocks, int64_t group_blocks, int64_t chunk_blocks, const void* scales,
+    bool scales_bf16, const uint8_t* zeros, int64_t n, bool centered, double* __restrict totals) {
+  const int64_t ldx = k_blocks * kInt4BlockK, chunks = (k_blocks + chunk_blocks - 1) / chunk_blocks;
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t kb0 = chunk * chunk_blocks, blocks = std::min(chunk_blocks, k_blocks - kb0);
+    Vec4d s[2], z[2];
+    load_group(scales, scales_bf16, zeros, centered ? 8.0 : 0.0, kb0 / group_blocks * n, s, z);
+    if (centered)
+      accumulate_chunk<true>(words, x_perm, ldx, m_count, kb0, blocks, s, z, x_chunk_sums, chunk, chunks, totals);
+    else
+      accumulate_chunk<false>(words, x_perm, ldx, m_count, kb0, blocks, s, z, x_chunk_sums, chunk, chunks, totals);
   }
 }
 
@@ -174,39 +244,40 @@ void int4_linear_typed(const Int4Problem& p) {
   const T* x = static_cast<const T*>(p.x);
   const S* scales = static_cast<const S*>(p.scales);
   T* out = static_cast<T*>(p.out);
-  // x permuted into nibble order (zeros past K) and each block's sum, once: read N / 8 times.
-  std::vector<float> x_perm(size_t(p.m * padded_k), 0.0f);
-  std::vector<double> x_block_sums(size_t(p.m * k_blocks), 0.0);
-#pragma omp parallel for schedule(static) if (p.m >= 64)
-  for (int64_t m = 0; m < p.m; ++m)
-    for (int64_t c = 0; c < p.k; ++c) {
-      const float value = to_float(x[m * p.ldx + c]);
-      x_perm[m * padded_k + c / kInt4BlockK * kInt4BlockK + x_perm_slot(int(c % kInt4BlockK))] = value;
-      x_block_sums[m * k_blocks + c / kInt4BlockK] += value;
-    }
   // Groups are whole blocks (group_size 32, 64, 128), or one group per row (K, maybe not a multiple of 32).
   const int64_t group_blocks = p.group_size % kInt4BlockK == 0 ? p.group_size / kInt4BlockK : k_blocks;
   const int64_t groups = (k_blocks + group_blocks - 1) / group_blocks;
+  const int64_t chunk_blocks = groups == 1 ? kChunkBlocks : std::gcd(group_blocks, int64_t(kChunkBlocks));
+  const int64_t chunks = (k_blocks + chunk_blocks - 1) / chunk_blocks;
+  // x permuted and scaled (zeros past K), and each chunk's sum, once: read N / 8 times. (One thread
+  // below 64 rows: a few microseconds of work there, less than a parallel region's start and barrier.)
+  std::vector<float> x_perm(size_t(p.m * padded_k), 0.0f);
+  std::vector<double> x_chunk_sums(size_t(p.m * chunks), 0.0);
+#pragma omp parallel for schedule(static) if (p.m >= 64)
+  for (int64_t m = 0; m < p.m; ++m)
+    for (int64_t kb = 0; kb < k_blocks; ++kb) {
+      double block_sum = 0.0;
+      for (int within = 0; within < kInt4BlockK && kb * kInt4BlockK + within < p.k; ++within) {
+        const float value = to_float(x[m * p.ldx + kb * kInt4BlockK + within]);
+        x_perm[m * padded_k + kb * kInt4BlockK + x_perm_slot(within)] = value * x_perm_scale(within);
+        block_sum += value;
+      }
+      x_chunk_sums[m * chunks + kb / chunk_blocks] += block_sum;
+    }
 #pragma omp parallel
   {
-    std::vector<float> block_scales(size_t(groups * kInt4BlockN)), block_zeros(block_scales.size());
     std::vector<double> totals(size_t(p.m * kInt4BlockN));
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t block = 0; block < p.n / kInt4BlockN; ++block) {
-      for (int64_t group = 0; group < groups; ++group)
-        for (int g = 0; g < kInt4BlockN; ++g) {
-          const int64_t at = group * p.n + block * kInt4BlockN + g;
-          block_scales[group * kInt4BlockN + g] = to_float(scales[at]);
-          block_zeros[group * kInt4BlockN + g] = float(p.zeros[at]);
-        }
       std::fill(totals.begin(), totals.end(), 0.0);
       accumulate_block(reinterpret_cast<const uint32_t*>(p.packed) + block * k_blocks * 32, x_perm.data(),
-                       x_block_sums.data(), p.m, k_blocks, group_blocks, block_scales.data(), block_zeros.data(),
+                       x_chunk_sums.data(), p.m, k_blocks, group_blocks, chunk_blocks, scales + block * kInt4BlockN,
+                       std::is_same<S, bf16>::value, p.zeros + block * kInt4BlockN, p.n, std::is_same<T, float>::value,
                        totals.data());
       for (int64_t m = 0; m < p.m; ++m)
-        for (int g = 0; g < kInt4BlockN; ++g) {
-          const int64_t n = block * kInt4BlockN + g;
-          const double value = totals[m * kInt4BlockN + g] + (p.bias ? p.bias[n] : 0.0f);
+        for (int i = 0; i < kInt4BlockN; ++i) {
+          const int64_t n = block * kInt4BlockN + kLaneRow[i];
+          const double value = totals[m * kInt4BlockN + i] + (p.bias ? p.bias[n] : 0.0f);
           out[m * p.n + n] = from_float<T>(float(value));
         }
     }
