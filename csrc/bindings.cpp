@@ -160,6 +160,14 @@ void attention_backward(const py::object& dout, const py::object& q, const py::o
                       stream_pointer(stream));
 }
 
+void quant_quantize_int4(const py::object& w, int64_t group_size, bool symmetric, const py::object& /*scale_dtype*/,
+                         const py::object& packed, const py::object& scales, const py::object& zeros, uintptr_t stream) {
+  const TensorView w_view = tensor(w, "w"), packed_view = tensor(packed, "packed");
+  const TensorView scales_view = tensor(scales, "scales"), zeros_view = tensor(zeros, "zeros");
+  py::gil_scoped_release no_gil;
+  quant::quantize_int4(w_view, group_size, symmetric, packed_view, scales_view, zeros_view, stream_pointer(stream));
+}
+
 void quant_pack_int4(const py::object& codes, const py::object& packed, uintptr_t stream) {
   const TensorView codes_view = tensor(codes, "codes"), packed_view = tensor(packed, "packed");
   py::gil_scoped_release no_gil;
@@ -414,6 +422,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("delta"), py::arg("dq_accum"), py::arg("stream"),
         "Attention backward (FlashAttention-2's, recomputing P from lse): dq, dk, dv; delta and dq_accum are the "
         "CUDA kernels' float32 workspaces (empty for the CPU kernel; dq_accum empty when deterministic)");
+  m.def("quant_quantize_int4", &quant_quantize_int4, py::arg("w"), py::arg("group_size"), py::arg("symmetric"),
+        py::arg("scale_dtype"), py::arg("packed"), py::arg("scales"), py::arg("zeros"), py::arg("stream"),
+        "int4 quantization of w (N, K): packed codes, scales (groups, N), zero points (groups, N)");
   m.def("quant_pack_int4", &quant_pack_int4, py::arg("codes"), py::arg("packed"), py::arg("stream"),
         "int4 codes uint8 (N, K) -> packed int32 (N / 8, ceil(K / 32), 32), common/quant_format.h's layout");
   m.def("quant_unpack_int4", &quant_unpack_int4, py::arg("packed"), py::arg("k"), py::arg("codes"), py::arg("stream"),

@@ -110,14 +110,31 @@ def test_quantize_int4_is_within_half_a_step(group_size, symmetric, dtype):
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asymmetric", "symmetric"])
-def test_quantize_int4_on_the_device_gives_the_cpu_bits(device, symmetric):
-    """Converting a model on the GPU (torch's ops there, then the pack kernel) gives the CPU's weight
-    bit for bit: packed words, scales, zeros."""
-    w = randn((24, 2752), seed=9, scale=0.05)
-    here = quant.quantize_int4(w, group_size=64, symmetric=symmetric)
-    there = quant.quantize_int4(w.to(device), group_size=64, symmetric=symmetric)
-    for name in ("packed", "scales", "zeros"):
-        assert torch.equal(getattr(there, name).cpu(), getattr(here, name)), name
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_int4_kernel_gives_the_reference_bits(device, dtype, symmetric):
+    """The quantization kernel (CPU, emulated CUDA, CUDA: a model converted on the GPU) against the
+    formula in torch ops (llmkernels.reference.quant.quantize_int4), bit for bit: codes, scales, zero
+    points. Groups that are all zero, all positive, all negative, and one near-half value per group."""
+    w = randn((24, 2752), seed=9, scale=0.05).to(dtype)
+    w[0, :64] = 0
+    w[1, :64] = w[1, :64].abs()
+    w[2, :64] = -w[2, :64].abs()
+    for group_size in (32, 64, -1):
+        for scale_dtype in (torch.bfloat16, torch.float16):
+            q = quant.quantize_int4(w.to(device), group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype)
+            codes, scales, zeros = reference.quantize_int4(w, group_size, symmetric, scale_dtype)
+            assert torch.equal(q.codes().cpu(), codes), (group_size, scale_dtype)
+            assert torch.equal(q.scales.cpu(), scales) and torch.equal(q.zeros.cpu(), zeros), (group_size, scale_dtype)
+
+
+def test_quantize_int8_kernel_gives_the_reference_bits(device):
+    w = randn((40, 200), seed=10, scale=0.1)
+    w[3] = 0
+    smooth = torch.rand(200, generator=generator(11)) + 0.5
+    for factors in (None, smooth):
+        q = quant.quantize_int8(w.to(device), smooth=None if factors is None else factors.to(device))
+        codes, scales = reference.symmetric_int8(w * (1 if factors is None else factors))
+        assert torch.equal(q.data.cpu(), codes) and torch.equal(q.scales.cpu(), scales[:, 0])
 
 
 def test_quantize_int4_refuses_bad_shapes_and_types():
@@ -313,11 +330,10 @@ def test_quantize_int8_is_within_half_a_step(smooth):
 
 
 def torch_per_token(v: torch.Tensor):
-    """The per-token formula in torch ops (float32 scale = max|v| / 127, 1 for an all-zero row; codes
-    round-half-even(v / scale) in float64, clamped): what the kernels must reproduce bit for bit."""
-    scale = v.float().abs().amax(dim=-1, keepdim=True) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(v.double() / scale.double()).clamp(-127, 127).to(torch.int8), scale
+    """The per-token formula in torch ops (llmkernels.reference.quant.symmetric_int8: float32 scale =
+    max|v| / 127, 1 for an all-zero row; codes round-half-even(v / scale) in float64, clamped): what
+    the kernels must reproduce bit for bit."""
+    return reference.symmetric_int8(v)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/float_types.h"
 #include "common/hd_math.h"
 
 namespace llmk::quant {
@@ -58,6 +59,40 @@ LLMK_HD Int4Position int4_position(int64_t n, int64_t k, int64_t k_blocks) {
 // lane `lane`'s word is row lane / 4, column 8r + 2 (lane % 4) + odd of the block.
 LLMK_HD int int4_block_column(int lane, int shift) {
   return 8 * ((shift / 4) % 4) + 2 * (lane % 4) + shift / 16;
+}
+
+// int4 quantization of one group (llmkernels.quant.quantize_int4's arithmetic, so the CPU kernel, the
+// CUDA kernel and torch's ops give the same bits): from the group's min, max and max |w| in float32,
+//   symmetric:  s = max|w| / 7,                  z = 8
+//   asymmetric: s = (max(hi, 0) - min(lo, 0)) / 15,  z = clamp(round-half-even(-min(lo, 0) / s), 0, 15)
+// with s = 1 for an all-zero group and s rounded *up* to the 16-bit scale type (never below the float32
+// value, so the group's extremes stay inside the code range); z uses the rounded s.
+struct Int4Group {
+  uint16_t scale_bits;  // of the 16-bit scale type
+  float scale;          // the same value as a float
+  int zero;
+};
+
+template <typename S>
+LLMK_HD Int4Group int4_group(float low, float high, float absmax, bool symmetric) {
+  const float lo = low < 0.0f ? low : 0.0f, hi = high > 0.0f ? high : 0.0f;
+  float s = symmetric ? div_rn(absmax, 7.0f) : div_rn(hi - lo, 15.0f);
+  if (!(s > 0.0f)) s = 1.0f;
+  uint16_t bits = from_float<S>(s).bits;
+  if (to_float(S{bits}) < s) ++bits;   // the next 16-bit value up (s is positive and finite)
+  const float rounded = to_float(S{bits});
+  int zero = 8;
+  if (!symmetric) {
+    const float z = rint(div_rn(-lo, rounded));
+    zero = int(z < 0.0f ? 0.0f : (z > 15.0f ? 15.0f : z));
+  }
+  return Int4Group{bits, rounded, zero};
+}
+
+// The code of w in its group: clamp(round-half-even(w / s) + z, 0, 15), the division in double.
+LLMK_HD uint32_t int4_code(float w, float scale, int zero) {
+  const double q = rint(double(w) / double(scale)) + double(zero);
+  return uint32_t(q < 0.0 ? 0.0 : (q > 15.0 ? 15.0 : q));
 }
 
 // Symmetric int8 (weights per output channel, activations per token): scale = max|v| / 127 in float

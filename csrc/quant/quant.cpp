@@ -69,6 +69,48 @@ void pack_int4(const TensorView& codes, const TensorView& packed, void* stream) 
                  [&](auto device_stream) { pack_int4_device(c, n, k, words, device_stream); });
 }
 
+void quantize_int4(const TensorView& w, int64_t group_size, bool symmetric, const TensorView& packed,
+                   const TensorView& scales, const TensorView& zeros, void* stream) {
+  w.check_ndim(2);
+  w.check_floating();
+  w.check_contiguous();
+  const int64_t n = w.shape[0], k = w.shape[1];
+  LLMK_CHECK(n % 8 == 0 && k % 8 == 0, ValueError, "w's out_features and in_features must be multiples of 8; got shape ",
+             w.shape_str());
+  LLMK_CHECK(group_size == -1 || group_size == 32 || group_size == 64 || group_size == 128, ValueError,
+             "group_size must be 32, 64, 128 or -1; got ", group_size);
+  const int64_t size = group_size == -1 ? k : group_size;
+  LLMK_CHECK(k % size == 0, ValueError, "in_features (", k, ") must be a multiple of group_size (", group_size, ")");
+  packed.check_dtype(DType::i32);
+  packed.check_contiguous();
+  packed.check_same_device(w);
+  packed.check_shape({n / kInt4BlockN, int4_k_blocks(k), 32});
+  LLMK_CHECK(scales.dtype == DType::bf16 || scales.dtype == DType::f16, TypeError,
+             "scales must be bfloat16 or float16; got ", dtype_name(scales.dtype));
+  scales.check_contiguous();
+  scales.check_same_device(w);
+  scales.check_shape({k / size, n});
+  zeros.check_dtype(DType::u8);
+  zeros.check_contiguous();
+  zeros.check_same_device(w);
+  zeros.check_shape({k / size, n});
+  check_no_overlap({packed, scales, zeros}, {w});
+  Int4QuantizeProblem p;
+  p.w_dtype = w.dtype;
+  p.scale_dtype = scales.dtype;
+  p.n = n;
+  p.k = k;
+  p.group_size = size;
+  p.symmetric = symmetric;
+  p.w = w.ptr;
+  p.packed = packed.data<int32_t>();
+  p.scales = scales.ptr;
+  p.zeros = zeros.data<uint8_t>();
+  if (n == 0 || k == 0) return;
+  run_on_backend(w, stream, Operands().add(w).add(packed).add(scales).add(zeros), [&] { quantize_int4_cpu(p); },
+                 [&](auto device_stream) { quantize_int4_device(p, device_stream); });
+}
+
 void unpack_int4(const TensorView& packed, const TensorView& codes, void* stream) {
   check_int4_pair(codes, packed);
   check_no_overlap({codes}, {packed});

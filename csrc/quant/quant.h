@@ -7,6 +7,26 @@
 
 namespace llmk::quant {
 
+// int4 quantization (llmkernels.quant.quantize_int4; quant_format.h: int4_group, int4_code): w (N, K)
+// fp32/bf16/fp16 contiguous, N and K multiples of 8, K a multiple of group_size (32, 64, 128, or -1 for
+// one group per row) -> packed int32 (N / 8, ceil(K / 32), 32), scales bf16/fp16 (groups, N), zeros
+// uint8 (groups, N). The codes never exist unpacked.
+void quantize_int4(const TensorView& w, int64_t group_size, bool symmetric, const TensorView& packed,
+                   const TensorView& scales, const TensorView& zeros, void* stream);
+
+struct Int4QuantizeProblem {
+  DType w_dtype = DType::f32, scale_dtype = DType::bf16;
+  int64_t n = 0, k = 0, group_size = 0;   // group_size: K for one group per row
+  bool symmetric = false;
+  const void* w = nullptr;
+  int32_t* packed = nullptr;
+  void* scales = nullptr;
+  uint8_t* zeros = nullptr;
+};
+void quantize_int4_cpu(const Int4QuantizeProblem& problem);
+void quantize_int4_device(const Int4QuantizeProblem& problem, CudaStream stream);
+void quantize_int4_device(const Int4QuantizeProblem& problem, EmuStream stream);
+
 // codes: uint8 (N, K), every code in [0, 15], N and K multiples of 8 -> packed: int32 (N / 8,
 // ceil(K / 32), 32) in the layout of quant_format.h (K padded with code 0).
 void pack_int4(const TensorView& codes, const TensorView& packed, void* stream);

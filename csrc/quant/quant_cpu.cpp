@@ -1,6 +1,7 @@
 // CPU kernels of the int4 format (quant.h): pack and unpack through quant_format.h's position
 // function, OpenMP over blocks of 8 columns (each writes its own words); and W4A16.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <numeric>
 #include <type_traits>
@@ -32,6 +33,43 @@ void pack_int4_cpu(const uint8_t* codes, int64_t n, int64_t k, int32_t* packed) 
         reinterpret_cast<uint32_t*>(packed)[at.word] |= uint32_t(codes[row * k + col] & 0xf) << at.shift;
       }
   }
+}
+
+// Quantization: each row's groups first (scale and zero point, quant_format.h: int4_group), then
+// each 8-row block's words from its rows' codes (int4_code), as pack_int4_cpu places them.
+void quantize_int4_cpu(const Int4QuantizeProblem& p) {
+  dispatch<float, bf16, f16>(p.w_dtype, "quantize_int4 (CPU kernel)", [&](auto w_tag) {
+    dispatch<bf16, f16>(p.scale_dtype, "quantize_int4 scales", [&](auto scale_tag) {
+      using T = typename decltype(w_tag)::type;
+      using S = typename decltype(scale_tag)::type;
+      const T* w = static_cast<const T*>(p.w);
+      S* scales = static_cast<S*>(p.scales);
+      const int64_t groups = p.k / p.group_size, k_blocks = int4_k_blocks(p.k);
+#pragma omp parallel for schedule(static)
+      for (int64_t block = 0; block < p.n / kInt4BlockN; ++block) {
+        uint32_t* words = reinterpret_cast<uint32_t*>(p.packed) + block * k_blocks * 32;
+        std::memset(words, 0, size_t(k_blocks) * 32 * sizeof(uint32_t));  // padding past K: code 0
+        for (int64_t row = block * kInt4BlockN; row < (block + 1) * kInt4BlockN; ++row)
+          for (int64_t g = 0; g < groups; ++g) {
+            const T* values = w + row * p.k + g * p.group_size;
+            float low = to_float(values[0]), high = low, absmax = std::fabs(low);
+            for (int64_t i = 1; i < p.group_size; ++i) {
+              const float v = to_float(values[i]);
+              low = v < low ? v : low;
+              high = v > high ? v : high;
+              absmax = std::fabs(v) > absmax ? std::fabs(v) : absmax;
+            }
+            const Int4Group q = int4_group<S>(low, high, absmax, p.symmetric);
+            scales[g * p.n + row] = S{q.scale_bits};
+            p.zeros[g * p.n + row] = uint8_t(q.zero);
+            for (int64_t i = 0; i < p.group_size; ++i) {
+              const Int4Position at = int4_position(row, g * p.group_size + i, k_blocks);
+              reinterpret_cast<uint32_t*>(p.packed)[at.word] |= int4_code(to_float(values[i]), q.scale, q.zero) << at.shift;
+            }
+          }
+      }
+    });
+  });
 }
 
 void unpack_int4_cpu(const int32_t* packed, int64_t n, int64_t k, uint8_t* codes) {

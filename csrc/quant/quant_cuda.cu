@@ -57,11 +57,14 @@ struct Int4Params : TiledParams {
   }
 };
 
-// pack/unpack: one thread per packed word, its eight codes (a conversion, memory-bound; not tuned).
+// pack / quantize: one thread per packed word, its eight codes from `code(row, column)` (a uint8 code
+// array, or the weight quantized with its group's scale and zero point); unpack: the inverse. A
+// conversion, memory-bound; not tuned.
 constexpr int kPackThreads = 256;
 
-__global__ void __launch_bounds__(kPackThreads) pack_int4_kernel(const uint8_t* codes, int64_t n, int64_t k,
-                                                                 int32_t* packed) {
+template <typename Codes>
+__global__ void __launch_bounds__(kPackThreads) pack_words_kernel(const Codes code, int64_t n, int64_t k,
+                                                                  int32_t* packed) {
   const int64_t word = int64_t(blockIdx.x) * kPackThreads + threadIdx.x;
   if (word >= int4_packed_words(n, k)) return;
   const int64_t k_blocks = int4_k_blocks(k);
@@ -71,9 +74,58 @@ __global__ void __launch_bounds__(kPackThreads) pack_int4_kernel(const uint8_t* 
 #pragma unroll
   for (int shift = 0; shift < 32; shift += 4) {
     const int64_t column = column0 + int4_block_column(lane, shift);
-    if (column < k) value |= uint32_t(load_global(codes + row * k + column) & 0xf) << shift;  // past K: code 0
+    if (column < k) value |= code(row, column) << shift;  // past K: code 0
   }
   store_global(packed + word, int32_t(value));
+}
+
+struct StoredCodes {
+  const uint8_t* codes;
+  int64_t k;
+  LLMK_DEVICE uint32_t operator()(int64_t row, int64_t column) const {
+    return load_global(codes + row * k + column) & 0xfu;
+  }
+};
+
+template <typename T, typename S>
+struct QuantizedCodes {
+  const T* w;
+  const S* scales;
+  const uint8_t* zeros;
+  int64_t n, k, group_size;
+  LLMK_DEVICE uint32_t operator()(int64_t row, int64_t column) const {
+    const int64_t at = column / group_size * n + row;
+    return int4_code(to_float(load_global(w + row * k + column)), to_float(load_global(scales + at)),
+                     int(load_global(zeros + at)));
+  }
+};
+
+// Each (row, group)'s scale and zero point: one warp per pair, lanes over the group's elements.
+template <typename T, typename S>
+__global__ void __launch_bounds__(kPackThreads) int4_groups_kernel(const T* w, int64_t n, int64_t k,
+                                                                   int64_t group_size, bool symmetric, S* scales,
+                                                                   uint8_t* zeros) {
+  const int64_t pair = (int64_t(blockIdx.x) * kPackThreads + threadIdx.x) / 32;
+  const int lane = int(threadIdx.x % 32);
+  const int64_t groups = k / group_size;
+  if (pair >= n * groups) return;   // (whole warps: the pair is the same for all 32 lanes)
+  const int64_t row = pair / groups, g = pair % groups;
+  const T* values = w + row * k + g * group_size;
+  float low = to_float(load_global(values)), high = low, absmax = fabsf(low);
+  for (int64_t i = lane; i < group_size; i += 32) {
+    const float v = to_float(load_global(values + i));
+    low = fminf(low, v);
+    high = fmaxf(high, v);
+    absmax = fmaxf(absmax, fabsf(v));
+  }
+  low = warp_reduce(low, [](float a, float b) { return fminf(a, b); });
+  high = warp_max(high);
+  absmax = warp_max(absmax);
+  if (lane == 0) {
+    const Int4Group q = int4_group<S>(low, high, absmax, symmetric);
+    store_global(scales + g * n + row, S{q.scale_bits});
+    store_global(zeros + g * n + row, uint8_t(q.zero));
+  }
 }
 
 __global__ void __launch_bounds__(kPackThreads) unpack_int4_kernel(const int32_t* packed, int64_t n, int64_t k,
@@ -239,7 +291,26 @@ void int8_weight_linear_device(const Int8WeightProblem& problem, DeviceStream st
 void pack_int4_device(const uint8_t* codes, int64_t n, int64_t k, int32_t* packed, DeviceStream stream) {
   LLMK_CHECK(int4_packed_words(n, k) / kPackThreads < (int64_t(1) << 31), ValueError, "pack_int4: ", n, " x ", k,
              " codes are too many for one launch");
-  launch("pack_int4", pack_int4_kernel, pack_shape(n, k), stream, codes, n, k, packed);
+  launch("pack_int4", pack_words_kernel<StoredCodes>, pack_shape(n, k), stream, StoredCodes{codes, k}, n, k, packed);
+}
+
+void quantize_int4_device(const Int4QuantizeProblem& p, DeviceStream stream) {
+  LLMK_CHECK(int4_packed_words(p.n, p.k) / kPackThreads < (int64_t(1) << 31), ValueError, "quantize_int4: ", p.n,
+             " x ", p.k, " weights are too many for one launch");
+  dispatch<float, bf16, f16>(p.w_dtype, "quantize_int4 (CUDA kernel)", [&](auto w_tag) {
+    dispatch<bf16, f16>(p.scale_dtype, "quantize_int4 scales", [&](auto scale_tag) {
+      using T = typename decltype(w_tag)::type;
+      using S = typename decltype(scale_tag)::type;
+      const T* w = static_cast<const T*>(p.w);
+      S* scales = static_cast<S*>(p.scales);
+      const int64_t warps = p.n * (p.k / p.group_size);
+      launch("quantize_int4 groups", int4_groups_kernel<T, S>,
+             LaunchShape{dim3(uint32_t((warps * 32 + kPackThreads - 1) / kPackThreads)), dim3(kPackThreads)}, stream,
+             w, p.n, p.k, p.group_size, p.symmetric, scales, p.zeros);
+      launch("quantize_int4", pack_words_kernel<QuantizedCodes<T, S>>, pack_shape(p.n, p.k), stream,
+             QuantizedCodes<T, S>{w, scales, p.zeros, p.n, p.k, p.group_size}, p.n, p.k, p.packed);
+    });
+  });
 }
 
 void unpack_int4_device(const int32_t* packed, int64_t n, int64_t k, uint8_t* codes, DeviceStream stream) {

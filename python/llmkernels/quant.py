@@ -80,23 +80,26 @@ class Int4Weight:
                                    zeros=self.zeros.to(device))
 
 
-def _round_up_to(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """scales in `dtype`, rounded up (never below the float32 value), so that the group's extreme
-    values stay inside the code range."""
-    rounded = scales.to(dtype)
-    low = rounded.float() < scales
-    return torch.where(low, torch.nextafter(rounded, torch.full_like(rounded, float("inf"))), rounded)
+@native_op("quant_quantize_int4")
+def _quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool,
+                   scale_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """packed int32 (N / 8, ceil(K / 32), 32), scales (groups, N) in scale_dtype, zeros uint8 (groups, N)."""
+    n, k = w.shape
+    groups = 1 if group_size == -1 else k // group_size
+    return (torch.empty((n // 8, (k + 31) // 32, 32), dtype=torch.int32, device=w.device),
+            torch.empty((groups, n), dtype=scale_dtype, device=w.device),
+            torch.empty((groups, n), dtype=torch.uint8, device=w.device))
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = False,
                   scale_dtype: torch.dtype = None) -> Int4Weight:
-    """Group-wise int4 quantization of an (N, K) weight along K. Every element ends within half a
-    step (its group's scale / 2) of its dequantized value.
+    """Group-wise int4 quantization of an (N, K) weight along K, by one kernel on the weight's device
+    (CPU or CUDA): every element ends within half a step (its group's scale / 2) of its dequantized value.
 
     symmetric: scale = max|w| / 7 and zero point 8 (codes 1..15 for |w| <= max). Otherwise scale =
     (max - min) / 15 and a 4-bit zero point round(-min / scale) (min and max over the group, with 0
     included, so that zero is exact). Scales are bf16 or fp16 (default: w's dtype if 16-bit, else bf16),
-    rounded up from the exact value."""
+    rounded up from the exact value. The same bits as llmkernels.reference.quant.quantize_int4 (torch ops)."""
     if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
         raise TypeError(f"w must be a 2-D floating-point tensor (out_features, in_features); got "
                         f"{getattr(w, 'dtype', type(w).__name__)} of shape {tuple(getattr(w, 'shape', ()))}")
@@ -112,23 +115,10 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = Fals
         scale_dtype = w.dtype if w.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     if scale_dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"scale_dtype must be bfloat16 or float16; got {scale_dtype}")
-    groups = w.float().reshape(n, k // size, size)
-    if symmetric:
-        scale = groups.abs().amax(dim=2) / 7
-    else:
-        low = groups.amin(dim=2).clamp(max=0)
-        high = groups.amax(dim=2).clamp(min=0)
-        scale = (high - low) / 15
-    scale = _round_up_to(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype)   # all-zero group: 1
-    s = scale.float()
-    if symmetric:
-        zero = torch.full_like(s, 8)
-    else:
-        zero = torch.round(-low / s).clamp(0, 15)
-    codes = (torch.round(groups.double() / s.double()[:, :, None]) + zero[:, :, None]).clamp(0, 15)
-    codes = codes.to(torch.uint8).reshape(n, k)
-    return Int4Weight(pack_int4(codes), scale.T.contiguous(), zero.to(torch.uint8).T.contiguous(), group_size,
-                      (n, k), symmetric)
+    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        w = w.float()
+    packed, scales, zeros = _quantize_int4(w.detach().contiguous(), group_size, symmetric, scale_dtype)
+    return Int4Weight(packed, scales, zeros, group_size, (n, k), symmetric)
 
 
 def dequantize(weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -198,19 +188,12 @@ class Int8Weight:
                           None if self.smooth is None else self.smooth.to(device))
 
 
-def _symmetric_int8(values: torch.Tensor):
-    """Row-wise symmetric int8: scale = max|row| / 127 (1 for an all-zero row), codes in [-127, 127];
-    every element within half a step of code * scale."""
-    scale = (values.abs().amax(dim=-1, keepdim=True) / 127).float()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    # (the division in float64: in float32 its rounding moved near-half values by up to 127 ulps of the
-    # step, past the half-step bound)
-    return torch.round(values.double() / scale.double()).clamp(-127, 127).to(torch.int8), scale
-
-
 def quantize_int8(w: torch.Tensor, smooth: Optional[torch.Tensor] = None) -> Int8Weight:
     """Per-output-channel symmetric int8 quantization of an (N, K) weight, of w * smooth when
-    SmoothQuant factors (K,) are given (the activations are then divided by them)."""
+    SmoothQuant factors (K,) are given (the activations are then divided by them): the per-token
+    kernel (quantize_per_token) on the weight's rows, on its device. scale = max|row| / 127 in float32
+    (1 for an all-zero row), codes round-half-even(w / scale) in float64, so every element is within
+    half a step of code * scale (in float32 the division's rounding moved near-half values past it)."""
     if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
         raise TypeError(f"w must be a 2-D floating-point tensor (out_features, in_features); got "
                         f"{getattr(w, 'dtype', type(w).__name__)} of shape {tuple(getattr(w, 'shape', ()))}")
@@ -223,8 +206,8 @@ def quantize_int8(w: torch.Tensor, smooth: Optional[torch.Tensor] = None) -> Int
             raise ValueError(f"smooth must be ({k},) positive factors; got shape {tuple(smooth.shape)}")
         smooth = smooth.float().contiguous()
         values = values * smooth[None, :]
-    data, scale = _symmetric_int8(values)
-    return Int8Weight(data, scale[:, 0].contiguous(), smooth)
+    data, scale = _quantize_per_token(values.detach().contiguous(), None)
+    return Int8Weight(data, scale, smooth)
 
 
 @native_op("quant_quantize_per_token")

@@ -1,5 +1,8 @@
-"""Quantized weights in plain PyTorch (issue 11, in progress): the formats' meaning and the products
-they define.
+"""Quantized weights in plain PyTorch: the formats' meaning, their quantization and the products they
+define.
+
+    quantize_int4(w, group_size, symmetric, scale_dtype) -> (codes, scales, zeros)   torch ops
+    symmetric_int8(values) -> (codes, scales (rows, 1))     per-row int8: weights (per channel), tokens
 
     int4:  w[n, k] = (codes[n, k] - zeros[k // group, n]) * scales[k // group, n]     (group = K when -1)
            int4_linear(x, ...) = x @ wᵀ (+ bias), float32 from x's values, rounded once to x's dtype
@@ -11,6 +14,44 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+
+def _round_up_to(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """scales in `dtype`, rounded up (never below the float32 value), so that the group's extreme
+    values stay inside the code range."""
+    rounded = scales.to(dtype)
+    low = rounded.float() < scales
+    return torch.where(low, torch.nextafter(rounded, torch.full_like(rounded, float("inf"))), rounded)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool, scale_dtype: torch.dtype):
+    """The int4 quantization of an (N, K) weight in torch ops: codes uint8 (N, K), scales (groups, N)
+    in scale_dtype, zeros uint8 (groups, N). symmetric: s = max|w| / 7, z = 8; else s = (max - min) / 15
+    and z = round(-min / s) with min <= 0 <= max; s = 1 for an all-zero group, rounded up to
+    scale_dtype; codes clamp(round(w / s) + z, 0, 15), the division in float64 (in float32 its
+    rounding moved near-half values past the half-step bound)."""
+    n, k = w.shape
+    size = k if group_size == -1 else group_size
+    groups = w.float().reshape(n, k // size, size)
+    if symmetric:
+        scale = groups.abs().amax(dim=2) / 7
+    else:
+        low = groups.amin(dim=2).clamp(max=0)
+        high = groups.amax(dim=2).clamp(min=0)
+        scale = (high - low) / 15
+    scale = _round_up_to(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype)
+    s = scale.float()
+    zero = torch.full_like(s, 8) if symmetric else torch.round(-low / s).clamp(0, 15)
+    codes = (torch.round(groups.double() / s.double()[:, :, None]) + zero[:, :, None]).clamp(0, 15)
+    return codes.to(torch.uint8).reshape(n, k), scale.T.contiguous(), zero.to(torch.uint8).T.contiguous()
+
+
+def symmetric_int8(values: torch.Tensor):
+    """Row-wise symmetric int8 in torch ops: scale = max|row| / 127 in float32 (1 for an all-zero row),
+    codes round-half-even(values / scale) in float64, clamped to [-127, 127]."""
+    scale = values.float().abs().amax(dim=-1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(values.double() / scale.double()).clamp(-127, 127).to(torch.int8), scale
 
 
 def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
