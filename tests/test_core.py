@@ -144,3 +144,43 @@ def test_seeds_are_64_bit_patterns():
         check.seed(-2**63 - 1, "seed", torch.device("cpu"))
     with pytest.raises(TypeError, match="seed must have dtype int64; got int32"):
         check.seed(torch.tensor(1, dtype=torch.int32), "seed", torch.device("cpu"))
+
+
+# -- the custom ops' eager fast path (_ops.native_op) ----------------------------------------------
+
+def test_native_op_fast_path_and_dispatched_path_agree():
+    """A plain eager call skips torch's dispatcher; the registered op (`call.op`) gives the same result,
+    and a mutated tensor's version counter moves either way (autograd's check of in-place changes)."""
+    from llmkernels import _gemm, quant
+    from llmkernels._gemm import ACTIVATIONS, _gemm as gemm_op
+    x = torch.randn(5, 64).bfloat16()
+    q = quant.quantize_int4(torch.randn(16, 64), group_size=32, scale_dtype=torch.bfloat16)
+    fast, _ = quant._int4_linear(x, q.packed, q.scales, q.zeros, 32, None)
+    slow, _ = quant._int4_linear.op(x, q.packed, q.scales, q.zeros, 32, None)
+    assert torch.equal(fast, slow)
+    w = torch.randn(24, 64).bfloat16()
+    outs = []
+    for call in (gemm_op, gemm_op.op):
+        out = torch.full((5, 24), float("nan"), dtype=torch.bfloat16)
+        before = out._version
+        call(x, None, w, None, None, None, ACTIVATIONS["none"], False, out, _gemm.workspace(5, 24, 64, x.device))
+        assert out._version > before
+        outs.append(out)
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+
+
+def test_native_op_takes_the_dispatcher_for_fake_tensors_and_modes():
+    """Fake tensors (torch.export, meta-style shape propagation) and dispatch modes (FlopCounterMode)
+    must see the op, not a native call on data that does not exist."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    from llmkernels import quant
+    q = quant.quantize_int4(torch.randn(16, 64), group_size=32, scale_dtype=torch.bfloat16)
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.randn(3, 64).bfloat16())
+        packed, scales, zeros = (mode.from_tensor(t) for t in (q.packed, q.scales, q.zeros))
+        out, _ = quant._int4_linear(x, packed, scales, zeros, 32, None)
+        assert out.shape == (3, 16) and out.dtype == torch.bfloat16
+    with FlopCounterMode(display=False):
+        out, _ = quant._int4_linear(torch.randn(3, 64).bfloat16(), q.packed, q.scales, q.zeros, 32, None)
+    assert torch.isfinite(out).all()

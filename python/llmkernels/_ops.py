@@ -61,17 +61,38 @@ def stream_handle(device: torch.device) -> int:
     return 0
 
 
+def _plain_tensors(values) -> bool:
+    """Every tensor among `values` (and inside lists) is a plain tensor or parameter with no autograd to
+    record (grad off, or no tensor requiring it): nothing for torch's dispatcher to do but call us."""
+    grad = torch.is_grad_enabled()
+    for value in values:
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                if type(item) not in _PLAIN_TYPES or (grad and item.requires_grad):
+                    return False
+    return True
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def native_op(name: str, *, mutates_args: Sequence[str] = ()) -> Callable:
-    """Decorator: registers `llmkernels::<name>`, implemented by `_C.<name>` (see the module doc)."""
+    """Decorator: registers `llmkernels::<name>`, implemented by `_C.<name>` (see the module doc).
+
+    Returns the function the Python layer calls. In plain eager calls (not compiling, no torch
+    function or dispatch mode active, every tensor a plain tensor or parameter, no autograd to
+    record) it runs the implementation directly, as torch's dispatcher would, without the custom op's
+    dispatch (about 100 us a call in torch 2.13, more than a small kernel takes); mutated tensors get
+    their version counters bumped as the op would. Anything else (torch.compile, fake tensors,
+    FlopCounterMode, tensors requiring grad) goes through the registered op, `call.op`."""
     def decorate(declare: Callable):
         native = getattr(C, name)
         signature = inspect.signature(declare)
+        parameters = list(signature.parameters.values())
+        mutated = [i for i, p in enumerate(parameters) if p.name in mutates_args]
 
-        @functools.wraps(declare)
-        def implementation(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            arguments = list(bound.arguments.values())
+        def run(arguments):
             outputs = declare(*arguments)
             output_list = [] if outputs is None else list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
             anchor = _first_tensor(arguments + output_list)
@@ -79,7 +100,29 @@ def native_op(name: str, *, mutates_args: Sequence[str] = ()) -> Callable:
             native(*[_to_native(a) for a in arguments], *[capsule(o) for o in output_list], stream)
             return outputs
 
+        @functools.wraps(declare)
+        def implementation(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return run(list(bound.arguments.values()))
+
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", implementation, mutates_args=tuple(mutates_args))
         op.register_fake(declare)
-        return op
+
+        @functools.wraps(declare)
+        def call(*args, **kwargs):
+            if (kwargs or len(args) != len(parameters) or torch.compiler.is_compiling()
+                    or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
+                    or not _plain_tensors(args)):
+                return op(*args, **kwargs)
+            outputs = run(list(args))
+            for i in mutated:
+                value = args[i]
+                tensors = [t for t in (value if isinstance(value, (list, tuple)) else (value,)) if t is not None]
+                if tensors:
+                    torch.autograd.graph.increment_version(tensors)
+            return outputs
+
+        call.op = op
+        return call
     return decorate
