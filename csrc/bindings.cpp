@@ -19,6 +19,7 @@
 #include "gemm/gemm.h"
 #include "mezo/mezo.h"
 #include "quant/quant.h"
+#include "moe/moe.h"
 #include "testing/emulator_kernels.h"
 #include "testing/vocabulary_kernels.h"
 
@@ -229,6 +230,17 @@ void quant_quantize_per_token(const py::object& x, const py::object& smooth, con
   const auto smooth_view = optional_tensor(smooth, "smooth");
   py::gil_scoped_release no_gil;
   quant::quantize_per_token(x_view, pointer(smooth_view), codes_view, scales_view, stream_pointer(stream));
+}
+
+void moe_route(const py::object& logits, int64_t top_k, bool renormalize, int64_t scoring, const py::object& weights,
+               const py::object& expert_ids, const py::object& tokens_per_expert, const py::object& logsumexp,
+               uintptr_t stream) {
+  const TensorView logits_view = tensor(logits, "router_logits"), weights_view = tensor(weights, "weights");
+  const TensorView ids_view = tensor(expert_ids, "expert_ids"), counts_view = tensor(tokens_per_expert, "tokens_per_expert");
+  const TensorView lse_view = tensor(logsumexp, "router_logsumexp");
+  py::gil_scoped_release no_gil;
+  moe::route(logits_view, top_k, renormalize, static_cast<moe::Scoring>(scoring), weights_view, ids_view, counts_view,
+             lse_view, stream_pointer(stream));
 }
 
 void def_emulator(py::module_& m) {
@@ -448,6 +460,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("quant_int8_linear", &quant_int8_linear, py::arg("a"), py::arg("a_scales"), py::arg("b"),
         py::arg("b_scales"), py::arg("bias"), py::arg("out_dtype"), py::arg("out"), py::arg("stream"),
         "W8A8: int32 accumulators scaled per token and per channel (+ bias)");
+  m.def("moe_route", &moe_route, py::arg("router_logits"), py::arg("top_k"), py::arg("renormalize"),
+        py::arg("scoring"), py::arg("weights"), py::arg("expert_ids"), py::arg("tokens_per_expert"),
+        py::arg("router_logsumexp"), py::arg("stream"),
+        "MoE router: scores (0 softmax | 1 sigmoid), top-k of the logits, weights (renormalized), per-expert "
+        "counts and per-token logsumexp (csrc/moe/moe.h)");
   m.def("gemm_workspace", &gemm::split_k_workspace, py::arg("m"), py::arg("n"), py::arg("k"),
         "float32 elements of the GEMM core's split-K workspace for (m, n, k) (0: no split)");
   m.def("gemm_split_limits", [] { return py::make_tuple(gemm::kSplitMaxRows, gemm::kSplitMaxRanges); },

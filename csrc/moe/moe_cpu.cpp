@@ -1,0 +1,59 @@
+// CPU kernels of the Mixture-of-Experts family (moe.h).
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/float_types.h"
+#include "core/dispatch.h"
+#include "moe/moe.h"
+#include "moe/route_select.h"
+
+namespace llmk::moe {
+
+// One token at a time: the max and the sum of exp(l - max) over its experts, then k passes picking the
+// best logit not yet taken (ranks_before), as the CUDA kernel does with a warp per token.
+void route_cpu(const RouteProblem& p) {
+  std::vector<int32_t> counts(size_t(p.experts), 0);
+  dispatch<float, bf16, f16>(p.dtype, "route (CPU kernel)", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+#pragma omp parallel
+    {
+      std::vector<float> row(size_t(p.experts));
+      std::vector<char> taken(size_t(p.experts));
+      std::vector<int32_t> local(size_t(p.experts), 0);
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < p.tokens; ++t) {
+        const T* logits = static_cast<const T*>(p.logits) + t * p.ld;
+        float max = -INFINITY;
+        for (int64_t e = 0; e < p.experts; ++e) {
+          row[size_t(e)] = to_float(logits[e]);
+          max = row[size_t(e)] > max ? row[size_t(e)] : max;
+        }
+        double total_exp = 0.0;   // (in double: a float running sum over 256 experts drifts past torch's pairwise one)
+        for (int64_t e = 0; e < p.experts; ++e) total_exp += expf(row[size_t(e)] - max);
+        const float sum = float(total_exp);
+        p.logsumexp[t] = max + logf(sum);
+        float total = 0.0f;
+        std::fill(taken.begin(), taken.end(), 0);
+        for (int64_t j = 0; j < p.top_k; ++j) {
+          int best = -1;
+          for (int e = 0; e < int(p.experts); ++e)
+            if (!taken[size_t(e)] && (best < 0 || ranks_before(row[size_t(e)], e, row[size_t(best)], best))) best = e;
+          const float score = route_score(row[size_t(best)], max, sum, p.scoring == Scoring::sigmoid);
+          p.expert_ids[t * p.top_k + j] = best;
+          p.weights[t * p.top_k + j] = score;
+          total += score;
+          ++local[size_t(best)];
+          taken[size_t(best)] = 1;
+        }
+        if (p.renormalize)
+          for (int64_t j = 0; j < p.top_k; ++j) p.weights[t * p.top_k + j] /= total;
+      }
+#pragma omp critical
+      for (int64_t e = 0; e < p.experts; ++e) counts[size_t(e)] += local[size_t(e)];
+    }
+  });
+  for (int64_t e = 0; e < p.experts; ++e) p.tokens_per_expert[e] = counts[size_t(e)];
+}
+
+}  // namespace llmk::moe

@@ -1,0 +1,25 @@
+// The router's per-token arithmetic shared by the CPU and CUDA kernels (moe.h: route): top-k
+// selection order, scores and weights from the selected logits.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/hd_math.h"
+
+namespace llmk::moe {
+
+// Whether (value a, index ia) is chosen before (value b, index ib): the larger logit, then the lower
+// index. A NaN logit is never chosen before a number (it sorts last).
+LLMK_HD bool ranks_before(float a, int ia, float b, int ib) {
+  if (a != a) return false;
+  if (b != b) return true;
+  return a > b || (a == b && ia < ib);
+}
+
+// The score of a selected logit: softmax exp(l - max) / sum (sum = sum over all experts of
+// exp(l - max)), or sigmoid(l).
+LLMK_HD float route_score(float logit, float max, float sum, bool sigmoid) {
+  return sigmoid ? 1.0f / (1.0f + expf(-logit)) : expf(logit - max) / sum;
+}
+
+}  // namespace llmk::moe

@@ -1,0 +1,69 @@
+"""Mixture-of-Experts (issue 12, in progress): the router kernel (CPU, the CUDA kernel emulated, CUDA)
+against llmkernels.reference.moe.route: the same experts in the same order (exactly, ties included),
+weights and logsumexp under the parity rule, counts exactly."""
+import pytest
+import torch
+
+import llmkernels
+from llmkernels import moe
+from llmkernels.reference import moe as reference
+
+from helpers import assert_parity, generator, randn
+
+
+def check_route(logits, top_k, device, *, renormalize=True, scoring="softmax", name=""):
+    weights, ids, stats = moe.route(logits.to(device), top_k, renormalize=renormalize, scoring=scoring)
+    expected_weights, expected_ids, expected = reference.route(logits, top_k, renormalize=renormalize, scoring=scoring)
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    assert torch.equal(ids.cpu(), expected_ids), name
+    assert torch.equal(stats.tokens_per_expert.cpu(), expected.tokens_per_expert), name
+    # float32 against the float64 computation of the same selection; torch's own float32 error as the baseline
+    oracle_weights, _, oracle = reference.route(logits.double(), top_k, renormalize=renormalize, scoring=scoring)
+    assert_parity(weights.cpu(), expected_weights, oracle_weights, f"{name} weights")
+    assert_parity(stats.router_logsumexp.cpu(), expected.router_logsumexp, oracle.router_logsumexp, f"{name} lse")
+
+
+@pytest.mark.parametrize("experts, top_k", [(8, 2), (8, 1), (128, 8), (256, 8), (1000, 3), (5, 5), (1, 1)])
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_route_matches_the_reference(device, experts, top_k, scoring):
+    for tokens in (1, 37):
+        logits = randn((tokens, experts), seed=experts + tokens)
+        check_route(logits, top_k, device, scoring=scoring, name=f"T={tokens} E={experts} k={top_k}")
+        check_route(logits, top_k, device, scoring=scoring, renormalize=False, name="not renormalized")
+
+
+def test_route_ties_skewed_and_16bit_logits(device):
+    """Equal logits (lower index first), a Zipf-like skew that sends most tokens to a few experts,
+    experts nobody picks, bf16 and fp16 logits."""
+    tied = torch.randint(0, 3, (64, 40), generator=generator(3)).float()
+    for top_k in (1, 5, 17, 40):
+        check_route(tied, top_k, device, name=f"ties k={top_k}")
+    skew = torch.log(1.0 / torch.arange(1, 65).float())[None, :] * 4 + randn((50, 64), seed=4) * 0.1
+    check_route(skew, 8, device, name="zipf")
+    for dtype in (torch.bfloat16, torch.float16):
+        check_route(randn((20, 16), seed=5).to(dtype), 4, device, name=str(dtype))
+
+
+def test_route_refuses_bad_inputs():
+    with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, 8\]"):
+        moe.route(torch.randn(4, 8), 9)
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        moe.route(torch.randn(4, 8), 2, scoring="relu")
+    with pytest.raises(TypeError, match="router_logits must be float32, bfloat16 or float16"):
+        moe.route(torch.randn(4, 8).double(), 2)
+    with pytest.raises(ValueError, match="1 to 1024 experts"):
+        moe.route(torch.randn(4, 1025), 2)
+
+
+@pytest.mark.emu
+def test_emulated_route_launches_without_reports():
+    llmkernels.emulator.reset_report()
+    with llmkernels.emulator.emulate(schedule="shuffled", seed=2):
+        weights, ids, stats = moe.route(randn((19, 40), seed=6), 6)
+    kernels = {r["kernel"]: r["launches"] for r in llmkernels.emulator.report()}
+    assert kernels == {"route zero counts": 1, "route": 1}, kernels
+    assert int(stats.tokens_per_expert.sum()) == 19 * 6
+
+
+def test_opcheck_route():
+    torch.library.opcheck(torch.ops.llmkernels.moe_route.default, (randn((5, 8), seed=7), 2, True, 0))
