@@ -243,6 +243,17 @@ void moe_route(const py::object& logits, int64_t top_k, bool renormalize, int64_
              lse_view, stream_pointer(stream));
 }
 
+void moe_permute(const py::object& expert_ids, int64_t experts, int64_t block, const py::object& expert_offsets,
+                 const py::object& row_token, const py::object& row_slot, const py::object& block_expert,
+                 const py::object& slot_row, const py::object& workspace, uintptr_t stream) {
+  const TensorView ids = tensor(expert_ids, "expert_ids"), offsets = tensor(expert_offsets, "expert_offsets");
+  const TensorView token = tensor(row_token, "row_token"), slot = tensor(row_slot, "row_slot");
+  const TensorView blocks = tensor(block_expert, "block_expert"), rows = tensor(slot_row, "slot_row");
+  const TensorView scratch = tensor(workspace, "workspace");
+  py::gil_scoped_release no_gil;
+  moe::permute(ids, experts, block, offsets, token, slot, blocks, rows, scratch, stream_pointer(stream));
+}
+
 void def_emulator(py::module_& m) {
   py::module_ e = m.def_submodule("emulator", "The SIMT emulator that runs the CUDA kernels on CPU tensors");
   e.def("settings", [] {
@@ -465,6 +476,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("router_logsumexp"), py::arg("stream"),
         "MoE router: scores (0 softmax | 1 sigmoid), top-k of the logits, weights (renormalized), per-expert "
         "counts and per-token logsumexp (csrc/moe/moe.h)");
+  m.def("moe_permute", &moe_permute, py::arg("expert_ids"), py::arg("num_experts"), py::arg("block"),
+        py::arg("expert_offsets"), py::arg("row_token"), py::arg("row_slot"), py::arg("block_expert"),
+        py::arg("slot_row"), py::arg("workspace"), py::arg("stream"),
+        "MoE block-sparse layout of a routing in worst-case buffers (csrc/moe/moe.h: permute)");
+  m.def("moe_permute_sizes", [](int64_t t, int64_t k, int64_t e, int64_t block) {
+          return py::make_tuple(moe::permute_rows(t, k, e, block), moe::permute_workspace(t, k, e)); },
+        py::arg("tokens"), py::arg("top_k"), py::arg("num_experts"), py::arg("block"),
+        "(rows, workspace int32 elements) of moe_permute's buffers");
   m.def("gemm_workspace", &gemm::split_k_workspace, py::arg("m"), py::arg("n"), py::arg("k"),
         "float32 elements of the GEMM core's split-K workspace for (m, n, k) (0: no split)");
   m.def("gemm_split_limits", [] { return py::make_tuple(gemm::kSplitMaxRows, gemm::kSplitMaxRanges); },

@@ -67,3 +67,54 @@ def test_emulated_route_launches_without_reports():
 
 def test_opcheck_route():
     torch.library.opcheck(torch.ops.llmkernels.moe_route.default, (randn((5, 8), seed=7), 2, True, 0))
+
+
+# -- the block-sparse permutation ------------------------------------------------------------------
+
+def check_permute(expert_ids, experts, block, device, name=""):
+    got = moe.permute(expert_ids.to(device), experts, block)
+    expected = reference.permutation(expert_ids, experts, block, worst_case=True)
+    for field in ("expert_offsets", "row_token", "row_slot", "block_expert", "slot_row"):
+        assert torch.equal(getattr(got, field).cpu(), getattr(expected, field)), f"{name}: {field}"
+
+
+@pytest.mark.parametrize("block", [1, 16, 64])
+def test_permute_matches_the_reference(device, block):
+    """Uniform, Zipf-skewed, all to one expert, experts with no tokens, T = 1, T not a multiple of the
+    block, k = 1, 2, 8, and more pairs than one CUDA chunk (256) so chunk prefixes and warps both count."""
+    g = generator(block)
+    cases = {
+        "uniform": torch.randint(0, 8, (300, 2), generator=g),
+        "one expert": torch.full((37, 2), 5),
+        "t=1 k=8": torch.randperm(64, generator=g)[:8][None, :],
+        "k=1 empty experts": torch.randint(0, 3, (70, 1), generator=g) * 7,
+        "zipf k=8": torch.multinomial(1.0 / torch.arange(1, 129).float(), 8 * 97, replacement=True,
+                                      generator=g).reshape(97, 8),
+    }
+    for name, ids in cases.items():
+        experts = 128 if name.startswith(("zipf", "t=1")) else 22 if name.startswith("k=1") else 8
+        check_permute(ids.to(torch.int32), experts, block, device, f"{name} block {block}")
+
+
+def test_permute_refuses_expert_ids_out_of_range():
+    with pytest.raises(ValueError, match=r"expert_ids must be in \[0, 8\) \(the number of experts\); got 8 at \(1, 0\)"):
+        moe.permute(torch.tensor([[0, 1], [8, 2]], dtype=torch.int32), 8, 4)
+    with pytest.raises(ValueError, match=r"got -1"):
+        moe.permute(torch.tensor([[0, -1]], dtype=torch.int32), 8, 4)
+    with pytest.raises(TypeError, match="expert_ids must be a 2-D int32 or int64 tensor"):
+        moe.permute(torch.zeros(4, 2), 8, 4)
+
+
+@pytest.mark.emu
+def test_emulated_permute_launches_four_kernels_without_reports():
+    ids = torch.randint(0, 16, (300, 2), generator=generator(9), dtype=torch.int32)
+    llmkernels.emulator.reset_report()
+    with llmkernels.emulator.emulate(schedule="shuffled", seed=4):
+        moe.permute(ids, 16, 32)
+    kernels = {r["kernel"]: r["launches"] for r in llmkernels.emulator.report()}
+    assert kernels == {"permute count": 1, "permute offsets": 1, "permute place": 1, "permute pad": 1}, kernels
+
+
+def test_opcheck_permute():
+    ids = torch.randint(0, 8, (5, 2), generator=generator(8), dtype=torch.int32)
+    torch.library.opcheck(torch.ops.llmkernels.moe_permute.default, (ids, 8, 4))

@@ -54,3 +54,61 @@ void route(const TensorView& logits, int64_t top_k, bool renormalize, Scoring sc
 }
 
 }  // namespace llmk::moe
+
+namespace llmk::moe {
+
+void permute(const TensorView& expert_ids, int64_t experts, int64_t block, const TensorView& expert_offsets,
+             const TensorView& row_token, const TensorView& row_slot, const TensorView& block_expert,
+             const TensorView& slot_row, const TensorView& workspace, void* stream) {
+  expert_ids.check_dtype(DType::i32);
+  expert_ids.check_ndim(2);
+  expert_ids.check_contiguous();
+  const int64_t tokens = expert_ids.shape[0], top_k = expert_ids.shape[1];
+  LLMK_CHECK(experts >= 1 && experts <= kMaxExperts, ValueError, "num_experts must be in [1, ", kMaxExperts, "]; got ",
+             experts);
+  LLMK_CHECK(block >= 1 && block <= 1024, ValueError, "block must be in [1, 1024]; got ", block);
+  const int64_t rows = permute_rows(tokens, top_k, experts, block);
+  LLMK_CHECK(rows < (int64_t(1) << 31), ValueError, "expert_ids: ", tokens, " tokens x top_k ", top_k,
+             " need ", rows, " rows, past int32 row indices");
+  for (const TensorView* t : {&expert_offsets, &row_token, &row_slot, &block_expert, &slot_row, &workspace}) {
+    t->check_dtype(DType::i32);
+    t->check_contiguous();
+    t->check_same_device(expert_ids);
+  }
+  expert_offsets.check_shape({experts + 1});
+  row_token.check_shape({rows});
+  row_slot.check_shape({rows});
+  block_expert.check_shape({(rows + block - 1) / block});
+  slot_row.check_shape({tokens, top_k});
+  const int64_t workspace_needed =
+      select_backend(expert_ids) == Backend::cpu ? 0 : permute_workspace(tokens, top_k, experts);
+  LLMK_CHECK(workspace.numel() >= workspace_needed, ValueError, workspace.name, " must have at least ",
+             workspace_needed, " elements (the CUDA kernels' per-chunk counts); got ", workspace.numel());
+  check_no_overlap({expert_offsets, row_token, row_slot, block_expert, slot_row, workspace}, {expert_ids});
+  if (expert_ids.device == DeviceType::cpu) {
+    const int32_t* ids = expert_ids.data<int32_t>();
+    for (int64_t i = 0; i < expert_ids.numel(); ++i)
+      LLMK_CHECK(ids[i] >= 0 && ids[i] < experts, ValueError, "expert_ids must be in [0, ", experts,
+                 ") (the number of experts); got ", ids[i], " at (", i / (top_k ? top_k : 1), ", ",
+                 i % (top_k ? top_k : 1), ")");
+  }
+  PermuteProblem p;
+  p.tokens = tokens;
+  p.top_k = top_k;
+  p.experts = experts;
+  p.block = block;
+  p.rows = rows;
+  p.expert_ids = expert_ids.data<int32_t>();
+  p.expert_offsets = expert_offsets.data<int32_t>();
+  p.row_token = row_token.data<int32_t>();
+  p.row_slot = row_slot.data<int32_t>();
+  p.block_expert = block_expert.data<int32_t>();
+  p.slot_row = slot_row.data<int32_t>();
+  p.workspace = workspace.data<int32_t>();
+  run_on_backend(expert_ids, stream,
+                 Operands().add(expert_ids).add(expert_offsets).add(row_token).add(row_slot).add(block_expert)
+                     .add(slot_row).add(workspace),
+                 [&] { permute_cpu(p); }, [&](auto device_stream) { permute_device(p, device_stream); });
+}
+
+}  // namespace llmk::moe

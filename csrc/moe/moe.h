@@ -1,4 +1,5 @@
-// Mixture-of-Experts (docs/moe.md; issue 12, in progress): so far the router, one kernel per backend.
+// Mixture-of-Experts (docs/moe.md; issue 12, in progress): so far the router and the block-sparse
+// permutation, one kernel (or a short chain) per backend, no host synchronization.
 //
 // route: per token t, over the E router logits l[t, :] in float32,
 //   scores   softmax(l) (or sigmoid(l) elementwise)
@@ -40,5 +41,39 @@ struct RouteProblem {
 void route_cpu(const RouteProblem& problem);
 void route_device(const RouteProblem& problem, CudaStream stream);
 void route_device(const RouteProblem& problem, EmuStream stream);
+
+// permute: the block-sparse layout of a routing (llmkernels.reference.moe.permutation, worst_case):
+// the (token, slot) pairs p = t k + s sorted by expert (stable: ascending p within an expert), each
+// expert's rows padded to a multiple of `block`, in buffers of the worst-case size R = T k + E (block
+// - 1) rows, so nothing waits for the counts on the host. expert_ids int32 (T, k), each in [0, E)
+// (checked here for host memory; on a GPU the Python layer asserts it asynchronously) ->
+//   expert_offsets int32 (E + 1,)  row_token, row_slot int32 (R,) (-1 on padding rows)
+//   block_expert int32 (ceil(R / block),) (-1 past the last expert)   slot_row int32 (T, k)
+// workspace int32, at least permute_workspace(T, k, E) elements (the CUDA kernels' per-chunk counts).
+void permute(const TensorView& expert_ids, int64_t experts, int64_t block, const TensorView& expert_offsets,
+             const TensorView& row_token, const TensorView& row_slot, const TensorView& block_expert,
+             const TensorView& slot_row, const TensorView& workspace, void* stream);
+
+constexpr int64_t kPermuteChunk = 256;   // pairs a CUDA block counts and places
+inline int64_t permute_rows(int64_t tokens, int64_t top_k, int64_t experts, int64_t block) {
+  return tokens * top_k + experts * (block - 1);
+}
+inline int64_t permute_workspace(int64_t tokens, int64_t top_k, int64_t experts) {
+  return ((tokens * top_k + kPermuteChunk - 1) / kPermuteChunk + 1) * experts;
+}
+
+struct PermuteProblem {
+  int64_t tokens = 0, top_k = 0, experts = 0, block = 0, rows = 0;
+  const int32_t* expert_ids = nullptr;
+  int32_t* expert_offsets = nullptr;
+  int32_t* row_token = nullptr;
+  int32_t* row_slot = nullptr;
+  int32_t* block_expert = nullptr;
+  int32_t* slot_row = nullptr;
+  int32_t* workspace = nullptr;
+};
+void permute_cpu(const PermuteProblem& problem);
+void permute_device(const PermuteProblem& problem, CudaStream stream);
+void permute_device(const PermuteProblem& problem, EmuStream stream);
 
 }  // namespace llmk::moe

@@ -57,3 +57,36 @@ void route_cpu(const RouteProblem& p) {
 }
 
 }  // namespace llmk::moe
+
+namespace llmk::moe {
+
+// In pair order: counts, padded offsets, then each pair at its expert's next row (stable), the rest
+// of the rows padding.
+void permute_cpu(const PermuteProblem& p) {
+  std::vector<int64_t> counts(size_t(p.experts), 0), next(size_t(p.experts));
+  const int64_t pairs = p.tokens * p.top_k;
+  for (int64_t i = 0; i < pairs; ++i) ++counts[size_t(p.expert_ids[i])];
+  int64_t offset = 0;
+  for (int64_t e = 0; e < p.experts; ++e) {
+    p.expert_offsets[e] = int32_t(offset);
+    next[size_t(e)] = offset;
+    offset += (counts[size_t(e)] + p.block - 1) / p.block * p.block;
+  }
+  p.expert_offsets[p.experts] = int32_t(offset);
+  std::fill(p.row_token, p.row_token + p.rows, -1);
+  std::fill(p.row_slot, p.row_slot + p.rows, -1);
+  for (int64_t i = 0; i < pairs; ++i) {
+    const int64_t row = next[size_t(p.expert_ids[i])]++;
+    p.row_token[row] = int32_t(i / p.top_k);
+    p.row_slot[row] = int32_t(i % p.top_k);
+    p.slot_row[i] = int32_t(row);
+  }
+  int64_t e = 0;
+  for (int64_t b = 0; b * p.block < p.rows; ++b) {
+    const int64_t start = b * p.block;
+    while (e < p.experts && p.expert_offsets[e + 1] <= start) ++e;
+    p.block_expert[b] = start < offset ? int32_t(e) : -1;
+  }
+}
+
+}  // namespace llmk::moe

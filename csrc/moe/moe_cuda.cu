@@ -92,7 +92,122 @@ __global__ void __launch_bounds__(kZeroThreads) zero_counts_kernel(int32_t* coun
   if (i < n) store_global(counts + i, 0);
 }
 
+// permute, four launches (moe.h): per chunk of kPermuteChunk pairs, its per-expert counts (shared
+// atomics: counts do not depend on the order); per expert, the chunks' exclusive prefix (in place) and
+// its total, and the padded offsets; per chunk, each pair's rank among the chunk's earlier pairs of
+// its expert (within a warp by shuffles, across warps by per-warp counts in shared memory), so its row
+// is offset + chunk prefix + rank: stable, deterministic, no sort; per row, padding and block experts.
+constexpr int kPermuteThreads = int(kPermuteChunk);
+constexpr int kPermuteWarps = kPermuteThreads / 32;
+
+__global__ void __launch_bounds__(kPermuteThreads) permute_count_kernel(const __grid_constant__ PermuteProblem p) {
+  auto* counts = reinterpret_cast<int32_t*>(dynamic_shared_memory());
+  const int thread = int(threadIdx.x);
+  for (int e = thread; e < int(p.experts); e += kPermuteThreads) store_shared(counts + e, 0);
+  __syncthreads();
+  const int64_t pair = int64_t(blockIdx.x) * kPermuteChunk + thread;
+  if (pair < p.tokens * p.top_k) {
+    const int32_t e = load_global(p.expert_ids + pair);
+    if (e >= 0 && e < p.experts) atomicAdd(counts + e, 1);
+  }
+  __syncthreads();
+  for (int e = thread; e < int(p.experts); e += kPermuteThreads)
+    store_global(p.workspace + int64_t(blockIdx.x) * p.experts + e, load_shared(counts + e));
+}
+
+// One block of kMaxExperts threads: thread e owns expert e.
+__global__ void __launch_bounds__(kMaxExperts) permute_offsets_kernel(const __grid_constant__ PermuteProblem p,
+                                                                      int64_t chunks) {
+  auto* padded = reinterpret_cast<int32_t*>(dynamic_shared_memory());
+  const int e = int(threadIdx.x);
+  if (e < p.experts) {
+    int32_t running = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      int32_t* count = p.workspace + c * p.experts + e;
+      const int32_t v = load_global(count);
+      store_global(count, running);
+      running += v;
+    }
+    store_global(p.workspace + chunks * p.experts + e, running);   // the expert's total
+    store_shared(padded + e, int32_t((running + p.block - 1) / p.block * p.block));
+  }
+  __syncthreads();
+  if (e == 0) {   // (E <= 1024 additions)
+    int32_t offset = 0;
+    for (int i = 0; i < int(p.experts); ++i) {
+      store_global(p.expert_offsets + i, offset);
+      offset += load_shared(padded + i);
+    }
+    store_global(p.expert_offsets + p.experts, offset);
+  }
+}
+
+__global__ void __launch_bounds__(kPermuteThreads) permute_place_kernel(const __grid_constant__ PermuteProblem p) {
+  auto* warp_counts = reinterpret_cast<int32_t*>(dynamic_shared_memory());   // [warp][expert]
+  const int thread = int(threadIdx.x), lane = thread % 32, warp = thread / 32;
+  for (int i = thread; i < kPermuteWarps * int(p.experts); i += kPermuteThreads) store_shared(warp_counts + i, 0);
+  __syncthreads();
+  const int64_t pair = int64_t(blockIdx.x) * kPermuteChunk + thread;
+  const int64_t pairs = p.tokens * p.top_k;
+  int32_t e = pair < pairs ? load_global(p.expert_ids + pair) : -1;
+  if (e >= p.experts) e = -1;
+  int rank = 0;
+  bool last = true;   // the warp's last lane with this expert
+  for (int j = 0; j < 32; ++j) {
+    const int32_t other = __shfl_sync(0xffffffffu, e, j);
+    if (other == e && j < lane) ++rank;
+    if (other == e && j > lane) last = false;
+  }
+  if (e >= 0 && last) store_shared(warp_counts + warp * p.experts + e, rank + 1);
+  __syncthreads();
+  if (pair >= pairs) return;
+  if (e < 0) {
+    store_global(p.slot_row + pair, -1);
+    return;
+  }
+  for (int w = 0; w < warp; ++w) rank += load_shared(warp_counts + w * p.experts + e);
+  const int64_t row = int64_t(load_global(p.expert_offsets + e)) +
+                      load_global(p.workspace + int64_t(blockIdx.x) * p.experts + e) + rank;
+  store_global(p.row_token + row, int32_t(pair / p.top_k));
+  store_global(p.row_slot + row, int32_t(pair % p.top_k));
+  store_global(p.slot_row + pair, int32_t(row));
+}
+
+__global__ void __launch_bounds__(kPermuteThreads) permute_pad_kernel(const __grid_constant__ PermuteProblem p,
+                                                                      int64_t chunks) {
+  const int64_t row = int64_t(blockIdx.x) * kPermuteThreads + threadIdx.x;
+  if (row >= p.rows) return;
+  const int32_t used = load_global(p.expert_offsets + p.experts);
+  int lo = 0, hi = int(p.experts);   // the expert e with offsets[e] <= row < offsets[e + 1]
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (load_global(p.expert_offsets + mid) <= row) lo = mid;
+    else hi = mid;
+  }
+  const bool real = row < used && row - load_global(p.expert_offsets + lo) < load_global(p.workspace + chunks * p.experts + lo);
+  if (!real) {
+    store_global(p.row_token + row, -1);
+    store_global(p.row_slot + row, -1);
+  }
+  if (row % p.block == 0) store_global(p.block_expert + row / p.block, row < used ? int32_t(lo) : -1);
+}
+
 }  // namespace
+
+void permute_device(const PermuteProblem& p, DeviceStream stream) {
+  const int64_t chunks = (p.tokens * p.top_k + kPermuteChunk - 1) / kPermuteChunk;
+  LLMK_CHECK(chunks < (int64_t(1) << 31), ValueError, "permute: too many pairs");
+  const size_t counts_bytes = size_t(p.experts) * sizeof(int32_t);
+  launch("permute count", permute_count_kernel, LaunchShape{dim3(uint32_t(chunks)), dim3(kPermuteThreads), counts_bytes},
+         stream, p);
+  launch("permute offsets", permute_offsets_kernel, LaunchShape{dim3(1), dim3(uint32_t(kMaxExperts)), counts_bytes},
+         stream, p, chunks);
+  launch("permute place", permute_place_kernel,
+         LaunchShape{dim3(uint32_t(chunks)), dim3(kPermuteThreads), kPermuteWarps * counts_bytes}, stream, p);
+  launch("permute pad", permute_pad_kernel,
+         LaunchShape{dim3(uint32_t((p.rows + kPermuteThreads - 1) / kPermuteThreads)), dim3(kPermuteThreads)}, stream,
+         p, chunks);
+}
 
 void route_device(const RouteProblem& p, DeviceStream stream) {
   launch("route zero counts", zero_counts_kernel,

@@ -14,11 +14,14 @@ from typing import Tuple
 
 import torch
 
+from . import emulator
 from ._ext import C
 from ._ops import native_op
 from .reference import moe as _reference
 
-__all__ = ["RouteStats", "route", "load_balancing_loss", "z_loss"]
+__all__ = ["RouteStats", "route", "Permutation", "permute", "load_balancing_loss", "z_loss"]
+
+Permutation = _reference.Permutation
 
 SCORINGS = {"softmax": 0, "sigmoid": 1}
 MAX_EXPERTS = 1024
@@ -63,6 +66,43 @@ def route(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True,
     logits = router_logits if router_logits.stride(-1) == 1 or experts == 1 else router_logits.contiguous()
     weights, ids, counts, lse = _route(logits.detach(), top_k, bool(renormalize), SCORINGS[scoring])
     return weights, ids, RouteStats(counts, lse)
+
+
+@native_op("moe_permute")
+def _permute(expert_ids: torch.Tensor, num_experts: int,
+             block: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """expert_offsets (E + 1,), row_token (R,), row_slot (R,), block_expert (ceil(R / block),), slot_row (T, k),
+    workspace; all int32, R = T k + E (block - 1)."""
+    t, k = expert_ids.shape
+    rows = t * k + num_experts * (block - 1)
+    chunks = (t * k + 255) // 256
+    scratch = (chunks + 1) * num_experts if expert_ids.device.type == "cuda" or emulator.enabled() else 0
+    empty = lambda *shape: torch.empty(shape, dtype=torch.int32, device=expert_ids.device)
+    return (empty(num_experts + 1), empty(rows), empty(rows), empty((rows + block - 1) // block), empty(t, k),
+            empty(scratch))
+
+
+def permute(expert_ids: torch.Tensor, num_experts: int, block: int) -> Permutation:
+    """The block-sparse layout of a routing (llmkernels.reference.moe.permutation with worst_case=True):
+    the (token, slot) pairs sorted by expert, stable, each expert padded to a multiple of `block`
+    rows, in buffers of the worst-case size T k + E (block - 1), computed on the routing's device with
+    no host synchronization (CUDA-graph capturable). expert_ids int32/int64 (T, k) in [0, E): checked
+    for CPU tensors; on a GPU, asserted asynchronously (a device-side assert, no synchronization)."""
+    if not isinstance(expert_ids, torch.Tensor) or expert_ids.dim() != 2 or expert_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"expert_ids must be a 2-D int32 or int64 tensor (tokens, top_k); got "
+                        f"{getattr(expert_ids, 'dtype', type(expert_ids).__name__)} of shape "
+                        f"{tuple(getattr(expert_ids, 'shape', ()))}")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"num_experts must be an integer in [1, {MAX_EXPERTS}]; got {num_experts!r}")
+    if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= 1024:
+        raise ValueError(f"block must be an integer in [1, 1024]; got {block!r}")
+    if expert_ids.device.type == "cuda" and expert_ids.numel():
+        torch._assert_async(((expert_ids >= 0) & (expert_ids < num_experts)).all(),
+                            f"expert_ids must be in [0, {num_experts}) (the number of experts)")
+    ids = expert_ids.to(torch.int32).contiguous()
+    offsets, row_token, row_slot, block_expert, slot_row, _ = _permute(ids, num_experts, block)
+    return Permutation(row_token=row_token, row_slot=row_slot, expert_offsets=offsets, block_expert=block_expert,
+                       slot_row=slot_row)
 
 
 load_balancing_loss = _reference.load_balancing_loss
