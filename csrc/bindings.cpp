@@ -254,6 +254,18 @@ void moe_permute(const py::object& expert_ids, int64_t experts, int64_t block, c
   moe::permute(ids, experts, block, offsets, token, slot, blocks, rows, scratch, stream_pointer(stream));
 }
 
+void moe_grouped_gemm(const py::object& a, const py::object& a_rows, const py::object& b, const py::object& block_expert,
+                      int64_t block, const py::object& row_scale, int64_t activation, int64_t /*rows: out's*/,
+                      const py::object& /*out_dtype: out's*/, const py::object& out, uintptr_t stream) {
+  const TensorView a_view = tensor(a, "x"), b_view = tensor(b, "expert weights");
+  const TensorView blocks = tensor(block_expert, "block_expert"), out_view = tensor(out, "out");
+  const auto rows_view = optional_tensor(a_rows, "row_token");
+  const auto scale_view = optional_tensor(row_scale, "row_scale");
+  py::gil_scoped_release no_gil;
+  moe::grouped_gemm(a_view, pointer(rows_view), b_view, blocks, block, pointer(scale_view),
+                    static_cast<gemm::Activation>(activation), out_view, stream_pointer(stream));
+}
+
 void def_emulator(py::module_& m) {
   py::module_ e = m.def_submodule("emulator", "The SIMT emulator that runs the CUDA kernels on CPU tensors");
   e.def("settings", [] {
@@ -480,6 +492,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("expert_offsets"), py::arg("row_token"), py::arg("row_slot"), py::arg("block_expert"),
         py::arg("slot_row"), py::arg("workspace"), py::arg("stream"),
         "MoE block-sparse layout of a routing in worst-case buffers (csrc/moe/moe.h: permute)");
+  m.def("moe_grouped_gemm", &moe_grouped_gemm, py::arg("a"), py::arg("a_rows"), py::arg("b"), py::arg("block_expert"),
+        py::arg("block"), py::arg("row_scale"), py::arg("activation"), py::arg("rows"), py::arg("out_dtype"),
+        py::arg("out"), py::arg("stream"),
+        "MoE grouped GEMM over (expert, row-block) tiles: out[r] = epilogue(a[a_rows[r]] @ b[e]^T) (csrc/moe/moe.h)");
+  m.def("moe_block", [] { return moe::kMoeBlock; }, "rows of the MoE grouped GEMM's blocks (the permutation's block)");
   m.def("moe_permute_sizes", [](int64_t t, int64_t k, int64_t e, int64_t block) {
           return py::make_tuple(moe::permute_rows(t, k, e, block), moe::permute_workspace(t, k, e)); },
         py::arg("tokens"), py::arg("top_k"), py::arg("num_experts"), py::arg("block"),

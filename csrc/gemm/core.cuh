@@ -61,7 +61,9 @@ LLMK_DEVICE void mma_step(Acc (&acc)[4], const uint32_t (&a)[4], const uint32_t 
 // int8) into a swizzled shared tile with 16-byte cp.async copies; rows at or past `rows` and columns
 // at or past `k` are zero-filled (nothing out of bounds is read: k is a multiple of 8, so a chunk of
 // 16-bit elements is wholly inside or outside). With `row_index`, tile row r is matrix row
-// row_index[row0 + r] (gathered rows, for MoE). int8 rows: 16-byte chunks when ld and k are multiples
+// row_index[row0 + r] (gathered rows, for MoE; a negative index is a zero row). With `pair_half` h > 0,
+// tile row r is matrix row r / 2 + (r % 2) h: a stacked [gate; up] weight read as adjacent (gate, up)
+// pairs for the swiglu epilogue. int8 rows: 16-byte chunks when ld and k are multiples
 // of 16 (`aligned16`), else 8-byte halves (rows that start 8 bytes past a 16-byte boundary).
 //
 // As B, `fragments` gives the warp's B fragments of one mma step by ldmatrix.x4 (rows of the tile are
@@ -78,6 +80,13 @@ struct RowTileLoader {
   int64_t rows, k;
   const int32_t* row_index;    // optional
   bool aligned16 = true;       // int8 only: false when rows may start 8 bytes past a 16-byte boundary
+  int64_t pair_half = 0;       // optional: interleave rows [0, h) and [h, 2h)
+
+  // The matrix row of logical row `row` (< rows), or -1 for a zero row.
+  LLMK_DEVICE int64_t source_row(int64_t row) const {
+    if (row_index) return int64_t(load_global(row_index + row));
+    return pair_half ? (row >> 1) + (row & 1) * pair_half : row;
+  }
 
   static constexpr SwizzledTile layout() { return SwizzledTile{row_bytes}; }
 
@@ -95,9 +104,9 @@ struct RowTileLoader {
         for (int h = thread; h < 2 * chunks; h += Tiling::threads) {
           const int r = h / 2 / chunks_per_row, chunk = h / 2 % chunks_per_row;
           const int64_t row = row0 + r, column = k0 + per_chunk * chunk + 8 * (h % 2);
-          const bool inside = row < rows && column < k;
-          const T* source = base;
-          if (inside) source = base + (row_index ? int64_t(load_global(row_index + row)) : row) * ld + column;
+          const int64_t matrix_row = row < rows ? source_row(row) : -1;
+          const bool inside = matrix_row >= 0 && column < k;
+          const T* source = inside ? base + matrix_row * ld + column : base;
           cp_async<8>(tile + layout.offset(r, 16 * chunk + 8 * (h % 2)), source, inside ? 8 : 0);
         }
         return;
@@ -107,9 +116,9 @@ struct RowTileLoader {
     for (int c = thread; c < chunks; c += Tiling::threads) {
       const int r = c / chunks_per_row, chunk = c % chunks_per_row;
       const int64_t row = row0 + r, column = k0 + per_chunk * chunk;
-      const bool inside = row < rows && column < k;
-      const T* source = base;
-      if (inside) source = base + (row_index ? int64_t(load_global(row_index + row)) : row) * ld + column;
+      const int64_t matrix_row = row < rows ? source_row(row) : -1;
+      const bool inside = matrix_row >= 0 && column < k;
+      const T* source = inside ? base + matrix_row * ld + column : base;
       cp_async<16>(tile + layout.offset(r, 16 * chunk), source, inside ? 16 : 0);
     }
   }
@@ -338,6 +347,9 @@ struct TiledParams {
   Epilogue epilogue;
   float* partial;            // split-K: gridDim.z ranges of m * n partial sums; null without split
   int64_t tiles_per_split;   // k tiles per range (all of them without split)
+
+  // Whether block row blockIdx.y has work (a family hides this: MoE's blocks past the last expert).
+  LLMK_DEVICE bool block_active() const { return true; }
 };
 
 // T: the mma inputs (bf16, fp16, int8); OutT: the 16-bit output type when the output is not fp32,
@@ -347,6 +359,7 @@ struct TiledParams {
 // registers and spilled 8 bytes on sm_80; with it, 154 registers, no spill, one 8-warp block per SM.)
 template <typename T, typename OutT, typename Tiling, typename E, typename Params>
 __global__ void __launch_bounds__(Tiling::threads, 1) tiled_kernel(const __grid_constant__ Params p) {
+  if (!p.block_active()) return;   // (uniform over the block: before any barrier)
   const int64_t row0 = int64_t(blockIdx.y) * Tiling::bm;
   const int64_t col0 = int64_t(blockIdx.x) * Tiling::bn;
   const auto a = p.template loader_a<Tiling>();

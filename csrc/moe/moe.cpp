@@ -3,6 +3,8 @@
 
 #include "core/errors.h"
 
+#include <vector>
+
 namespace llmk::moe {
 
 void route(const TensorView& logits, int64_t top_k, bool renormalize, Scoring scoring, const TensorView& weights,
@@ -109,6 +111,96 @@ void permute(const TensorView& expert_ids, int64_t experts, int64_t block, const
                  Operands().add(expert_ids).add(expert_offsets).add(row_token).add(row_slot).add(block_expert)
                      .add(slot_row).add(workspace),
                  [&] { permute_cpu(p); }, [&](auto device_stream) { permute_device(p, device_stream); });
+}
+
+}  // namespace llmk::moe
+
+namespace llmk::moe {
+
+void grouped_gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, const TensorView& block_expert,
+                  int64_t block, const TensorView* row_scale, gemm::Activation activation, const TensorView& out,
+                  void* stream) {
+  a.check_ndim(2);
+  b.check_ndim(3);
+  out.check_ndim(2);
+  const Backend backend = select_backend(a);
+  LLMK_CHECK(a.dtype == DType::bf16 || a.dtype == DType::f16 || (a.dtype == DType::f32 && backend == Backend::cpu),
+             TypeError, "x must be bfloat16 or float16 (float32 on the CPU kernel only); got ", dtype_name(a.dtype));
+  b.check_same_dtype(a);
+  for (const TensorView* t : {&b, &block_expert, &out, a_rows, row_scale})
+    if (t) t->check_same_device(a);
+  LLMK_CHECK(a.strides[1] == 1 || a.shape[1] <= 1, ValueError, "x must have a contiguous last dimension");
+  b.check_contiguous();
+  out.check_contiguous();
+  const int64_t experts = b.shape[0], n = b.shape[1], k = b.shape[2];
+  LLMK_CHECK(a.shape[1] == k, ValueError, "the expert weights' in_features (", k, ") must be x's last dimension ",
+             a.shape[1]);
+  LLMK_CHECK(n % 8 == 0 && k % 8 == 0 && n > 0 && k > 0, ValueError,
+             "the expert weights' out_features and in_features must be positive multiples of 8; got ", b.shape_str());
+  const int code = static_cast<int>(activation);
+  LLMK_CHECK(activation == gemm::Activation::none || activation == gemm::Activation::gelu ||
+                 activation == gemm::Activation::swiglu,
+             ValueError, "activation must be none (0), gelu (2) or swiglu (3); got ", code);
+  LLMK_CHECK(activation != gemm::Activation::swiglu || (n % 16 == 0 && !row_scale), ValueError,
+             "swiglu takes stacked [gate; up] weights (out_features 2F, F a multiple of 8) and no row scale");
+  LLMK_CHECK(block >= 1, ValueError, "block must be positive; got ", block);
+  LLMK_CHECK(backend == Backend::cpu || block == kMoeBlock, ValueError, "the CUDA kernel's row blocks are ",
+             kMoeBlock, " rows: permute with block=", kMoeBlock, "; got ", block);
+  const int64_t rows = out.shape[0];
+  LLMK_CHECK(out.dtype == a.dtype || out.dtype == DType::f32, TypeError, "out must be x's dtype or float32");
+  out.check_shape({rows, activation == gemm::Activation::swiglu ? n / 2 : n});
+  block_expert.check_dtype(DType::i32);
+  block_expert.check_contiguous();
+  block_expert.check_shape({(rows + block - 1) / block});
+  if (a_rows) {
+    a_rows->check_dtype(DType::i32);
+    a_rows->check_contiguous();
+    a_rows->check_shape({rows});
+  } else {
+    LLMK_CHECK(a.shape[0] == rows, ValueError, "x must have one row per output row (", rows, ") without row indices; got ",
+               a.shape_str());
+  }
+  if (row_scale) {
+    row_scale->check_dtype(DType::f32);
+    row_scale->check_contiguous();
+    row_scale->check_shape({rows});
+  }
+  std::vector<TensorView> read{extent(a), b, block_expert};
+  for (const TensorView* t : {a_rows, row_scale})
+    if (t) read.push_back(*t);
+  check_no_overlap({out}, read);
+  if (backend != Backend::cpu)
+    for (const TensorView* t : {&a, &b, &out}) t->check_rows_aligned();
+  if (block_expert.device == DeviceType::cpu) {
+    const int32_t* e = block_expert.data<int32_t>();
+    for (int64_t i = 0; i < block_expert.numel(); ++i)
+      LLMK_CHECK(e[i] >= -1 && e[i] < experts, ValueError, "block_expert must be in [-1, ", experts, "); got ", e[i]);
+  }
+  if (a_rows && a_rows->device == DeviceType::cpu) {
+    const int32_t* r = a_rows->data<int32_t>();
+    for (int64_t i = 0; i < rows; ++i)
+      LLMK_CHECK(r[i] >= -1 && r[i] < a.shape[0], ValueError, "row_token must be -1 or a row of x in [0, ",
+                 a.shape[0], "); got ", r[i]);
+  }
+  GroupedProblem p;
+  p.dtype = a.dtype;
+  p.out_dtype = out.dtype;
+  p.rows = rows;
+  p.n = n;
+  p.k = k;
+  p.experts = experts;
+  p.block = block;
+  p.lda = a.shape[0] <= 1 ? k : a.strides[0];
+  p.a = a.ptr;
+  p.a_rows = a_rows ? a_rows->data<int32_t>() : nullptr;
+  p.b = b.ptr;
+  p.block_expert = block_expert.data<int32_t>();
+  p.row_scale = row_scale ? row_scale->data<float>() : nullptr;
+  p.activation = activation;
+  p.out = out.ptr;
+  if (rows == 0) return;
+  run_on_backend(a, stream, Operands().add(a).add(a_rows).add(b).add(block_expert).add(row_scale).add(out),
+                 [&] { grouped_gemm_cpu(p); }, [&](auto device_stream) { grouped_gemm_device(p, device_stream); });
 }
 
 }  // namespace llmk::moe

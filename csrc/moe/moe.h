@@ -13,6 +13,7 @@
 
 #include "core/backend.h"
 #include "core/tensor.h"
+#include "gemm/gemm.h"
 
 namespace llmk::moe {
 
@@ -75,5 +76,34 @@ struct PermuteProblem {
 void permute_cpu(const PermuteProblem& problem);
 void permute_device(const PermuteProblem& problem, CudaStream stream);
 void permute_device(const PermuteProblem& problem, EmuStream stream);
+
+// grouped_gemm: the GEMM core over (expert, row-block) tiles of a permutation: for each block of
+// `block` rows r with expert e = block_expert[r / block] >= 0,
+//   out[r] = epilogue(A[r] · b[e]ᵀ),  A[r] = a[a_rows[r]] (a zero row for -1) or a[r]
+// with b (E, n, k) like nn.Linear weights per expert; epilogue: none, times row_scale[r] (the routing
+// weight of the row's pair), gelu (erf), or swiglu over b's stacked halves: out[r][j] = silu(g_j) u_j with g = rows
+// [0, n/2) and u = rows [n/2, n) of b[e] (the CUDA kernel reads them as adjacent pairs). Blocks of
+// expert -1 are not written. a (rows of a, k) bf16/fp16 (fp32 too on the CPU kernel), out (R, n or n/2)
+// a's dtype or fp32. The CUDA kernel's row blocks are kMoeBlock rows: `block` must be that there.
+void grouped_gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, const TensorView& block_expert,
+                  int64_t block, const TensorView* row_scale, gemm::Activation activation, const TensorView& out,
+                  void* stream);
+
+constexpr int64_t kMoeBlock = 64;
+
+struct GroupedProblem {
+  DType dtype = DType::bf16, out_dtype = DType::bf16;
+  int64_t rows = 0, n = 0, k = 0, experts = 0, block = 0, lda = 0;
+  const void* a = nullptr;
+  const int32_t* a_rows = nullptr;
+  const void* b = nullptr;
+  const int32_t* block_expert = nullptr;
+  const float* row_scale = nullptr;
+  gemm::Activation activation = gemm::Activation::none;
+  void* out = nullptr;
+};
+void grouped_gemm_cpu(const GroupedProblem& problem);
+void grouped_gemm_device(const GroupedProblem& problem, CudaStream stream);
+void grouped_gemm_device(const GroupedProblem& problem, EmuStream stream);
 
 }  // namespace llmk::moe

@@ -90,3 +90,67 @@ void permute_cpu(const PermuteProblem& p) {
 }
 
 }  // namespace llmk::moe
+
+namespace llmk::moe {
+
+// Runs of consecutive blocks of one expert, each through the GEMM core's CPU kernel on its real rows
+// (gathered rows: the leading ones with a row index; the expert's padding rows after them are zeros).
+// swiglu: the gate and up halves as two float32 products, then silu(g) u rounded once to out's type.
+void grouped_gemm_cpu(const GroupedProblem& p) {
+  const int64_t blocks = (p.rows + p.block - 1) / p.block;
+  const int64_t a_size = dtype_size(p.dtype), out_size = dtype_size(p.out_dtype);
+  const bool swiglu = p.activation == gemm::Activation::swiglu;
+  const int64_t out_cols = swiglu ? p.n / 2 : p.n;
+  for (int64_t b0 = 0; b0 < blocks;) {
+    const int32_t e = p.block_expert[b0];
+    int64_t b1 = b0 + 1;
+    while (b1 < blocks && p.block_expert[b1] == e) ++b1;
+    const int64_t r0 = b0 * p.block, r1 = std::min(b1 * p.block, p.rows);
+    b0 = b1;
+    if (e < 0) continue;
+    int64_t real = r1 - r0;
+    if (p.a_rows)
+      for (real = 0; r0 + real < r1 && p.a_rows[r0 + real] >= 0;) ++real;
+    char* out = static_cast<char*>(p.out) + r0 * out_cols * out_size;
+    std::fill(out + real * out_cols * out_size, out + (r1 - r0) * out_cols * out_size, char(0));   // padding rows
+    if (real == 0) continue;
+    gemm::Problem g;
+    g.dtype = p.dtype;
+    g.m = real;
+    g.k = p.k;
+    g.a = p.a_rows ? p.a : static_cast<const char*>(p.a) + r0 * p.lda * a_size;
+    g.lda = p.lda;
+    g.a_rows = p.a_rows ? p.a_rows + r0 : nullptr;
+    g.ldb = p.k;
+    const char* weight = static_cast<const char*>(p.b) + int64_t(e) * p.n * p.k * a_size;
+    if (!swiglu) {
+      g.out_dtype = p.out_dtype;
+      g.n = p.n;
+      g.b = weight;
+      g.out = out;
+      g.ldo = p.n;
+      g.row_scale = p.row_scale ? p.row_scale + r0 : nullptr;
+      g.activation = p.activation;
+      gemm::gemm_cpu(g);
+      continue;
+    }
+    const int64_t f = p.n / 2;
+    std::vector<float> gate(size_t(real * f)), up(size_t(real * f));
+    g.out_dtype = DType::f32;
+    g.n = f;
+    g.ldo = f;
+    g.b = weight;
+    g.out = gate.data();
+    gemm::gemm_cpu(g);
+    g.b = weight + f * p.k * a_size;
+    g.out = up.data();
+    gemm::gemm_cpu(g);
+    dispatch<float, bf16, f16>(p.out_dtype, "grouped_gemm out", [&](auto tag) {
+      using O = typename decltype(tag)::type;
+      O* o = reinterpret_cast<O*>(out);
+      for (int64_t i = 0; i < real * f; ++i) o[i] = from_float<O>(gemm::silu(gate[size_t(i)]) * up[size_t(i)]);
+    });
+  }
+}
+
+}  // namespace llmk::moe

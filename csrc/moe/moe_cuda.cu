@@ -13,6 +13,7 @@
 #include "common/vector_io.h"
 #include "common/warp_reduce.h"
 #include "core/dispatch.h"
+#include "gemm/core.cuh"
 #include "moe/moe.h"
 #include "moe/route_select.h"
 
@@ -192,7 +193,51 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_pad_kernel(const __gr
   if (row % p.block == 0) store_global(p.block_expert + row / p.block, row < used ? int32_t(lo) : -1);
 }
 
+// grouped_gemm: the GEMM core's tiled kernel with 64-row blocks (the permutation's block), each block's
+// B the weight of its expert; blocks of expert -1 return at once.
+using MoeTiling = gemm::Tiling<kMoeBlock, 64, 32, 2, 2, 4>;
+
+template <typename T>
+struct GroupedParams : gemm::TiledParams {
+  const T* a;
+  int64_t lda;
+  const int32_t* a_rows;
+  const T* b;
+  const int32_t* block_expert;
+  int64_t pair_half;   // swiglu: n / 2 (stacked gate and up read as adjacent pairs), else 0
+
+  LLMK_DEVICE bool block_active() const { return load_global(block_expert + blockIdx.y) >= 0; }
+  template <typename Tiling>
+  LLMK_DEVICE gemm::RowTileLoader<T, Tiling, Tiling::bm> loader_a() const { return {a, lda, m, k, a_rows}; }
+  template <typename Tiling>
+  LLMK_DEVICE gemm::RowTileLoader<T, Tiling, Tiling::bn> loader_b() const {
+    const int64_t e = load_global(block_expert + blockIdx.y);
+    return {b + e * n * k, k, n, k, nullptr, true, pair_half};
+  }
+};
+
 }  // namespace
+
+void grouped_gemm_device(const GroupedProblem& p, DeviceStream stream) {
+  static_assert(MoeTiling::bm == kMoeBlock, "a tile's rows are one permutation block");
+  const bool swiglu = p.activation == gemm::Activation::swiglu;
+  dispatch<bf16, f16>(p.dtype, "grouped_gemm (CUDA kernel)", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    GroupedParams<T> params;
+    static_cast<gemm::TiledParams&>(params) =
+        gemm::TiledParams{p.rows, p.n, p.k,
+                          gemm::Epilogue{p.out, swiglu ? p.n / 2 : p.n, p.out_dtype == DType::f32, nullptr,
+                                         p.row_scale, nullptr, p.activation, false, p.rows, p.n},
+                          nullptr, 0};
+    params.a = static_cast<const T*>(p.a);
+    params.lda = p.lda;
+    params.a_rows = p.a_rows;
+    params.b = static_cast<const T*>(p.b);
+    params.block_expert = p.block_expert;
+    params.pair_half = swiglu ? p.n / 2 : 0;
+    gemm::launch_tiled<T, T, MoeTiling, float>("moe grouped gemm", "", params, gemm::SplitK{}, stream);
+  });
+}
 
 void permute_device(const PermuteProblem& p, DeviceStream stream) {
   const int64_t chunks = (p.tokens * p.top_k + kPermuteChunk - 1) / kPermuteChunk;

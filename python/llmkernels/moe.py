@@ -10,16 +10,17 @@ order, equal logits to the lower expert index; weights are the selected scores (
 experts, or sigmoid), renormalized to sum to 1 by default.
 """
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
+from . import _validate as check
 from . import emulator
 from ._ext import C
 from ._ops import native_op
 from .reference import moe as _reference
 
-__all__ = ["RouteStats", "route", "Permutation", "permute", "load_balancing_loss", "z_loss"]
+__all__ = ["RouteStats", "route", "Permutation", "permute", "moe_ffn", "load_balancing_loss", "z_loss"]
 
 Permutation = _reference.Permutation
 
@@ -103,6 +104,62 @@ def permute(expert_ids: torch.Tensor, num_experts: int, block: int) -> Permutati
     offsets, row_token, row_slot, block_expert, slot_row, _ = _permute(ids, num_experts, block)
     return Permutation(row_token=row_token, row_slot=row_slot, expert_offsets=offsets, block_expert=block_expert,
                        slot_row=slot_row)
+
+
+BLOCK = C.moe_block()
+_ACTIVATION_CODES = {"none": 0, "gelu": 2, "swiglu": 3}
+
+
+@native_op("moe_grouped_gemm")
+def _grouped_gemm(a: torch.Tensor, a_rows: Optional[torch.Tensor], b: torch.Tensor, block_expert: torch.Tensor,
+                  block: int, row_scale: Optional[torch.Tensor], activation: int, rows: int,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """out (rows, n or n / 2 for swiglu) in out_dtype, zeros where no expert's block writes."""
+    n = b.shape[1] // 2 if activation == _ACTIVATION_CODES["swiglu"] else b.shape[1]
+    return torch.zeros((rows, n), dtype=out_dtype, device=a.device)
+
+
+def moe_ffn(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
+            expert_ids: torch.Tensor, *, activation: str = "swiglu") -> torch.Tensor:
+    """The routed experts' FFN (llmkernels.reference.moe.moe_ffn's semantics): x (T, H), w_gate_up
+    (E, 2F, H) stacked [gate; up] for swiglu or (E, F, H) for gelu, w_down (E, H, F), routing weights
+    (T, k) and expert_ids (T, k) -> (T, H) in x's dtype. No token is dropped. Forward only so far (issue
+    12): the permutation (permute, blocks of BLOCK rows), a grouped GEMM with the gathered tokens and the
+    activation fused (h in x's dtype), a grouped GEMM scaled by the routing weights in its epilogue
+    (float32), then each token's k rows added in slot order (deterministic). No host synchronization."""
+    if activation not in ("swiglu", "gelu"):
+        raise ValueError(f"activation must be 'swiglu' or 'gelu'; got {activation!r}")
+    for name, t in (("x", x), ("w_gate_up", w_gate_up), ("w_down", w_down), ("weights", weights)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor; got {getattr(t, 'dtype', type(t).__name__)}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate_up, w_down, weights)):
+        raise NotImplementedError("moe_ffn's backward is not written yet (issue 12): call it under torch.no_grad(), "
+                                  "or train with llmkernels.reference.moe.moe_ffn")
+    if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
+        raise ValueError(f"x must be (T, H), w_gate_up (E, 2F or F, H), w_down (E, H, F); got {tuple(x.shape)}, "
+                         f"{tuple(w_gate_up.shape)}, {tuple(w_down.shape)}")
+    experts, hidden, ffn = w_down.shape
+    up_rows = 2 * ffn if activation == "swiglu" else ffn
+    if tuple(w_gate_up.shape) != (experts, up_rows, hidden) or x.shape[1] != hidden:
+        raise ValueError(f"w_gate_up must be ({experts}, {up_rows}, {hidden}) for {activation} with w_down "
+                         f"{tuple(w_down.shape)} and x {tuple(x.shape)}; got {tuple(w_gate_up.shape)}")
+    if w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:
+        raise TypeError(f"w_gate_up and w_down must have x's dtype {x.dtype}; got {w_gate_up.dtype}, {w_down.dtype}")
+    if weights.shape != expert_ids.shape or weights.dim() != 2 or weights.shape[0] != x.shape[0]:
+        raise ValueError(f"weights and expert_ids must both be (T, k) with T = {x.shape[0]}; got "
+                         f"{tuple(weights.shape)} and {tuple(getattr(expert_ids, 'shape', ()))}")
+    tokens, top_k = expert_ids.shape
+    perm = permute(expert_ids, experts, BLOCK)
+    rows = perm.row_token.shape[0]
+    real = perm.row_token >= 0
+    row_weight = torch.where(real, weights.float()[perm.row_token.clamp(min=0).long(), perm.row_slot.clamp(min=0).long()],
+                             torch.zeros((), device=x.device))
+    h = _grouped_gemm(check.rows_aligned(x), perm.row_token, w_gate_up.contiguous(), perm.block_expert, BLOCK, None,
+                      _ACTIVATION_CODES[activation], rows, x.dtype)
+    y = _grouped_gemm(h, None, w_down.contiguous(), perm.block_expert, BLOCK, row_weight.contiguous(),
+                      _ACTIVATION_CODES["none"], rows, torch.float32)
+    out = y.index_select(0, perm.slot_row.reshape(-1).long()).reshape(tokens, top_k, hidden).sum(dim=1)
+    return out.to(x.dtype)
 
 
 load_balancing_loss = _reference.load_balancing_loss
