@@ -207,3 +207,14 @@ def test_cuda_graph_capture_replays_routing_and_forward():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, step())
+
+
+def test_opcheck_grouped_gemm_and_compile_of_the_forward():
+    x, w_gate_up, w_down, weights, ids = moe_case(9, 16, 8, 4, 2, torch.bfloat16, "cpu", seed=21)
+    perm = moe.permute(ids, 4, moe.BLOCK)
+    rows = perm.row_token.shape[0]
+    torch.library.opcheck(torch.ops.llmkernels.moe_grouped_gemm.default,
+                          (x, perm.row_token, w_gate_up, perm.block_expert, moe.BLOCK, None, 3, rows, torch.bfloat16))
+    with torch.no_grad():
+        compiled = torch.compile(lambda *a: moe.moe_ffn(*a), fullgraph=True)
+        assert torch.equal(compiled(x, w_gate_up, w_down, weights, ids), moe.moe_ffn(x, w_gate_up, w_down, weights, ids))
