@@ -9,6 +9,8 @@ pass under the emulator in tests/test_attention.py, with no report and no bank c
 """
 import torch
 
+from _sanitize_util import finish
+
 from llmkernels import attention, attention_varlen
 
 # (batch, seqlen_q, seqlen_k, heads_q, heads_k, head_dim, options)
@@ -49,11 +51,7 @@ def main() -> None:
                    randn(sum(lengths_k), 2, 64, dtype=dtype))
         run(q, k, v, lambda *x, **kw: attention_varlen(*x, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=True,
                                                        **kw))
-    torch.cuda.synchronize()
-    for index, y in enumerate(results):
-        if not torch.isfinite(y).all():
-            raise SystemExit(f"sanitize: non-finite values in result {index} ({y.dtype}, {tuple(y.shape)})")
-    print("sanitize: ok")
+    finish(results)
 
 
 if __name__ == "__main__":

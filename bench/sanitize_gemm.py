@@ -8,6 +8,8 @@ launches and 14 split-K reductions, no report, no bank conflict.)
 """
 import torch
 
+from _sanitize_util import finish
+
 from llmkernels import _gemm
 
 SHAPES = ((1, 8, 8), (5, 24, 40), (3, 40, 1032), (16, 136, 72), (17, 40, 264), (130, 264, 96), (300, 1032, 136), (1100, 2056, 40))
@@ -32,11 +34,7 @@ def main() -> None:
             wide = torch.randn(m, k + 8, generator=generator).to(dtype=dtype, device=device)[:, :k]   # lda > K
             target = torch.randn(m, n, generator=generator).to(device)
             results.append(_gemm.gemm(wide, w, accumulate_into=target))
-    torch.cuda.synchronize()
-    for index, y in enumerate(results):
-        if not torch.isfinite(y).all():
-            raise SystemExit(f"sanitize: non-finite values in result {index} ({y.dtype}, {tuple(y.shape)})")
-    print("sanitize: ok")
+    finish(results)
 
 
 if __name__ == "__main__":

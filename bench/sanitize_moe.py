@@ -7,6 +7,8 @@ memory, shared atomics, warp shuffles and barriers. (The same workload passes un
 """
 import torch
 
+from _sanitize_util import finish
+
 from llmkernels import moe
 
 ROUTES = ((1, 8, 2), (300, 8, 2), (97, 128, 8), (40, 1000, 3))   # (T, E, k)
@@ -36,11 +38,7 @@ def main() -> None:
             w_down = (randn(experts, hidden, ffn) * ffn ** -0.5).to(dtype=torch.bfloat16, device=device)
             weights, ids, _ = moe.route(randn(tokens, experts).to(device), top_k)
             results.append(moe.moe_ffn(x, w_gate_up, w_down, weights, ids, activation=activation))
-    torch.cuda.synchronize()
-    for index, y in enumerate(results):
-        if not torch.isfinite(y).all():
-            raise SystemExit(f"sanitize: non-finite values in result {index} ({y.dtype}, {tuple(y.shape)})")
-    print("sanitize: ok")
+    finish(results)
 
 
 if __name__ == "__main__":

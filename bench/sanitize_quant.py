@@ -11,6 +11,8 @@ time grows with the grid.
 """
 import torch
 
+from _sanitize_util import finish
+
 from llmkernels import quant
 
 INT4_SHAPES = ((1, 40, 288, 32), (5, 24, 1024, 128), (16, 72, 2752, 64), (17, 40, 384, -1), (130, 136, 256, 128),
@@ -45,11 +47,7 @@ def main() -> None:
         codes, scales = quant.quantize_per_token(randn(m, k).to(device))
         results.append(scales)
         results.append(quant.int8_matmul(codes, weight.data).float())
-    torch.cuda.synchronize()
-    for index, y in enumerate(results):
-        if not torch.isfinite(y).all():
-            raise SystemExit(f"sanitize: non-finite values in result {index} ({y.dtype}, {tuple(y.shape)})")
-    print("sanitize: ok")
+    finish(results)
 
 
 if __name__ == "__main__":
