@@ -103,7 +103,7 @@ void mezo_sweep(const py::list& params, const std::vector<int64_t>& indices,
 
 void gemm_core(const py::object& a, const py::object& a_rows, const py::object& b, const py::object& bias,
           const py::object& row_scale, const py::object& col_scale, int64_t activation, bool accumulate,
-          const py::object& out, const py::object& workspace, uintptr_t stream) {
+          const py::object& out, const py::object& workspace, bool b_k_major, uintptr_t stream) {
   if (activation < 0 || activation > 3)
     throw ValueError("activation must be 0 (none), 1 (silu), 2 (gelu) or 3 (swiglu); got " + std::to_string(activation));
   const TensorView a_view = tensor(a, "a");
@@ -117,7 +117,7 @@ void gemm_core(const py::object& a, const py::object& a_rows, const py::object& 
   py::gil_scoped_release no_gil;
   gemm::gemm(a_view, pointer(rows_view), b_view, out_view, pointer(bias_view), pointer(row_scale_view),
              pointer(col_scale_view), static_cast<gemm::Activation>(activation), accumulate, workspace_view,
-             stream_pointer(stream));
+             b_k_major, stream_pointer(stream));
 }
 
 // -- the SIMT emulator: which backend CPU tensors run, its schedule, and what it saw ----------------
@@ -507,7 +507,7 @@ PYBIND11_MODULE(_C, m) {
         "(most rows M that split K, most K ranges): the split-K workspace is at most ranges * M * N floats");
   m.def("gemm", &gemm_core, py::arg("a"), py::arg("a_rows"), py::arg("b"), py::arg("bias"), py::arg("row_scale"),
         py::arg("col_scale"), py::arg("activation"), py::arg("accumulate"), py::arg("out"), py::arg("workspace"),
-        py::arg("stream"),
+        py::arg("b_k_major"), py::arg("stream"),
         "The GEMM core: out (=|+=) epilogue(A[a_rows] @ B^T) with fp32 accumulation; epilogue: scales, bias, "
         "activation 0 none | 1 silu | 2 gelu | 3 swiglu (csrc/gemm/gemm.h)");
 

@@ -344,7 +344,7 @@ def native(a, rows, b, out, *, bias=None, row_scale=None, col_scale=None, activa
     if workspace is None:
         workspace = _gemm.workspace(m, b.shape[0], b.shape[1], a.device)
     C.gemm(*capsules(a, rows, b, bias, row_scale, col_scale), activation, accumulate, to_dlpack(out),
-           to_dlpack(workspace), 0)
+           to_dlpack(workspace), False, 0)
 
 
 def test_native_core_checks_its_own_inputs():
@@ -501,3 +501,39 @@ def test_torch_compile_follows_changing_m():
     for m in (3, 5, 17, 33):
         x = randn((m, 1032), dtype=torch.bfloat16, seed=m)
         assert torch.equal(compiled(x, w), _gemm.gemm(x, w, activation="silu")), m
+
+
+# -- B given k-major (x @ weight with weight (K, N)): the backward passes' layout ----------------------
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 24, 136), (17, 40, 72), (130, 136, 24), (5, 40, 17 * 64 - 56)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_transposed_weight_matches_oracle(device, shape):
+    """out = x @ w for w (K, N) (ldmatrix.trans fragments on the CUDA kernel; a transposed copy on the
+    CPU), every tiling's tails, split K (the last shape), with bias and silu."""
+    m, n, k = shape
+    x, w, extras = make(m, n, k, torch.bfloat16, device, seed=m + n, bias=True)
+    w_kn = w.T.contiguous()
+    out = _gemm.gemm(x, w_kn, transposed_weight=True, activation="silu", **extras)
+    oracle = reference.gemm(x, w, activation="silu", **extras, out_dtype=torch.float64)
+    assert_parity(out, torch_same_precision(x, w, activation="silu", **extras), oracle, f"k-major {shape}")
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("tiling", sorted(TILINGS))
+def test_emulated_transposed_weight_every_tiling_without_bank_conflicts(tiling):
+    m, n, k = TILINGS[tiling]
+    x, w, extras = make(m, n, k, torch.bfloat16, "cpu", seed=9, bias=True)
+    llmkernels.emulator.reset_report()
+    with llmkernels.emulator.emulate():
+        out = _gemm.gemm(x, w.T.contiguous(), transposed_weight=True, out_dtype=torch.float32, **extras)
+    oracle = reference.gemm(x, w, **extras, out_dtype=torch.float64)
+    assert_parity(out, (x.float() @ w.float().T) + extras["bias"], oracle, f"emulated k-major, {tiling}")
+    (report,) = [r for r in llmkernels.emulator.report() if r["kernel"] == "gemm"]
+    assert report["bank_conflicts_by_site"] == {}, report
+    assert report["shared_wavefronts"] == report["shared_ideal_wavefronts"]
+
+
+def test_transposed_weight_shape_errors():
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., K\) with K = 24 \(weight's rows\)"):
+        _gemm.gemm(x, torch.randn(24, 8, dtype=torch.bfloat16), transposed_weight=True)

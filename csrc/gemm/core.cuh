@@ -143,6 +143,53 @@ struct RowTileLoader {
   }
 };
 
+// B stored k-major, (k, n) row-major (out = A · B, e.g. x @ W for a weight used transposed in a
+// backward pass): tiles of bk rows of k by bn columns, swizzled rows of bn 16-bit elements, and B
+// fragments by ldmatrix.x4.trans, which gives lane 4g + t the elements (k 2t, 2t + 1; n g) of an 8 x 8
+// block: the mma B register. Matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15,
+// n 8-15) of each 16 columns. Rows at or past k and columns at or past n are zero-filled.
+template <typename T, typename Tiling>
+struct KMajorTileLoader {
+  static_assert(sizeof(T) == 2, "16-bit B");
+  static constexpr int row_bytes = Tiling::bn * 2;
+  static constexpr int bytes = Tiling::bk * row_bytes;
+  static constexpr SwizzledTile layout() { return SwizzledTile{row_bytes}; }
+  const T* base;
+  int64_t ld;   // elements between rows of k (n for a contiguous (k, n) matrix)
+  int64_t n, k;
+
+  LLMK_DEVICE void load(uint8_t* tile, int64_t col0, int64_t k0, int thread) const {
+    constexpr int chunks_per_row = Tiling::bn / 8;
+    constexpr int chunks = Tiling::bk * chunks_per_row;
+    static_assert(chunks % Tiling::threads == 0, "every thread copies the same number of chunks");
+    constexpr SwizzledTile tile_layout = layout();
+#pragma unroll
+    for (int c = thread; c < chunks; c += Tiling::threads) {
+      const int r = c / chunks_per_row, chunk = c % chunks_per_row;
+      const int64_t row = k0 + r, column = col0 + 8 * chunk;
+      const bool inside = row < k && column < n;
+      cp_async<16>(tile + tile_layout.offset(r, 16 * chunk), inside ? base + row * ld + column : base, inside ? 16 : 0);
+    }
+  }
+
+  LLMK_DEVICE void fragments(uint32_t (&b)[Tiling::mma_n][2], const uint8_t* tile, int kk, int warp_col0,
+                             int lane) const {
+    constexpr SwizzledTile tile_layout = layout();
+    const int matrix = lane / 8;
+#pragma unroll
+    for (int j = 0; j < Tiling::mma_n; j += 2) {
+      const int row = 16 * kk + 8 * (matrix % 2) + lane % 8;
+      const int column = warp_col0 + 8 * j + 8 * (matrix / 2);
+      uint32_t r[4];
+      ldmatrix_trans<4>(r, tile + tile_layout.offset(row, 2 * column));
+      b[j][0] = r[0];
+      b[j][1] = r[1];
+      b[j + 1][0] = r[2];
+      b[j + 1][1] = r[3];
+    }
+  }
+};
+
 // The accumulators of one thread: fp32, or int32 for int8 inputs.
 template <typename Tiling, typename E = float>
 struct Accumulators {

@@ -31,7 +31,7 @@ void check_vector(const TensorView* view, int64_t size, const TensorView& where)
 
 void gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, const TensorView& out,
           const TensorView* bias, const TensorView* row_scale, const TensorView* col_scale,
-          Activation activation, bool accumulate, const TensorView& workspace, void* stream) {
+          Activation activation, bool accumulate, const TensorView& workspace, bool b_k_major, void* stream) {
   const int activation_code = static_cast<int>(activation);
   LLMK_CHECK(activation_code >= 0 && activation_code <= 3, ValueError,
              "activation must be 0 (none), 1 (silu), 2 (gelu) or 3 (swiglu); got ", activation_code);
@@ -58,9 +58,9 @@ void gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, co
   b.check_ndim(2);
   out.check_ndim(2);
   const int64_t k = a.shape[1];
-  const int64_t n = b.shape[0];
-  LLMK_CHECK(b.shape[1] == k, ValueError, b.name, " must have shape (n, k) with k = ", k, " (", a.name,
-             "'s columns); got ", b.shape_str());
+  const int64_t n = b.shape[b_k_major ? 1 : 0];
+  LLMK_CHECK(b.shape[b_k_major ? 0 : 1] == k, ValueError, b.name, " must have shape ", b_k_major ? "(k, n)" : "(n, k)",
+             " with k = ", k, " (", a.name, "'s columns); got ", b.shape_str());
   LLMK_CHECK(k > 0 && k % 8 == 0, ValueError, "k must be a positive multiple of 8 (got ", k, "): ",
              a.name, " has shape ", a.shape_str());
   LLMK_CHECK(n > 0 && n % 8 == 0, ValueError, "n must be a positive multiple of 8 (got ", n, "): ",
@@ -134,7 +134,8 @@ void gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, co
   p.lda = lda;
   p.a_rows = a_rows ? a_rows->data<int32_t>() : nullptr;
   p.b = b.ptr;
-  p.ldb = k;
+  p.ldb = b_k_major ? n : k;
+  p.b_k_major = b_k_major;
   p.out = out.ptr;
   p.ldo = out_columns;
   p.bias = bias ? bias->data<float>() : nullptr;

@@ -33,6 +33,7 @@ struct Problem {
   const int32_t* a_rows = nullptr;  // optional: row i of A is a + a_rows[i] * lda (gathered rows)
   const void* b = nullptr;
   int64_t ldb = 0;
+  bool b_k_major = false;         // B given as (k, n) row-major: out = A · B (ldb = n); else (n, k)
   void* out = nullptr;
   int64_t ldo = 0;
   const float* bias = nullptr;       // (n,)
@@ -78,11 +79,11 @@ inline int64_t split_k_workspace(int64_t m, int64_t n, int64_t k) {
 }
 
 // Entry point: validates (the checks in gemm.cpp), then runs the CPU kernel, the emulated CUDA
-// kernel or the CUDA kernel. Optional views may be null. `workspace` is float32 with at least
+// kernel or the CUDA kernel. Optional views may be null. b_k_major: b is (k, n) and out = A · B. `workspace` is float32 with at least
 // split_k_workspace(m, n, k) elements (the CPU kernel does not use it).
 void gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, const TensorView& out,
           const TensorView* bias, const TensorView* row_scale, const TensorView* col_scale,
-          Activation activation, bool accumulate, const TensorView& workspace, void* stream);
+          Activation activation, bool accumulate, const TensorView& workspace, bool b_k_major, void* stream);
 
 // The kernels: gemm_cpu.cpp, and gemm_cuda.cu compiled by nvcc (CudaStream) and for the emulator
 // (EmuStream).

@@ -188,9 +188,22 @@ void gemm_typed(const Problem& p) {
 
 }  // namespace
 
-void gemm_cpu(const Problem& p) {
-  dispatch<float, bf16, f16>(p.dtype, "gemm (CPU kernel)", [&](auto tag) {
+void gemm_cpu(const Problem& problem) {
+  dispatch<float, bf16, f16>(problem.dtype, "gemm (CPU kernel)", [&](auto tag) {
     using T = typename decltype(tag)::type;
+    // A k-major B ((k, n): out = A · B) is transposed once into the (n, k) rows the kernel reads.
+    Problem p = problem;
+    std::vector<T> b_rows;
+    if (p.b_k_major) {
+      b_rows.resize(size_t(p.n * p.k));
+      const T* b = static_cast<const T*>(p.b);
+#pragma omp parallel for schedule(static)
+      for (int64_t j = 0; j < p.n; ++j)
+        for (int64_t i = 0; i < p.k; ++i) b_rows[size_t(j * p.k + i)] = b[i * p.ldb + j];
+      p.b = b_rows.data();
+      p.ldb = p.k;
+      p.b_k_major = false;
+    }
     if (p.out_dtype == DType::f32) {
       gemm_typed<T, float>(p);
     } else {

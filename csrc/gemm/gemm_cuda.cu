@@ -1,7 +1,7 @@
 // The GEMM core's kernel (gemm.h, core.cuh): dense or gathered A rows, dense B, the full epilogue.
 // Compiled by nvcc for the GPU and by the host compiler for the emulator (docs/emulator.md).
 //
-// Tilings, chosen per problem (six instantiations: three tilings x bf16/fp16):
+// Tilings, chosen per problem (twelve instantiations: three tilings x bf16/fp16 x B given (n, k) or k-major):
 //   large  128 x 128 x 32, 8 warps (64 x 32 each), 4 stages, 64 KB: M and N large enough to fill the GPU
 //   medium  64 x  64 x 32, 4 warps (32 x 32 each), 4 stages, 32 KB: fewer tiles than SMs otherwise
 //   small   16 x  32 x 64, 2 warps (16 x 16 each), 6 stages, 36 KB: M <= 16, bound by reading the
@@ -31,6 +31,13 @@ struct Params : TiledParams {
   LLMK_DEVICE RowTileLoader<T, Tiling, Tiling::bn> loader_b() const { return {b, ldb, n, k, nullptr}; }
 };
 
+// B given k-major ((k, n): out = A · B).
+template <typename T>
+struct KMajorParams : Params<T> {
+  template <typename Tiling>
+  LLMK_DEVICE KMajorTileLoader<T, Tiling> loader_b() const { return {this->b, this->ldb, this->n, this->k}; }
+};
+
 }  // namespace
 
 static_assert(Small::bn == kSplitTileN && Small::bk == kSplitTileK && Small::bm == kSplitMaxRows,
@@ -55,7 +62,13 @@ void gemm_device(const Problem& problem, DeviceStream stream) {
     params.a_rows = problem.a_rows;
     params.b = static_cast<const T*>(problem.b);
     params.ldb = problem.ldb;
-    launch_sized<T, T, float, Small, Medium, Large>("gemm", "gemm split-k reduce", params, split, stream);
+    if (problem.b_k_major) {
+      KMajorParams<T> k_major;
+      static_cast<Params<T>&>(k_major) = params;
+      launch_sized<T, T, float, Small, Medium, Large>("gemm", "gemm split-k reduce", k_major, split, stream);
+    } else {
+      launch_sized<T, T, float, Small, Medium, Large>("gemm", "gemm split-k reduce", params, split, stream);
+    }
   });
 }
 

@@ -36,9 +36,11 @@ def _gemm(
     accumulate: bool,
     out: torch.Tensor,
     workspace: torch.Tensor,
+    b_k_major: bool = False,
 ) -> None:
-    """In place: out (=, or += when accumulate) epilogue(a[a_rows] @ b.T). `workspace`: float32 scratch
-    of at least workspace_elements(m, n, k), the CUDA kernel's split-K partial sums for small M."""
+    """In place: out (=, or += when accumulate) epilogue(a[a_rows] @ b.T), or epilogue(a[a_rows] @ b)
+    with b_k_major (b (K, N)). `workspace`: float32 scratch of at least workspace_elements(m, n, k),
+    the CUDA kernel's split-K partial sums for small M."""
 
 
 # The CUDA kernel splits K only for M <= SPLIT_MAX_ROWS, into at most SPLIT_MAX_RANGES ranges
@@ -75,10 +77,12 @@ def _float32_vector(value, name: str, size: int, size_name: str, device: torch.d
 def gemm(x: torch.Tensor, weight: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
          row_scale: Optional[torch.Tensor] = None, col_scale: Optional[torch.Tensor] = None,
          activation: str = "none", accumulate_into: Optional[torch.Tensor] = None,
-         rows: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """epilogue(x @ weight.T) (see the module doc). Returns a new (..., N) tensor ((..., N / 2) for
-    swiglu; (M, ...) with `rows`) of `out_dtype` (x's dtype, or float32), or `accumulate_into`,
-    updated in place, when given (its dtype is then the output dtype)."""
+         rows: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None,
+         transposed_weight: bool = False) -> torch.Tensor:
+    """epilogue(x @ weight.T) (see the module doc), or epilogue(x @ weight) with `transposed_weight`
+    (weight (K, N), e.g. a linear layer's weight in its input gradient). Returns a new (..., N) tensor
+    ((..., N / 2) for swiglu; (M, ...) with `rows`) of `out_dtype` (x's dtype, or float32), or
+    `accumulate_into`, updated in place, when given (its dtype is then the output dtype)."""
     check.check_tensor(x, "x", dtypes=INPUT_DTYPES)
     check.check_tensor(weight, "weight", dtypes=INPUT_DTYPES)
     device = x.device
@@ -90,10 +94,11 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, *, bias: Optional[torch.Tensor] 
         raise TypeError(f"x must be bfloat16 or float16 on {device} (float32 runs on the CPU kernel only); "
                         "got float32")
     if weight.dim() != 2:
-        raise ValueError(f"weight must have shape (N, K); got {tuple(weight.shape)}")
-    n, k = weight.shape
+        raise ValueError(f"weight must have shape {'(K, N)' if transposed_weight else '(N, K)'}; got {tuple(weight.shape)}")
+    n, k = reversed(weight.shape) if transposed_weight else weight.shape
     if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(f"x must have shape (..., K) with K = {k} (weight's columns); got {tuple(x.shape)}")
+        raise ValueError(f"x must have shape (..., K) with K = {k} (weight's {'rows' if transposed_weight else 'columns'}); "
+                         f"got {tuple(x.shape)}")
     if k == 0 or k % 8:
         raise ValueError(f"K must be a positive multiple of 8 (got {k}): x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if n == 0 or n % 8:
@@ -123,7 +128,7 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, *, bias: Optional[torch.Tensor] 
     if accumulate_into is None:
         out = torch.empty((m, columns), dtype=out_dtype or x.dtype, device=device)
         _gemm(a, rows, weight, bias, row_scale, col_scale, ACTIVATIONS[activation], False, out,
-              workspace(m, n, k, device))
+              workspace(m, n, k, device), bool(transposed_weight))
         return out.view(*lead, columns)
 
     check.check_tensor(accumulate_into, "accumulate_into", dtypes=(x.dtype, torch.float32))
@@ -140,5 +145,6 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, *, bias: Optional[torch.Tensor] 
             raise ValueError(f"accumulate_into must be contiguous; got shape {tuple(accumulate_into.shape)} "
                              f"with strides {accumulate_into.stride()}")
         out = accumulate_into.view(m, columns)
-    _gemm(a, rows, weight, bias, row_scale, col_scale, ACTIVATIONS[activation], True, out, workspace(m, n, k, device))
+    _gemm(a, rows, weight, bias, row_scale, col_scale, ACTIVATIONS[activation], True, out, workspace(m, n, k, device),
+          bool(transposed_weight))
     return accumulate_into

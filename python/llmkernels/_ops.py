@@ -109,8 +109,13 @@ def native_op(name: str, *, mutates_args: Sequence[str] = ()) -> Callable:
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", implementation, mutates_args=tuple(mutates_args))
         op.register_fake(declare)
 
+        defaults = [p.default for p in parameters]
+
         @functools.wraps(declare)
         def call(*args, **kwargs):
+            if len(args) < len(parameters) and not kwargs and all(d is not inspect.Parameter.empty
+                                                                  for d in defaults[len(args):]):
+                args = args + tuple(defaults[len(args):])
             if (kwargs or len(args) != len(parameters) or torch.compiler.is_compiling()
                     or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
                     or not _plain_tensors(args)):
