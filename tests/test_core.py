@@ -184,3 +184,18 @@ def test_native_op_takes_the_dispatcher_for_fake_tensors_and_modes():
     with FlopCounterMode(display=False):
         out, _ = quant._int4_linear(torch.randn(3, 64).bfloat16(), q.packed, q.scales, q.zeros, 32, None)
     assert torch.isfinite(out).all()
+
+
+def test_native_op_takes_the_dispatcher_for_tracing_meta_and_vmap():
+    """torch.jit.trace must record the op (not the empty outputs), meta tensors must get shapes, vmap
+    must batch through the op's fallback: none of these may reach the native call directly."""
+    from llmkernels import moe, quant
+    q = quant.quantize_int4(torch.randn(16, 64), group_size=32, scale_dtype=torch.bfloat16)
+    x = torch.randn(3, 64).bfloat16()
+    traced = torch.jit.trace(lambda x: quant.int4_linear(x, q), (x,), check_trace=False)
+    assert torch.equal(traced(x), quant.int4_linear(x, q))
+    weights, ids, stats = moe.route(torch.randn(5, 8, device="meta"), 2)
+    assert weights.shape == (5, 2) and ids.device.type == "meta"
+    logits = torch.randn(4, 5, 8)
+    batched = torch.vmap(lambda l: moe._route(l, 2, True, 0)[1])(logits)
+    assert torch.equal(batched, torch.stack([moe.route(l, 2)[1] for l in logits]))

@@ -44,6 +44,16 @@ def test_route_ties_skewed_and_16bit_logits(device):
         check_route(randn((20, 16), seed=5).to(dtype), 4, device, name=str(dtype))
 
 
+def test_route_nan_logits_sort_last(device):
+    """NaN logits rank after every number and among themselves by index (a total order: the CUDA
+    kernel's warp arg-max converges), so a row with fewer numbers than k still picks k distinct experts."""
+    nan = float("nan")
+    logits = torch.tensor([[nan] * 8, [nan, nan, 1.0, 2.0] + [nan] * 4])
+    _, ids, stats = moe.route(logits.to(device), 4)
+    assert ids.cpu().tolist() == [[0, 1, 2, 3], [3, 2, 0, 1]]
+    assert stats.tokens_per_expert.cpu().tolist() == [2, 2, 2, 2, 0, 0, 0, 0]
+
+
 def test_route_refuses_bad_inputs():
     with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, 8\]"):
         moe.route(torch.randn(4, 8), 9)

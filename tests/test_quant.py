@@ -127,6 +127,20 @@ def test_quantize_int4_kernel_gives_the_reference_bits(device, dtype, symmetric)
             assert torch.equal(q.scales.cpu(), scales) and torch.equal(q.zeros.cpu(), zeros), (group_size, scale_dtype)
 
 
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asymmetric", "symmetric"])
+def test_quantize_int4_nan_groups(device, symmetric):
+    """A group holding a NaN: scale 1, zero point 0 (8 symmetric), the NaN's code 0, the group's other
+    codes from scale 1; the same on every backend as the torch formula; other groups untouched."""
+    w = randn((8, 64), seed=12, scale=0.05)
+    w[0, 0] = float("nan")
+    w[3, 40] = float("nan")
+    q = quant.quantize_int4(w.to(device), group_size=32, symmetric=symmetric, scale_dtype=torch.bfloat16)
+    codes, scales, zeros = reference.quantize_int4(w, 32, symmetric, torch.bfloat16)
+    assert torch.equal(q.codes().cpu(), codes) and torch.equal(q.scales.cpu(), scales)
+    assert torch.equal(q.zeros.cpu(), zeros)
+    assert q.scales[0, 0] == 1 and q.scales[1, 3] == 1 and q.scales[0, 1] != 1
+
+
 def test_quantize_int8_kernel_gives_the_reference_bits(device):
     w = randn((40, 200), seed=10, scale=0.1)
     w[3] = 0
@@ -483,6 +497,14 @@ def test_int8_linear_refuses_what_it_does_not_do():
         quant.int8_linear(randn((2, 8)), q)
     with pytest.raises(TypeError, match="int8"):
         quant.int8_matmul(torch.zeros(2, 8), torch.zeros(3, 8))
+    codes = lambda *shape: torch.zeros(*shape, dtype=torch.int8)
+    with pytest.raises(ValueError, match="in_features and out_features must be multiples of 8"):
+        quant.int8_matmul(codes(4, 12), codes(8, 12))
+    with pytest.raises(ValueError, match="in_features and out_features must be multiples of 8"):
+        quant.int8_matmul(codes(4, 16), codes(7, 16))
+    with pytest.raises(TypeError, match="out must be float32, bfloat16 or float16; got float64"):
+        torch.ops.llmkernels.quant_int8_linear(codes(2, 16), torch.ones(2), codes(8, 16), torch.ones(8), None,
+                                               torch.float64)
 
 
 def test_opcheck_int8_ops():
@@ -559,6 +581,14 @@ def test_quantize_model_keeps_logits_close(bits, activations):
     # W8A16 (weights alone quantized) 0.999998 and 0.0018
     minimum_cosine, maximum_relative = (0.998, 0.06) if bits == 4 else (0.9999, 0.01)
     assert cosine > minimum_cosine and relative < maximum_relative, (cosine, relative)
+
+
+def test_int8_linear_module_survives_a_cast_of_the_model():
+    """model.to(torch.bfloat16) casts floating buffers: the scales must still reach the kernel in float32."""
+    module = quant.Int8Linear.from_linear(torch.nn.Linear(32, 16)).to(torch.bfloat16)
+    x = randn((3, 32), dtype=torch.bfloat16, seed=14)
+    out = module(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
 def test_int4_linear_module_state_dict_round_trip():

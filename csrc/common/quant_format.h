@@ -61,12 +61,18 @@ LLMK_HD int int4_block_column(int lane, int shift) {
   return 8 * ((shift / 4) % 4) + 2 * (lane % 4) + shift / 16;
 }
 
+// NaN-propagating max and min (a NaN anywhere in a reduction makes its result NaN).
+LLMK_HD float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+LLMK_HD float nan_min(float a, float b) { return (a < b || a != a) ? a : b; }
+
 // int4 quantization of one group (llmkernels.quant.quantize_int4's arithmetic, so the CPU kernel, the
 // CUDA kernel and torch's ops give the same bits): from the group's min, max and max |w| in float32,
 //   symmetric:  s = max|w| / 7,                  z = 8
 //   asymmetric: s = (max(hi, 0) - min(lo, 0)) / 15,  z = clamp(round-half-even(-min(lo, 0) / s), 0, 15)
 // with s = 1 for an all-zero group and s rounded *up* to the 16-bit scale type (never below the float32
-// value, so the group's extremes stay inside the code range); z uses the rounded s.
+// value, so the group's extremes stay inside the code range); z uses the rounded s. A group holding a
+// NaN (min, max and max|w| NaN) gets s = 1 and z = 0 (8 symmetric), and a NaN weight code 0: the bits
+// of the torch formula (llmkernels.reference.quant.quantize_int4) on x86.
 struct Int4Group {
   uint16_t scale_bits;  // of the 16-bit scale type
   float scale;          // the same value as a float
@@ -92,6 +98,7 @@ LLMK_HD Int4Group int4_group(float low, float high, float absmax, bool symmetric
 // The code of w in its group: clamp(round-half-even(w / s) + z, 0, 15), the division in double.
 LLMK_HD uint32_t int4_code(float w, float scale, int zero) {
   const double q = rint(double(w) / double(scale)) + double(zero);
+  if (q != q) return 0;
   return uint32_t(q < 0.0 ? 0.0 : (q > 15.0 ? 15.0 : q));
 }
 
@@ -99,7 +106,6 @@ LLMK_HD uint32_t int4_code(float w, float scale, int zero) {
 // (1 for an all-zero row), code = round-half-even(v / scale) in double, clamped to [-127, 127]: the
 // arithmetic of llmkernels.quant's weight quantization, so the CPU and CUDA kernels give its bits.
 // A row holding a NaN gets a NaN scale (and codes 0), so its outputs are NaN, not finite garbage.
-LLMK_HD float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 LLMK_HD float int8_scale(float absmax) {
   const float scale = div_rn(absmax, 127.0f);
   return scale > 0.0f || scale != scale ? scale : 1.0f;

@@ -60,6 +60,7 @@ constexpr int64_t kSplitMaxRows = 16, kSplitMaxRanges = 16, kSplitTileN = 32, kS
 // tiles, at most kSplitMaxRanges of them, aiming at `target_blocks` blocks in all (quant's small-M
 // kernels plan with it too).
 inline SplitK plan_split_k(int64_t col_blocks, int64_t k_tiles, int64_t target_blocks, int64_t min_tiles) {
+  if (col_blocks <= 0) return SplitK{1, k_tiles};   // (n = 0: nothing to split)
   const int64_t wanted = (target_blocks + col_blocks - 1) / col_blocks;
   const int64_t splits = std::min<int64_t>(std::min<int64_t>(wanted, k_tiles / min_tiles), kSplitMaxRanges);
   if (splits <= 1) return SplitK{1, k_tiles};

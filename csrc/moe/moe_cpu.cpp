@@ -5,6 +5,7 @@
 
 #include "common/float_types.h"
 #include "core/dispatch.h"
+#include "core/errors.h"
 #include "moe/moe.h"
 #include "moe/route_select.h"
 
@@ -109,8 +110,12 @@ void grouped_gemm_cpu(const GroupedProblem& p) {
     b0 = b1;
     if (e < 0) continue;
     int64_t real = r1 - r0;
-    if (p.a_rows)
+    if (p.a_rows) {
       for (real = 0; r0 + real < r1 && p.a_rows[r0 + real] >= 0;) ++real;
+      for (int64_t r = r0 + real; r < r1; ++r)
+        LLMK_CHECK(p.a_rows[r] < 0, ValueError, "row_token: the CPU kernel takes an expert's padding rows (-1) after "
+                   "its real rows (permute's layout); row ", r, " holds ", p.a_rows[r], " after a -1");
+    }
     char* out = static_cast<char*>(p.out) + r0 * out_cols * out_size;
     std::fill(out + real * out_cols * out_size, out + (r1 - r0) * out_cols * out_size, char(0));   // padding rows
     if (real == 0) continue;

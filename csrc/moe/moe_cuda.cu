@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(32 * kRouteWarps) route_kernel(const __grid_co
     if (best_expert % 32 == lane) taken |= 1u << (best_expert / 32);
     const float score = route_score(best, max, sum, p.scoring == Scoring::sigmoid);
     total += score;
-    if (lane == 0) {
+    if (lane == 0 && best_expert >= 0) {   // (always: the order is total and k <= E)
       store_global(p.expert_ids + t * p.top_k + j, int32_t(best_expert));
       store_global(p.weights + t * p.top_k + j, score);
       atomicAdd(p.tokens_per_expert + best_expert, 1);

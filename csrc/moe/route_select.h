@@ -9,10 +9,11 @@
 namespace llmk::moe {
 
 // Whether (value a, index ia) is chosen before (value b, index ib): the larger logit, then the lower
-// index. A NaN logit is never chosen before a number (it sorts last).
+// index; NaN logits after every number, among themselves by index (a total order, so the warp's
+// arg-max converges whatever the lanes hold).
 LLMK_HD bool ranks_before(float a, int ia, float b, int ib) {
-  if (a != a) return false;
-  if (b != b) return true;
+  const bool a_nan = a != a, b_nan = b != b;
+  if (a_nan || b_nan) return a_nan == b_nan ? ia < ib : b_nan;
   return a > b || (a == b && ia < ib);
 }
 

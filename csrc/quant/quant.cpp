@@ -75,8 +75,8 @@ void quantize_int4(const TensorView& w, int64_t group_size, bool symmetric, cons
   w.check_floating();
   w.check_contiguous();
   const int64_t n = w.shape[0], k = w.shape[1];
-  LLMK_CHECK(n % 8 == 0 && k % 8 == 0, ValueError, "w's out_features and in_features must be multiples of 8; got shape ",
-             w.shape_str());
+  LLMK_CHECK(n % 8 == 0 && k % 8 == 0 && k > 0, ValueError,
+             "w's out_features and in_features must be multiples of 8 (in_features positive); got shape ", w.shape_str());
   LLMK_CHECK(group_size == -1 || group_size == 32 || group_size == 64 || group_size == 128, ValueError,
              "group_size must be 32, 64, 128 or -1; got ", group_size);
   const int64_t size = group_size == -1 ? k : group_size;
@@ -134,7 +134,7 @@ void int4_linear(const TensorView& x, const TensorView& packed, const TensorView
   packed.check_same_device(x);
   const int64_t n = packed.shape[0] * kInt4BlockN;
   packed.check_shape({n / kInt4BlockN, int4_k_blocks(k), 32});
-  LLMK_CHECK(k % 8 == 0, ValueError, "x's last dimension (in_features) must be a multiple of 8; got ", k);
+  LLMK_CHECK(k % 8 == 0 && k > 0, ValueError, "x's last dimension (in_features) must be a positive multiple of 8; got ", k);
   LLMK_CHECK(group_size == -1 || group_size == 32 || group_size == 64 || group_size == 128, ValueError,
              "group_size must be 32, 64, 128 or -1; got ", group_size);
   const int64_t size = group_size == -1 ? k : group_size;
@@ -204,8 +204,11 @@ Int8Problem int8_problem(const TensorView& a, const TensorView& b) {
   }
   LLMK_CHECK(b.shape[1] == a.shape[1], ValueError, "the weight's in_features must be x's last dimension ",
              a.shape[1], "; got shape ", b.shape_str());
-  LLMK_CHECK(a.shape[1] < 133000, ValueError, "in_features must be below 133000 (int32 accumulators); got ",
-             a.shape[1]);
+  LLMK_CHECK(a.shape[1] % 8 == 0 && b.shape[0] % 8 == 0, ValueError,
+             "in_features and out_features must be multiples of 8; got x's ", a.shape[1], " and the weight's ",
+             b.shape_str());
+  LLMK_CHECK(a.shape[1] < 131072, ValueError,
+             "in_features must be below 131072 (int32 accumulators of codes down to -128); got ", a.shape[1]);
   // (The CUDA kernel copies rows in 16-byte pieces, or 8-byte ones when K % 16 == 8.)
   if (select_backend(a) != Backend::cpu)
     for (const TensorView* t : {&a, &b})
@@ -248,7 +251,8 @@ void int8_linear(const TensorView& a, const TensorView& a_scales, const TensorVi
   check_vector(a_scales, p.m, a);
   check_vector(b_scales, p.n, a);
   if (bias) check_vector(*bias, p.n, a);
-  out.check_floating();
+  LLMK_CHECK(out.dtype == DType::f32 || out.dtype == DType::bf16 || out.dtype == DType::f16, TypeError,
+             "out must be float32, bfloat16 or float16; got ", dtype_name(out.dtype));
   out.check_contiguous();
   out.check_same_device(a);
   out.check_shape({p.m, p.n});

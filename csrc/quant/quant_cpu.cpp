@@ -55,9 +55,9 @@ void quantize_int4_cpu(const Int4QuantizeProblem& p) {
             float low = to_float(values[0]), high = low, absmax = std::fabs(low);
             for (int64_t i = 1; i < p.group_size; ++i) {
               const float v = to_float(values[i]);
-              low = v < low ? v : low;
-              high = v > high ? v : high;
-              absmax = std::fabs(v) > absmax ? std::fabs(v) : absmax;
+              low = nan_min(low, v);
+              high = nan_max(high, v);
+              absmax = nan_max(absmax, std::fabs(v));
             }
             const Int4Group q = int4_group<S>(low, high, absmax, p.symmetric);
             scales[g * p.n + row] = S{q.scale_bits};

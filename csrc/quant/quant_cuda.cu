@@ -114,13 +114,13 @@ __global__ void __launch_bounds__(kPackThreads) int4_groups_kernel(const T* w, i
   float low = to_float(load_global(values)), high = low, absmax = fabsf(low);
   for (int64_t i = lane; i < group_size; i += 32) {
     const float v = to_float(load_global(values + i));
-    low = fminf(low, v);
-    high = fmaxf(high, v);
-    absmax = fmaxf(absmax, fabsf(v));
+    low = nan_min(low, v);
+    high = nan_max(high, v);
+    absmax = nan_max(absmax, fabsf(v));
   }
-  low = warp_reduce(low, [](float a, float b) { return fminf(a, b); });
-  high = warp_max(high);
-  absmax = warp_max(absmax);
+  low = warp_reduce(low, [](float a, float b) { return nan_min(a, b); });
+  high = warp_reduce(high, [](float a, float b) { return nan_max(a, b); });
+  absmax = warp_reduce(absmax, [](float a, float b) { return nan_max(a, b); });
   if (lane == 0) {
     const Int4Group q = int4_group<S>(low, high, absmax, symmetric);
     store_global(scales + g * n + row, S{q.scale_bits});

@@ -62,19 +62,31 @@ def stream_handle(device: torch.device) -> int:
 
 
 def _plain_tensors(values) -> bool:
-    """Every tensor among `values` (and inside lists) is a plain tensor or parameter with no autograd to
-    record (grad off, or no tensor requiring it): nothing for torch's dispatcher to do but call us."""
+    """Every tensor among `values` (and inside lists) is a plain CPU or CUDA tensor or parameter with
+    no autograd to record (grad off, or no tensor requiring it): nothing for torch's dispatcher to do
+    but call us. (Meta tensors and functorch's wrappers are plain tensors by type: their device, or the
+    functorch interpreter stack, says otherwise.)"""
     grad = torch.is_grad_enabled()
     for value in values:
         items = value if isinstance(value, (list, tuple)) else (value,)
         for item in items:
             if isinstance(item, torch.Tensor):
-                if type(item) not in _PLAIN_TYPES or (grad and item.requires_grad):
+                if (type(item) not in _PLAIN_TYPES or item.device.type not in _PLAIN_DEVICES
+                        or (grad and item.requires_grad)):
                     return False
     return True
 
 
+def _dispatcher_needed() -> bool:
+    """Something records or transforms the ops (torch.compile, torch.jit.trace, a torch function or
+    dispatch mode such as FakeTensorMode or FlopCounterMode, a functorch transform such as vmap)."""
+    return (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+            or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_DEVICES = ("cpu", "cuda")
 
 
 def native_op(name: str, *, mutates_args: Sequence[str] = ()) -> Callable:
@@ -84,8 +96,9 @@ def native_op(name: str, *, mutates_args: Sequence[str] = ()) -> Callable:
     function or dispatch mode active, every tensor a plain tensor or parameter, no autograd to
     record) it runs the implementation directly, as torch's dispatcher would, without the custom op's
     dispatch (about 100 us a call in torch 2.13, more than a small kernel takes); mutated tensors get
-    their version counters bumped as the op would. Anything else (torch.compile, fake tensors,
-    FlopCounterMode, tensors requiring grad) goes through the registered op, `call.op`."""
+    their version counters bumped as the op would. Anything else (torch.compile, torch.jit.trace, fake
+    or meta tensors, FlopCounterMode, vmap and other functorch transforms, tensors requiring grad) goes
+    through the registered op, `call.op`."""
     def decorate(declare: Callable):
         native = getattr(C, name)
         signature = inspect.signature(declare)
@@ -116,9 +129,7 @@ def native_op(name: str, *, mutates_args: Sequence[str] = ()) -> Callable:
             if len(args) < len(parameters) and not kwargs and all(d is not inspect.Parameter.empty
                                                                   for d in defaults[len(args):]):
                 args = args + tuple(defaults[len(args):])
-            if (kwargs or len(args) != len(parameters) or torch.compiler.is_compiling()
-                    or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
-                    or not _plain_tensors(args)):
+            if kwargs or len(args) != len(parameters) or _dispatcher_needed() or not _plain_tensors(args):
                 return op(*args, **kwargs)
             outputs = run(list(args))
             for i in mutated:

@@ -378,7 +378,9 @@ class Int8Linear(torch.nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, Int8Weight(self.data, self.scales, self.smooth), self.bias, self.activations)
+        # (float(): model.to(torch.bfloat16) casts floating buffers; the scales stay float32 to the kernel)
+        smooth = None if self.smooth is None else self.smooth.float()
+        return int8_linear(x, Int8Weight(self.data, self.scales.float(), smooth), self.bias, self.activations)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, activations={self.activations}, "
