@@ -11,5 +11,6 @@ from . import mezo  # noqa: F401,E402  (registers "mezo")
 from . import gemm  # noqa: F401,E402  (registers "gemm")
 from . import attention  # noqa: F401,E402  (registers "attention")
 from . import quant  # noqa: F401,E402  (registers "quant")
+from . import moe  # noqa: F401,E402  (registers "moe")
 
 __all__ = ["Case", "Target", "build_cases", "register"]
