@@ -497,10 +497,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out"), py::arg("stream"),
         "MoE grouped GEMM over (expert, row-block) tiles: out[r] = epilogue(a[a_rows[r]] @ b[e]^T) (csrc/moe/moe.h)");
   m.def("moe_block", [] { return moe::kMoeBlock; }, "rows of the MoE grouped GEMM's blocks (the permutation's block)");
-  m.def("moe_permute_sizes", [](int64_t t, int64_t k, int64_t e, int64_t block) {
-          return py::make_tuple(moe::permute_rows(t, k, e, block), moe::permute_workspace(t, k, e)); },
-        py::arg("tokens"), py::arg("top_k"), py::arg("num_experts"), py::arg("block"),
-        "(rows, workspace int32 elements) of moe_permute's buffers");
+  m.def("moe_permute_chunk", [] { return moe::kPermuteChunk; },
+        "pairs per block of the CUDA permutation (its workspace: (ceil(T k / chunk) + 1) E int32)");
   m.def("gemm_workspace", &gemm::split_k_workspace, py::arg("m"), py::arg("n"), py::arg("k"),
         "float32 elements of the GEMM core's split-K workspace for (m, n, k) (0: no split)");
   m.def("gemm_split_limits", [] { return py::make_tuple(gemm::kSplitMaxRows, gemm::kSplitMaxRanges); },

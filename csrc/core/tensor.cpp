@@ -141,6 +141,13 @@ void TensorView::check_rows_aligned() const {
              ", strides ", strides_str(), " at address ", ptr);
 }
 
+void TensorView::check_aligned(int bytes) const {
+  const uintptr_t past = reinterpret_cast<uintptr_t>(ptr) % uintptr_t(bytes);
+  LLMK_CHECK(past == 0, ValueError, name, "'s data pointer must be ", bytes, "-byte aligned (the kernel copies ", bytes,
+             "-byte vectors); got address ", ptr, " (", past, " bytes past a ", bytes,
+             "-byte boundary): pass a fresh tensor or a slice starting on an aligned element");
+}
+
 void TensorView::check_dense() const {
   LLMK_CHECK(is_dense(), ValueError, name, " must be dense and non-overlapping (contiguous in some "
              "dimension order, e.g. row-major or channels_last); got shape ", shape_str(),

@@ -79,6 +79,9 @@ struct TensorView {
   // kernels' cp.async tiles need): a 16-byte aligned start, unit stride along the last dimension and
   // the other strides multiples of 16 bytes (the Python layers copy a tensor that is not).
   void check_rows_aligned() const;
+  // ValueError unless the data pointer is aligned to `bytes` (what the CUDA kernels' vector copies
+  // of that size need).
+  void check_aligned(int bytes) const;
 };
 
 // Throws ValueError when two of `written` share memory (their byte ranges overlap), or when one of

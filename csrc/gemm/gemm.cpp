@@ -10,14 +10,6 @@
 namespace llmk::gemm {
 namespace {
 
-// cp.async copies 16 bytes from 16-byte aligned addresses.
-void check_aligned(const TensorView& view) {
-  LLMK_CHECK(reinterpret_cast<uintptr_t>(view.ptr) % 16 == 0, ValueError, view.name,
-             "'s data pointer must be 16-byte aligned (the kernel copies 16-byte vectors); got address ",
-             view.ptr, " (", reinterpret_cast<uintptr_t>(view.ptr) % 16,
-             " bytes past a 16-byte boundary): pass a fresh tensor or a slice starting on an aligned element");
-}
-
 // A float32 vector of `size` elements on `where`'s device, one element per row or column.
 void check_vector(const TensorView* view, int64_t size, const TensorView& where) {
   if (!view) return;
@@ -91,9 +83,7 @@ void gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, co
              lda, " with k = ", k, " (shape ", a.shape_str(), ", strides ", a.strides_str(), ")");
   b.check_contiguous();
   out.check_contiguous();
-  check_aligned(a);
-  check_aligned(b);
-  check_aligned(out);
+  for (const TensorView* view : {&a, &b, &out}) view->check_aligned(16);   // cp.async's 16-byte copies
 
   // Index range of the gathered rows: read here for CPU tensors only. For CUDA tensors reading them
   // would synchronize the host, so the kernel trusts them (an out-of-range row is the caller's bug).

@@ -23,6 +23,25 @@ void check_int4_pair(const TensorView& codes, const TensorView& packed) {
   packed.check_shape({n / kInt4BlockN, int4_k_blocks(k), 32});
 }
 
+// An int4 weight's groups: group_size 32, 64, 128 or -1 (one group of K), K a multiple of it, scales
+// bf16/fp16 and zeros uint8, both (groups, N), contiguous, on `like`'s device. Returns the group's size.
+int64_t check_int4_groups(int64_t n, int64_t k, int64_t group_size, const TensorView& scales,
+                          const TensorView& zeros, const TensorView& like) {
+  LLMK_CHECK(group_size == -1 || group_size == 32 || group_size == 64 || group_size == 128, ValueError,
+             "group_size must be 32, 64, 128 or -1; got ", group_size);
+  const int64_t size = group_size == -1 ? k : group_size;
+  LLMK_CHECK(k % size == 0, ValueError, "in_features (", k, ") must be a multiple of group_size (", group_size, ")");
+  LLMK_CHECK(scales.dtype == DType::bf16 || scales.dtype == DType::f16, TypeError,
+             "scales must be bfloat16 or float16; got ", dtype_name(scales.dtype));
+  zeros.check_dtype(DType::u8);
+  for (const TensorView* t : {&scales, &zeros}) {
+    t->check_contiguous();
+    t->check_same_device(like);
+    t->check_shape({k / size, n});
+  }
+  return size;
+}
+
 // The weight-only products' (W4A16, W8A16) checks of x, out and the split-K workspace once the
 // weight's own are done: the output shares memory with nothing it reads (`read`), the workspace
 // (float32, at least int4_split_k_workspace(m, n, k) for the CUDA kernels) with nothing at all; on
@@ -77,23 +96,11 @@ void quantize_int4(const TensorView& w, int64_t group_size, bool symmetric, cons
   const int64_t n = w.shape[0], k = w.shape[1];
   LLMK_CHECK(n % 8 == 0 && k % 8 == 0 && k > 0, ValueError,
              "w's out_features and in_features must be multiples of 8 (in_features positive); got shape ", w.shape_str());
-  LLMK_CHECK(group_size == -1 || group_size == 32 || group_size == 64 || group_size == 128, ValueError,
-             "group_size must be 32, 64, 128 or -1; got ", group_size);
-  const int64_t size = group_size == -1 ? k : group_size;
-  LLMK_CHECK(k % size == 0, ValueError, "in_features (", k, ") must be a multiple of group_size (", group_size, ")");
   packed.check_dtype(DType::i32);
   packed.check_contiguous();
   packed.check_same_device(w);
   packed.check_shape({n / kInt4BlockN, int4_k_blocks(k), 32});
-  LLMK_CHECK(scales.dtype == DType::bf16 || scales.dtype == DType::f16, TypeError,
-             "scales must be bfloat16 or float16; got ", dtype_name(scales.dtype));
-  scales.check_contiguous();
-  scales.check_same_device(w);
-  scales.check_shape({k / size, n});
-  zeros.check_dtype(DType::u8);
-  zeros.check_contiguous();
-  zeros.check_same_device(w);
-  zeros.check_shape({k / size, n});
+  const int64_t size = check_int4_groups(n, k, group_size, scales, zeros, w);
   check_no_overlap({packed, scales, zeros}, {w});
   Int4QuantizeProblem p;
   p.w_dtype = w.dtype;
@@ -135,19 +142,7 @@ void int4_linear(const TensorView& x, const TensorView& packed, const TensorView
   const int64_t n = packed.shape[0] * kInt4BlockN;
   packed.check_shape({n / kInt4BlockN, int4_k_blocks(k), 32});
   LLMK_CHECK(k % 8 == 0 && k > 0, ValueError, "x's last dimension (in_features) must be a positive multiple of 8; got ", k);
-  LLMK_CHECK(group_size == -1 || group_size == 32 || group_size == 64 || group_size == 128, ValueError,
-             "group_size must be 32, 64, 128 or -1; got ", group_size);
-  const int64_t size = group_size == -1 ? k : group_size;
-  LLMK_CHECK(k % size == 0, ValueError, "in_features (", k, ") must be a multiple of group_size (", group_size, ")");
-  LLMK_CHECK(scales.dtype == DType::bf16 || scales.dtype == DType::f16, TypeError,
-             "scales must be bfloat16 or float16; got ", dtype_name(scales.dtype));
-  scales.check_contiguous();
-  scales.check_same_device(x);
-  scales.check_shape({k / size, n});
-  zeros.check_dtype(DType::u8);
-  zeros.check_contiguous();
-  zeros.check_same_device(x);
-  zeros.check_shape({k / size, n});
+  const int64_t size = check_int4_groups(n, k, group_size, scales, zeros, x);
   if (bias) {
     bias->check_dtype(DType::f32);
     bias->check_contiguous();
@@ -167,8 +162,7 @@ void int4_linear(const TensorView& x, const TensorView& packed, const TensorView
                ") for the CUDA kernel, which dequantizes in it; got ", dtype_name(scales.dtype),
                ": quantize with scale_dtype=x.dtype");
     for (const TensorView* t : {&packed, &scales}) t->check_rows_aligned();
-    LLMK_CHECK(reinterpret_cast<uintptr_t>(zeros.ptr) % 8 == 0, ValueError,
-               "zeros must start at an 8-byte boundary for the CUDA kernel (8-byte copies); got address ", zeros.ptr);
+    zeros.check_aligned(8);
   }
   Int4Problem p;
   p.x_dtype = x.dtype;
@@ -211,9 +205,7 @@ Int8Problem int8_problem(const TensorView& a, const TensorView& b) {
              "in_features must be below 131072 (int32 accumulators of codes down to -128); got ", a.shape[1]);
   // (The CUDA kernel copies rows in 16-byte pieces, or 8-byte ones when K % 16 == 8.)
   if (select_backend(a) != Backend::cpu)
-    for (const TensorView* t : {&a, &b})
-      LLMK_CHECK(reinterpret_cast<uintptr_t>(t->ptr) % 16 == 0, ValueError, t->name,
-                 " must start at a 16-byte boundary for the CUDA kernel; got address ", t->ptr);
+    for (const TensorView* t : {&a, &b}) t->check_aligned(16);
   Int8Problem p;
   p.m = a.shape[0];
   p.n = b.shape[0];
@@ -294,10 +286,7 @@ void int8_weight_linear(const TensorView& x, const TensorView& w, const TensorVi
   std::vector<TensorView> read{extent(x), w, w_scales};
   if (bias) read.push_back(*bias);
   const int64_t workspace_needed = check_weight_only_io(x, read, out, workspace, m, n, k);
-  if (select_backend(x) != Backend::cpu) {
-    LLMK_CHECK(reinterpret_cast<uintptr_t>(w.ptr) % 16 == 0, ValueError,
-               "the int8 weight must start at a 16-byte boundary for the CUDA kernel; got address ", w.ptr);
-  }
+  if (select_backend(x) != Backend::cpu) w.check_aligned(16);
   Int8WeightProblem p;
   p.x_dtype = x.dtype;
   p.m = m;

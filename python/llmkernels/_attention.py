@@ -13,7 +13,6 @@ from typing import Optional, Tuple
 import torch
 
 from . import _validate as check
-from . import emulator
 from ._ops import native_op
 
 __all__ = ["attention", "attention_varlen"]
@@ -70,7 +69,7 @@ def _backward(
     """(dq, dk, dv) shaped like q, k, v, then the CUDA kernels' float32 workspaces (empty for the CPU
     kernel): delta (lse's shape) and, unless deterministic, the zero-filled dq accumulator (q's shape)
     that the key blocks add into with atomics."""
-    device_kernels = q.device.type == "cuda" or emulator.enabled()
+    device_kernels = check.device_kernels(q)
     workspace = lambda shape: torch.empty(shape if device_kernels else (0,), dtype=torch.float32, device=q.device)
     dq_accum = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if device_kernels and not deterministic
                 else workspace((0,)))

@@ -159,3 +159,9 @@ def rows_aligned(t: torch.Tensor) -> torch.Tensor:
         aligned = t.storage_offset() * size % 16 == 0
     # (clone, not contiguous(): a contiguous tensor that starts off the boundary is its own contiguous())
     return t if aligned else t.clone(memory_format=torch.contiguous_format)
+
+
+def device_kernels(t: torch.Tensor) -> bool:
+    """Whether the op on `t` runs a CUDA kernel (on a GPU, or emulated): what sizes its workspaces."""
+    from . import emulator
+    return t.device.type == "cuda" or emulator.enabled()

@@ -15,7 +15,6 @@ from typing import Optional, Tuple
 import torch
 
 from . import _validate as check
-from . import emulator
 from ._ext import C
 from ._ops import native_op
 from .reference import moe as _reference
@@ -26,6 +25,8 @@ Permutation = _reference.Permutation
 
 SCORINGS = {"softmax": 0, "sigmoid": 1}
 MAX_EXPERTS = 1024
+# The CUDA permutation's pairs per block (csrc/moe/moe.h: kPermuteChunk), for its workspace's size.
+PERMUTE_CHUNK = C.moe_permute_chunk()
 
 
 @dataclasses.dataclass
@@ -76,8 +77,8 @@ def _permute(expert_ids: torch.Tensor, num_experts: int,
     workspace; all int32, R = T k + E (block - 1)."""
     t, k = expert_ids.shape
     rows = t * k + num_experts * (block - 1)
-    chunks = (t * k + 255) // 256
-    scratch = (chunks + 1) * num_experts if expert_ids.device.type == "cuda" or emulator.enabled() else 0
+    chunks = (t * k + PERMUTE_CHUNK - 1) // PERMUTE_CHUNK
+    scratch = (chunks + 1) * num_experts if check.device_kernels(expert_ids) else 0
     empty = lambda *shape: torch.empty(shape, dtype=torch.int32, device=expert_ids.device)
     return (empty(num_experts + 1), empty(rows), empty(rows), empty((rows + block - 1) // block), empty(t, k),
             empty(scratch))

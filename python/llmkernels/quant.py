@@ -19,10 +19,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import emulator
 from ._ext import C
 from ._ops import native_op
-from ._validate import rows_aligned
+from ._validate import device_kernels, rows_aligned
 
 __all__ = ["Int4Weight", "Int8Weight", "quantize_int4", "quantize_int8", "quantize_per_token", "dequantize",
            "int4_linear", "int8_linear", "int8_matmul", "pack_int4", "unpack_int4", "Int4Linear", "Int8Linear",
@@ -140,16 +139,12 @@ def dequantize(weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 INT4_SPLIT_MAX_ROWS, INT4_SPLIT_MAX_RANGES = C.quant_int4_split_limits()
 
 
-def _device_kernels(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda" or emulator.enabled()
-
-
 @native_op("quant_int4_linear")
 def _int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                  bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """out (M, N) in x's dtype, and the CUDA kernel's split-K workspace."""
     m, n = x.shape[0], packed.shape[0] * 8
-    size = INT4_SPLIT_MAX_RANGES * m * n if _device_kernels(x) and m <= INT4_SPLIT_MAX_ROWS else 0
+    size = INT4_SPLIT_MAX_RANGES * m * n if device_kernels(x) and m <= INT4_SPLIT_MAX_ROWS else 0
     return (torch.empty((m, n), dtype=x.dtype, device=x.device),
             torch.empty((size,), dtype=torch.float32, device=x.device))
 
@@ -261,7 +256,7 @@ def _int8_weight_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
                         bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """out (M, N) in x's dtype, and the CUDA kernel's split-K workspace (as W4A16's)."""
     m, n = x.shape[0], weight.shape[0]
-    size = INT4_SPLIT_MAX_RANGES * m * n if _device_kernels(x) and m <= INT4_SPLIT_MAX_ROWS else 0
+    size = INT4_SPLIT_MAX_RANGES * m * n if device_kernels(x) and m <= INT4_SPLIT_MAX_ROWS else 0
     return (torch.empty((m, n), dtype=x.dtype, device=x.device),
             torch.empty((size,), dtype=torch.float32, device=x.device))
 
