@@ -255,15 +255,28 @@ void moe_permute(const py::object& expert_ids, int64_t experts, int64_t block, c
 }
 
 void moe_grouped_gemm(const py::object& a, const py::object& a_rows, const py::object& b, const py::object& block_expert,
-                      int64_t block, const py::object& row_scale, int64_t activation, int64_t /*rows: out's*/,
-                      const py::object& /*out_dtype: out's*/, const py::object& out, uintptr_t stream) {
+                      int64_t block, const py::object& row_scale, int64_t activation, bool b_k_major,
+                      int64_t /*rows: out's*/, const py::object& /*out_dtype: out's*/, const py::object& out,
+                      uintptr_t stream) {
   const TensorView a_view = tensor(a, "x"), b_view = tensor(b, "expert weights");
   const TensorView blocks = tensor(block_expert, "block_expert"), out_view = tensor(out, "out");
   const auto rows_view = optional_tensor(a_rows, "row_token");
   const auto scale_view = optional_tensor(row_scale, "row_scale");
   py::gil_scoped_release no_gil;
   moe::grouped_gemm(a_view, pointer(rows_view), b_view, blocks, block, pointer(scale_view),
-                    static_cast<gemm::Activation>(activation), out_view, stream_pointer(stream));
+                    static_cast<gemm::Activation>(activation), b_k_major, out_view, stream_pointer(stream));
+}
+
+void moe_weight_grad(const py::object& a, const py::object& a_rows, const py::object& b, const py::object& b_rows,
+                     const py::object& expert_offsets, const py::object& /*out_dtype: out's*/, const py::object& out,
+                     uintptr_t stream) {
+  const TensorView a_view = tensor(a, "a"), b_view = tensor(b, "b");
+  const TensorView offsets = tensor(expert_offsets, "expert_offsets"), out_view = tensor(out, "out");
+  const auto a_rows_view = optional_tensor(a_rows, "a_rows");
+  const auto b_rows_view = optional_tensor(b_rows, "b_rows");
+  py::gil_scoped_release no_gil;
+  moe::weight_grad(a_view, pointer(a_rows_view), b_view, pointer(b_rows_view), offsets, out_view,
+                   stream_pointer(stream));
 }
 
 void def_emulator(py::module_& m) {
@@ -493,9 +506,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("slot_row"), py::arg("workspace"), py::arg("stream"),
         "MoE block-sparse layout of a routing in worst-case buffers (csrc/moe/moe.h: permute)");
   m.def("moe_grouped_gemm", &moe_grouped_gemm, py::arg("a"), py::arg("a_rows"), py::arg("b"), py::arg("block_expert"),
-        py::arg("block"), py::arg("row_scale"), py::arg("activation"), py::arg("rows"), py::arg("out_dtype"),
-        py::arg("out"), py::arg("stream"),
-        "MoE grouped GEMM over (expert, row-block) tiles: out[r] = epilogue(a[a_rows[r]] @ b[e]^T) (csrc/moe/moe.h)");
+        py::arg("block"), py::arg("row_scale"), py::arg("activation"), py::arg("b_k_major"), py::arg("rows"),
+        py::arg("out_dtype"), py::arg("out"), py::arg("stream"),
+        "MoE grouped GEMM over (expert, row-block) tiles: out[r] = epilogue(a[a_rows[r]] @ b[e]^T), or @ b[e] "
+        "k-major (csrc/moe/moe.h)");
+  m.def("moe_weight_grad", &moe_weight_grad, py::arg("a"), py::arg("a_rows"), py::arg("b"), py::arg("b_rows"),
+        py::arg("expert_offsets"), py::arg("out_dtype"), py::arg("out"), py::arg("stream"),
+        "MoE per-expert weight gradients: out[e] = sum over expert e's rows r of a[r]^T b[r] (csrc/moe/moe.h)");
   m.def("moe_block", [] { return moe::kMoeBlock; }, "rows of the MoE grouped GEMM's blocks (the permutation's block)");
   m.def("moe_permute_chunk", [] { return moe::kPermuteChunk; },
         "pairs per block of the CUDA permutation (its workspace: (ceil(T k / chunk) + 1) E int32)");

@@ -179,8 +179,6 @@ def test_moe_ffn_refuses_bad_inputs():
         moe.moe_ffn(x, w1[:3], w2, weights, ids)
     with pytest.raises(TypeError, match="must have x's dtype"):
         moe.moe_ffn(x, w1.float(), w2, weights, ids)
-    with pytest.raises(NotImplementedError, match="backward is not written yet"):
-        moe.moe_ffn(x.requires_grad_(), w1, w2, weights, ids)
 
 
 @pytest.mark.emu
@@ -224,7 +222,144 @@ def test_opcheck_grouped_gemm_and_compile_of_the_forward():
     perm = moe.permute(ids, 4, moe.BLOCK)
     rows = perm.row_token.shape[0]
     torch.library.opcheck(torch.ops.llmkernels.moe_grouped_gemm.default,
-                          (x, perm.row_token, w_gate_up, perm.block_expert, moe.BLOCK, None, 3, rows, torch.bfloat16))
+                          (x, perm.row_token, w_gate_up, perm.block_expert, moe.BLOCK, None, 3, False, rows, torch.bfloat16))
     with torch.no_grad():
         compiled = torch.compile(lambda *a: moe.moe_ffn(*a), fullgraph=True)
         assert torch.equal(compiled(x, w_gate_up, w_down, weights, ids), moe.moe_ffn(x, w_gate_up, w_down, weights, ids))
+
+
+# -- the experts' FFN (backward) -----------------------------------------------------------------------
+
+def check_moe_ffn_grads(x, w_gate_up, w_down, weights, ids, activation, name):
+    """Gradients of x, both weights and the routing weights for a random dout, against the reference's
+    autograd: in float64 from the same values (the oracle) and in x's dtype (torch's own error)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w_gate_up, w_down, weights)]
+    out = moe.moe_ffn(*leaves, ids, activation=activation)
+    dout = randn(out.shape, dtype=out.dtype, seed=out.shape[0] + 100).to(out.device)
+    grads = torch.autograd.grad(out, leaves, dout)
+    cpu = [t.detach().cpu() for t in (x, w_gate_up, w_down, weights)]
+    ids, dout = ids.cpu(), dout.cpu()
+    oracle_leaves = [t.double().requires_grad_() for t in cpu]
+    oracle = torch.autograd.grad(reference.moe_ffn(*oracle_leaves, ids, activation=activation), oracle_leaves,
+                                 dout.double())
+    same_leaves = [t.clone().requires_grad_() for t in cpu]
+    same = torch.autograd.grad(reference.moe_ffn(*same_leaves, ids, activation=activation, upcast=False),
+                               same_leaves, dout)
+    for label, got, leaf, expected, exact in zip(("dx", "dw_gate_up", "dw_down", "dweights"), grads, leaves, same,
+                                                 oracle):
+        assert got.dtype == leaf.dtype and got.shape == leaf.shape, f"{name} {label}"
+        assert_parity(got.cpu(), expected, exact, f"{name} {label}")
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("tokens, experts, top_k", [(1, 8, 2), (37, 8, 2), (70, 4, 1), (9, 16, 8)])
+def test_moe_ffn_gradients_match_the_reference(device, activation, tokens, experts, top_k):
+    case = moe_case(tokens, 40, 24, experts, top_k, torch.bfloat16, device, seed=tokens + experts, activation=activation)
+    check_moe_ffn_grads(*case, activation, f"T={tokens} E={experts} k={top_k} {activation}")
+
+
+def test_moe_ffn_gradients_on_skewed_routings(device):
+    """All tokens to one expert (its rows span two blocks: the weight gradient's k range crosses a
+    block), experts with no tokens (zero weight gradients), fp16."""
+    one = torch.stack([torch.tensor([3, 0])] * 70)
+    check_moe_ffn_grads(*moe_case(70, 48, 16, 6, 2, torch.float16, device, seed=5, ids=one), "swiglu", "one expert")
+    sparse = torch.randint(0, 2, (30, 2), generator=generator(6)) * 5
+    sparse[:, 1] = 5 - sparse[:, 0]
+    case = moe_case(30, 48, 16, 8, 2, torch.bfloat16, device, seed=6, ids=sparse)
+    check_moe_ffn_grads(*case, "swiglu", "empty experts")
+    leaves = [t.detach().clone().requires_grad_() for t in case[:4]]
+    moe.moe_ffn(*leaves, case[4]).float().square().sum().backward()
+    unused = [e for e in range(8) if e not in (0, 5)]
+    assert not leaves[1].grad[unused].any() and not leaves[2].grad[unused].any()
+    assert leaves[1].grad[[0, 5]].abs().sum(dim=(1, 2)).min() > 0
+
+
+def test_moe_ffn_partial_gradients_and_float32_on_the_cpu():
+    """Only some inputs requiring grad (the others get none), and the CPU kernel's float32."""
+    x, w1, w2, weights, ids = moe_case(21, 32, 16, 4, 2, torch.float32, "cpu", seed=8)
+    w1.requires_grad_()
+    out = moe.moe_ffn(x, w1, w2, weights, ids)
+    (grad,) = torch.autograd.grad(out.sum(), [w1])
+    w1_ref = w1.detach().double().requires_grad_()
+    (expected,) = torch.autograd.grad(reference.moe_ffn(x.double(), w1_ref, w2.double(), weights.double(), ids).sum(),
+                                      [w1_ref])
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_grad_refuses_bad_inputs():
+    a = torch.zeros(64, 16, dtype=torch.bfloat16)
+    out = lambda e: torch.empty(e, 16, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="expert_offsets must be non-decreasing"):
+        C_weight_grad(a, None, a[:, :8], None, torch.tensor([0, 32, 16], dtype=torch.int32), out(2))
+    with pytest.raises(ValueError, match=r"expert_offsets must run from 0 to at most 64"):
+        C_weight_grad(a, None, a[:, :8], None, torch.tensor([0, 65], dtype=torch.int32), out(1))
+    with pytest.raises(ValueError, match=r"b_rows must be -1 or a row of b in \[0, 64\); got 64"):
+        C_weight_grad(a, None, a[:, :8], torch.full((64,), 64, dtype=torch.int32),
+                      torch.tensor([0, 64], dtype=torch.int32), out(1))
+    with pytest.raises(ValueError, match=r"the rows of a \(64\) and b \(32\)"):
+        C_weight_grad(a, None, a[:32, :8], None, torch.tensor([0, 64], dtype=torch.int32), out(1))
+
+
+def C_weight_grad(a, a_rows, b, b_rows, offsets, out):
+    from llmkernels._ext import C
+    from llmkernels._ops import capsule
+    C.moe_weight_grad(capsule(a), a_rows if a_rows is None else capsule(a_rows), capsule(b),
+                      b_rows if b_rows is None else capsule(b_rows), capsule(offsets), None, capsule(out), 0)
+
+
+HOST_SYNC_OPS = {"_local_scalar_dense", "nonzero", "item", "is_nonzero", "equal", "masked_select", "unique",
+                 "_unique2", "repeat_interleave", "bincount"}
+
+
+@pytest.mark.emu
+def test_emulated_forward_and_backward_launch_without_host_synchronization():
+    """The training step's launch sequence under the emulator: the permutation's four kernels, the two
+    forward grouped GEMMs, the backward's two k-major grouped GEMMs and two weight gradients; no torch
+    op that reads device data on the host (what a CUDA launch would wait for); no bank conflicts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x, w1, w2, weights, ids = moe_case(37, 40, 24, 8, 2, torch.bfloat16, "cpu", seed=3)
+    leaves = [t.requires_grad_() for t in (x, w1, w2, weights)]
+    llmkernels.emulator.reset_report()
+    with llmkernels.emulator.emulate(schedule="shuffled", seed=1), Ops():
+        out = moe.moe_ffn(*leaves, ids)
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+    reports = {r["kernel"]: r for r in llmkernels.emulator.report()}
+    assert {k: r["launches"] for k, r in reports.items()} == {
+        "permute count": 1, "permute offsets": 1, "permute place": 1, "permute pad": 1, "moe grouped gemm": 4,
+        "moe weight grad": 2}, reports.keys()
+    for kernel in ("moe grouped gemm", "moe weight grad"):
+        assert reports[kernel]["bank_conflicts_by_site"] == {}, kernel
+    assert "moe_grouped_gemm" in Ops.seen and "moe_weight_grad" in Ops.seen, Ops.seen
+    assert not Ops.seen & HOST_SYNC_OPS, Ops.seen & HOST_SYNC_OPS
+
+
+def test_opcheck_backward_ops_and_compile_of_a_training_step():
+    x, w_gate_up, w_down, weights, ids = moe_case(9, 16, 8, 4, 2, torch.bfloat16, "cpu", seed=22)
+    perm = moe.permute(ids, 4, moe.BLOCK)
+    rows = perm.row_token.shape[0]
+    dout = randn((9, 16), dtype=torch.bfloat16, seed=23)
+    torch.library.opcheck(torch.ops.llmkernels.moe_grouped_gemm.default,
+                          (dout, perm.row_token, w_down, perm.block_expert, moe.BLOCK, None, 0, True, rows,
+                           torch.float32))
+    torch.library.opcheck(torch.ops.llmkernels.moe_weight_grad.default,
+                          (dout, perm.row_token, randn((rows, 8), dtype=torch.bfloat16, seed=24), None,
+                           perm.expert_offsets, torch.bfloat16))
+
+    def step(x, w_gate_up, w_down, weights, ids, ffn=moe.moe_ffn, **options):
+        leaves = [a.detach().requires_grad_() for a in (x, w_gate_up, w_down, weights)]
+        return torch.autograd.grad(ffn(*leaves, ids, **options).sum(), leaves)
+
+    # compiled, the elementwise parts fuse (their intermediate roundings may differ): the parity rule
+    compiled = torch.compile(step)(x, w_gate_up, w_down, weights, ids)
+    oracle = step(*(t.double() for t in (x, w_gate_up, w_down, weights)), ids, ffn=reference.moe_ffn)
+    same = step(x, w_gate_up, w_down, weights, ids, ffn=reference.moe_ffn, upcast=False)
+    for label, got, expected, exact in zip(("dx", "dw_gate_up", "dw_down", "dweights"), compiled, same, oracle):
+        assert_parity(got, expected, exact, f"compiled {label}")

@@ -123,6 +123,18 @@ struct RowTileLoader {
     }
   }
 
+  // As A: the warp's A fragments of mma step kk for its mma_m row tiles: lanes 0-15 address rows 0-15
+  // at bytes 0-15 of the step, lanes 16-31 the same rows at bytes 16-31 (mma.h's A order: 16-bit
+  // k 0-7 then 8-15, or int8 k 0-15 then 16-31).
+  LLMK_DEVICE void a_fragments(uint32_t (&a)[Tiling::mma_m][4], const uint8_t* tile, int kk, int warp_row0,
+                               int lane) const {
+    static_assert(row_bytes == Tiling::row_bytes, "ldmatrix fragments from rows of the mma inputs' type");
+    constexpr SwizzledTile layout = Tiling::layout();
+#pragma unroll
+    for (int i = 0; i < Tiling::mma_m; ++i)
+      ldmatrix<4>(a[i], tile + layout.offset(warp_row0 + 16 * i + lane % 16, 32 * kk + 16 * (lane / 16)));
+  }
+
   // B fragments of mma step kk for the warp's mma_n column tiles: matrices (n 0-7, bytes 0-15),
   // (n 0-7, bytes 16-31), (n 8-15, bytes 0-15), (n 8-15, bytes 16-31) of each 16 columns, which are
   // mma.h's B registers for bf16/fp16 (k 2t.., 2t+8..) and for int8 (k 4t.., 4t+16..) alike.
@@ -143,23 +155,27 @@ struct RowTileLoader {
   }
 };
 
-// B stored k-major, (k, n) row-major (out = A · B, e.g. x @ W for a weight used transposed in a
-// backward pass): tiles of bk rows of k by bn columns, swizzled rows of bn 16-bit elements, and B
-// fragments by ldmatrix.x4.trans, which gives lane 4g + t the elements (k 2t, 2t + 1; n g) of an 8 x 8
-// block: the mma B register. Matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15,
-// n 8-15) of each 16 columns. Rows at or past k and columns at or past n are zero-filled.
-template <typename T, typename Tiling>
+// An operand stored k-major, (k, cols) row-major: B as (k, n) (out = A · B, e.g. x @ W for a weight
+// used transposed in a backward pass) or A as (k, m) (out = Aᵀ · B: a weight gradient, the sum over
+// rows r of a[r]ᵀ b[r]). Tiles of bk rows of k by Cols (bn or bm) columns, swizzled rows of Cols
+// 16-bit elements, and fragments by ldmatrix.x4.trans, which gives lane 4g + t the elements (k 2t,
+// 2t + 1; column g) of an 8 x 8 block: an mma B register, or an A register of the transposed block.
+// With `row_index`, tile row r is matrix row row_index[k0 + r] (rows gathered along k, for MoE's weight
+// gradients; a negative index is a zero row). Rows at or past k and columns at or past `cols` are
+// zero-filled.
+template <typename T, typename Tiling, int Cols = Tiling::bn>
 struct KMajorTileLoader {
-  static_assert(sizeof(T) == 2, "16-bit B");
-  static constexpr int row_bytes = Tiling::bn * 2;
+  static_assert(sizeof(T) == 2, "16-bit operands");
+  static constexpr int row_bytes = Cols * 2;
   static constexpr int bytes = Tiling::bk * row_bytes;
   static constexpr SwizzledTile layout() { return SwizzledTile{row_bytes}; }
   const T* base;
-  int64_t ld;   // elements between rows of k (n for a contiguous (k, n) matrix)
-  int64_t n, k;
+  int64_t ld;   // elements between rows of k (cols for a contiguous (k, cols) matrix)
+  int64_t cols, k;
+  const int32_t* row_index = nullptr;   // optional
 
   LLMK_DEVICE void load(uint8_t* tile, int64_t col0, int64_t k0, int thread) const {
-    constexpr int chunks_per_row = Tiling::bn / 8;
+    constexpr int chunks_per_row = Cols / 8;
     constexpr int chunks = Tiling::bk * chunks_per_row;
     static_assert(chunks % Tiling::threads == 0, "every thread copies the same number of chunks");
     constexpr SwizzledTile tile_layout = layout();
@@ -167,11 +183,14 @@ struct KMajorTileLoader {
     for (int c = thread; c < chunks; c += Tiling::threads) {
       const int r = c / chunks_per_row, chunk = c % chunks_per_row;
       const int64_t row = k0 + r, column = col0 + 8 * chunk;
-      const bool inside = row < k && column < n;
-      cp_async<16>(tile + tile_layout.offset(r, 16 * chunk), inside ? base + row * ld + column : base, inside ? 16 : 0);
+      const int64_t source = row >= k ? -1 : row_index ? int64_t(load_global(row_index + row)) : row;
+      const bool inside = source >= 0 && column < cols;
+      cp_async<16>(tile + tile_layout.offset(r, 16 * chunk), inside ? base + source * ld + column : base,
+                   inside ? 16 : 0);
     }
   }
 
+  // As B: matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15) of each 16 columns.
   LLMK_DEVICE void fragments(uint32_t (&b)[Tiling::mma_n][2], const uint8_t* tile, int kk, int warp_col0,
                              int lane) const {
     constexpr SwizzledTile tile_layout = layout();
@@ -188,6 +207,18 @@ struct KMajorTileLoader {
       b[j + 1][1] = r[3];
     }
   }
+
+  // As A: matrices (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15) of each 16
+  // rows: mma.h's A registers a0-a3.
+  LLMK_DEVICE void a_fragments(uint32_t (&a)[Tiling::mma_m][4], const uint8_t* tile, int kk, int warp_row0,
+                               int lane) const {
+    constexpr SwizzledTile tile_layout = layout();
+    const int matrix = lane / 8;
+    const int row = 16 * kk + 8 * (matrix / 2) + lane % 8;
+#pragma unroll
+    for (int i = 0; i < Tiling::mma_m; ++i)
+      ldmatrix_trans<4>(a[i], tile + tile_layout.offset(row, 2 * (warp_row0 + 16 * i + 8 * (matrix % 2))));
+  }
 };
 
 // The accumulators of one thread: fp32, or int32 for int8 inputs.
@@ -196,23 +227,17 @@ struct Accumulators {
   E v[Tiling::mma_m][Tiling::mma_n][4];
 };
 
-// One k tile from shared memory: ldmatrix the warp's A fragments, take its B fragments from the B
+// One k tile from shared memory: the warp's A fragments from the A loader, its B fragments from the B
 // loader, mma_m x mma_n mmas per mma step (32 bytes of k).
-template <typename T, typename Tiling, typename E, typename LoaderB>
+template <typename T, typename Tiling, typename E, typename LoaderA, typename LoaderB>
 LLMK_DEVICE void multiply_tile(Accumulators<Tiling, E>& acc, const uint8_t* a_tile, const uint8_t* b_tile,
-                               const LoaderB& loader_b, int warp_row0, int warp_col0, int lane) {
-  constexpr SwizzledTile layout = Tiling::layout();
+                               const LoaderA& loader_a, const LoaderB& loader_b, int warp_row0, int warp_col0,
+                               int lane) {
 #pragma unroll
   for (int kk = 0; kk < Tiling::k_steps; ++kk) {
     uint32_t a[Tiling::mma_m][4];
     uint32_t b[Tiling::mma_n][2];
-#pragma unroll
-    for (int i = 0; i < Tiling::mma_m; ++i) {
-      // lanes 0-15: rows 0-15 at bytes 0-15 of the step; lanes 16-31: the same rows at bytes 16-31
-      // (mma.h's A order: 16-bit k 0-7 then 8-15, or int8 k 0-15 then 16-31)
-      const int row = warp_row0 + 16 * i + lane % 16;
-      ldmatrix<4>(a[i], a_tile + layout.offset(row, 32 * kk + 16 * (lane / 16)));
-    }
+    loader_a.a_fragments(a, a_tile, kk, warp_row0, lane);
     loader_b.fragments(b, b_tile, kk, warp_col0, lane);
 #pragma unroll
     for (int i = 0; i < Tiling::mma_m; ++i)
@@ -265,7 +290,7 @@ LLMK_DEVICE void main_loop(Accumulators<Tiling, E>& acc, const LoaderA& a, const
     if (kt + Tiling::stages - 1 < k_tiles) load(write_stage, kt + Tiling::stages - 1);
     cp_async_commit();
     const uint8_t* current = stage(read_stage);
-    multiply_tile<T, Tiling>(acc, current, current + LoaderA::bytes, b, warp_row0, warp_col0, lane);
+    multiply_tile<T, Tiling>(acc, current, current + LoaderA::bytes, a, b, warp_row0, warp_col0, lane);
     read_stage = read_stage + 1 == Tiling::stages ? 0 : read_stage + 1;
     write_stage = write_stage + 1 == Tiling::stages ? 0 : write_stage + 1;
   }
@@ -397,6 +422,14 @@ struct TiledParams {
 
   // Whether block row blockIdx.y has work (a family hides this: MoE's blocks past the last expert).
   LLMK_DEVICE bool block_active() const { return true; }
+  // This block's k tiles, [first, first + count) of the k_tiles of K: blockIdx.z's split-K range (a
+  // family hides this: MoE's weight gradients take expert blockIdx.z's rows).
+  LLMK_DEVICE void k_tile_range(int64_t k_tiles, int64_t& first, int64_t& count) const {
+    first = int64_t(blockIdx.z) * tiles_per_split;
+    count = first + tiles_per_split < k_tiles ? tiles_per_split : k_tiles - first;
+  }
+  // Elements of out before this block's output matrix (MoE's weight gradients: expert blockIdx.z's).
+  LLMK_DEVICE int64_t out_offset() const { return 0; }
 };
 
 // T: the mma inputs (bf16, fp16, int8); OutT: the 16-bit output type when the output is not fp32,
@@ -411,17 +444,24 @@ __global__ void __launch_bounds__(Tiling::threads, 1) tiled_kernel(const __grid_
   const int64_t col0 = int64_t(blockIdx.x) * Tiling::bn;
   const auto a = p.template loader_a<Tiling>();
   const auto b = p.template loader_b<Tiling>();
-  const int64_t k_tiles = (p.k + Tiling::bk - 1) / Tiling::bk;
-  const int64_t first_tile = int64_t(blockIdx.z) * p.tiles_per_split;
-  const int64_t tiles = first_tile + p.tiles_per_split < k_tiles ? p.tiles_per_split : k_tiles - first_tile;
+  int64_t first_tile, tiles;
+  p.k_tile_range((p.k + Tiling::bk - 1) / Tiling::bk, first_tile, tiles);
   Accumulators<Tiling, E> acc;
   main_loop<T, Tiling>(acc, a, b, row0, col0, first_tile, tiles);
   if constexpr (std::is_same_v<OutT, E>) {
     p.epilogue.store_raw(acc, row0, col0);
+  } else if (p.partial) {
+    p.epilogue.store_partial(acc, row0, col0, p.partial + int64_t(blockIdx.z) * p.m * p.n);
   } else {
-    if (p.partial) p.epilogue.store_partial(acc, row0, col0, p.partial + int64_t(blockIdx.z) * p.m * p.n);
-    else if (p.epilogue.out_is_f32) p.epilogue.template store<float>(acc, row0, col0);
-    else p.epilogue.template store<OutT>(acc, row0, col0);
+    Epilogue epilogue = p.epilogue;
+    const int64_t offset = p.out_offset();
+    if (epilogue.out_is_f32) {
+      epilogue.out = static_cast<float*>(epilogue.out) + offset;
+      epilogue.template store<float>(acc, row0, col0);
+    } else {
+      epilogue.out = static_cast<OutT*>(epilogue.out) + offset;
+      epilogue.template store<OutT>(acc, row0, col0);
+    }
   }
 }
 
@@ -435,10 +475,12 @@ __global__ void __launch_bounds__(kReduceThreads) split_k_reduce_kernel(const __
   else p.epilogue.template reduce_pair<OutT>(p.partial, splits, pair);
 }
 
-// Launches tiled_kernel over (n / bn, m / bm, splits) blocks, then the reduce when K is split
-// (`split.splits` > 1: `params.partial` must hold splits * m * n floats).
+// Launches tiled_kernel over (n / bn, m / bm, splits or groups) blocks, then the reduce when K is split
+// (`split.splits` > 1: `params.partial` must hold splits * m * n floats). `groups` > 1: that many
+// independent problems over blockIdx.z (the family's k_tile_range and out_offset tell them apart).
 template <typename T, typename OutT, typename Tiling, typename E, typename Params>
-void launch_tiled(const char* name, const char* reduce_name, Params params, SplitK split, DeviceStream stream) {
+void launch_tiled(const char* name, const char* reduce_name, Params params, SplitK split, DeviceStream stream,
+                  int64_t groups = 1) {
   using LoaderA = decltype(params.template loader_a<Tiling>());
   using LoaderB = decltype(params.template loader_b<Tiling>());
   const int64_t k_tiles = (params.k + Tiling::bk - 1) / Tiling::bk;
@@ -449,8 +491,11 @@ void launch_tiled(const char* name, const char* reduce_name, Params params, Spli
   const int64_t col_tiles = (params.n + Tiling::bn - 1) / Tiling::bn;
   LLMK_CHECK(row_tiles <= 65535, ValueError, name, ": m = ", params.m, " needs more than 65535 row tiles of ",
              Tiling::bm);
+  LLMK_CHECK(groups >= 1 && groups <= 65535 && (groups == 1 || splits <= 1), ValueError, name, ": ", groups,
+             " groups (at most 65535, and no split-K with groups)");
   launch(name, tiled_kernel<T, OutT, Tiling, E, Params>,
-         LaunchShape{dim3(uint32_t(col_tiles), uint32_t(row_tiles), uint32_t(splits)), dim3(Tiling::threads),
+         LaunchShape{dim3(uint32_t(col_tiles), uint32_t(row_tiles), uint32_t(splits > 1 ? splits : groups)),
+                     dim3(Tiling::threads),
                      size_t(Tiling::stages) * stage_bytes_of<LoaderA, LoaderB>()},
          stream, params);
   if constexpr (std::is_same_v<OutT, E>) {

@@ -3,6 +3,7 @@
 
 #include "core/errors.h"
 
+#include <utility>
 #include <vector>
 
 namespace llmk::moe {
@@ -118,8 +119,8 @@ void permute(const TensorView& expert_ids, int64_t experts, int64_t block, const
 namespace llmk::moe {
 
 void grouped_gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, const TensorView& block_expert,
-                  int64_t block, const TensorView* row_scale, gemm::Activation activation, const TensorView& out,
-                  void* stream) {
+                  int64_t block, const TensorView* row_scale, gemm::Activation activation, bool b_k_major,
+                  const TensorView& out, void* stream) {
   a.check_ndim(2);
   b.check_ndim(3);
   out.check_ndim(2);
@@ -132,17 +133,18 @@ void grouped_gemm(const TensorView& a, const TensorView* a_rows, const TensorVie
   LLMK_CHECK(a.strides[1] == 1 || a.shape[1] <= 1, ValueError, "x must have a contiguous last dimension");
   b.check_contiguous();
   out.check_contiguous();
-  const int64_t experts = b.shape[0], n = b.shape[1], k = b.shape[2];
-  LLMK_CHECK(a.shape[1] == k, ValueError, "the expert weights' in_features (", k, ") must be x's last dimension ",
-             a.shape[1]);
+  const int64_t experts = b.shape[0], n = b.shape[b_k_major ? 2 : 1], k = b.shape[b_k_major ? 1 : 2];
+  LLMK_CHECK(a.shape[1] == k, ValueError, "the expert weights' ", b_k_major ? "rows (" : "in_features (", k,
+             ") must be x's last dimension ", a.shape[1]);
   LLMK_CHECK(n % 8 == 0 && k % 8 == 0 && n > 0 && k > 0, ValueError,
              "the expert weights' out_features and in_features must be positive multiples of 8; got ", b.shape_str());
   const int code = static_cast<int>(activation);
   LLMK_CHECK(activation == gemm::Activation::none || activation == gemm::Activation::gelu ||
                  activation == gemm::Activation::swiglu,
              ValueError, "activation must be none (0), gelu (2) or swiglu (3); got ", code);
-  LLMK_CHECK(activation != gemm::Activation::swiglu || (n % 16 == 0 && !row_scale), ValueError,
-             "swiglu takes stacked [gate; up] weights (out_features 2F, F a multiple of 8) and no row scale");
+  LLMK_CHECK(activation != gemm::Activation::swiglu || (n % 16 == 0 && !row_scale && !b_k_major), ValueError,
+             "swiglu takes stacked [gate; up] weights (out_features 2F, F a multiple of 8), not k-major, and no row "
+             "scale");
   LLMK_CHECK(block >= 1, ValueError, "block must be positive; got ", block);
   LLMK_CHECK(backend == Backend::cpu || block == kMoeBlock, ValueError, "the CUDA kernel's row blocks are ",
              kMoeBlock, " rows: permute with block=", kMoeBlock, "; got ", block);
@@ -197,10 +199,93 @@ void grouped_gemm(const TensorView& a, const TensorView* a_rows, const TensorVie
   p.block_expert = block_expert.data<int32_t>();
   p.row_scale = row_scale ? row_scale->data<float>() : nullptr;
   p.activation = activation;
+  p.b_k_major = b_k_major;
   p.out = out.ptr;
   if (rows == 0) return;
   run_on_backend(a, stream, Operands().add(a).add(a_rows).add(b).add(block_expert).add(row_scale).add(out),
                  [&] { grouped_gemm_cpu(p); }, [&](auto device_stream) { grouped_gemm_device(p, device_stream); });
+}
+
+}  // namespace llmk::moe
+
+namespace llmk::moe {
+
+void weight_grad(const TensorView& a, const TensorView* a_rows, const TensorView& b, const TensorView* b_rows,
+                 const TensorView& expert_offsets, const TensorView& out, void* stream) {
+  a.check_ndim(2);
+  b.check_ndim(2);
+  out.check_ndim(3);
+  const Backend backend = select_backend(a);
+  LLMK_CHECK(a.dtype == DType::bf16 || a.dtype == DType::f16 || (a.dtype == DType::f32 && backend == Backend::cpu),
+             TypeError, a.name, " must be bfloat16 or float16 (float32 on the CPU kernel only); got ",
+             dtype_name(a.dtype));
+  b.check_same_dtype(a);
+  for (const TensorView* t : {&b, &expert_offsets, &out, a_rows, b_rows})
+    if (t) t->check_same_device(a);
+  for (const TensorView* t : {&a, &b})
+    LLMK_CHECK(t->strides[1] == 1 || t->shape[1] <= 1, ValueError, t->name, " must have a contiguous last dimension");
+  const int64_t m = a.shape[1], n = b.shape[1], experts = out.shape[0];
+  LLMK_CHECK(m % 8 == 0 && n % 8 == 0 && m > 0 && n > 0, ValueError, a.name, " and ", b.name,
+             " must have positive multiples of 8 columns; got ", a.shape_str(), " and ", b.shape_str());
+  LLMK_CHECK(out.dtype == a.dtype || out.dtype == DType::f32, TypeError, out.name, " must be ", dtype_name(a.dtype),
+             " or float32; got ", dtype_name(out.dtype));
+  out.check_shape({experts, m, n});
+  out.check_contiguous();
+  LLMK_CHECK(experts >= 1 && experts <= kMaxExperts, ValueError, out.name, " must have 1 to ", kMaxExperts,
+             " experts; got ", out.shape_str());
+  const int64_t rows = a_rows ? a_rows->numel() : a.shape[0];
+  const int64_t b_count = b_rows ? b_rows->numel() : b.shape[0];
+  LLMK_CHECK(b_count == rows, ValueError, "the rows of ", a.name, " (", rows, ") and ", b.name, " (", b_count,
+             "), through their row indices, must match");
+  LLMK_CHECK(rows < (int64_t(1) << 31), ValueError, a.name, ": ", rows, " rows, past int32 row indices");
+  for (const TensorView* t : {a_rows, b_rows})
+    if (t) {
+      t->check_dtype(DType::i32);
+      t->check_ndim(1);
+      t->check_contiguous();
+    }
+  expert_offsets.check_dtype(DType::i32);
+  expert_offsets.check_contiguous();
+  expert_offsets.check_shape({experts + 1});
+  std::vector<TensorView> read{extent(a), extent(b), expert_offsets};
+  for (const TensorView* t : {a_rows, b_rows})
+    if (t) read.push_back(*t);
+  check_no_overlap({out}, read);
+  if (backend != Backend::cpu)
+    for (const TensorView* t : {&a, &b, &out}) t->check_rows_aligned();
+  if (expert_offsets.device == DeviceType::cpu) {
+    const int32_t* o = expert_offsets.data<int32_t>();
+    LLMK_CHECK(o[0] >= 0 && o[experts] <= rows, ValueError, "expert_offsets must run from 0 to at most ", rows,
+               " (the rows); got ", o[0], " to ", o[experts]);
+    for (int64_t e = 0; e < experts; ++e)
+      LLMK_CHECK(o[e] <= o[e + 1] && (backend == Backend::cpu || o[e] % kMoeBlock == 0), ValueError,
+                 "expert_offsets must be non-decreasing", backend == Backend::cpu ? "" : " multiples of 64",
+                 "; got ", o[e], " then ", o[e + 1], " at expert ", e);
+  }
+  for (auto [view, source] : {std::pair{a_rows, &a}, std::pair{b_rows, &b}})
+    if (view && view->device == DeviceType::cpu) {
+      const int32_t* r = view->data<int32_t>();
+      for (int64_t i = 0; i < rows; ++i)
+        LLMK_CHECK(r[i] >= -1 && r[i] < source->shape[0], ValueError, view->name, " must be -1 or a row of ",
+                   source->name, " in [0, ", source->shape[0], "); got ", r[i]);
+    }
+  WeightGradProblem p;
+  p.dtype = a.dtype;
+  p.out_dtype = out.dtype;
+  p.rows = rows;
+  p.m = m;
+  p.n = n;
+  p.experts = experts;
+  p.lda = a.shape[0] <= 1 ? m : a.strides[0];
+  p.ldb = b.shape[0] <= 1 ? n : b.strides[0];
+  p.a = a.ptr;
+  p.a_rows = a_rows ? a_rows->data<int32_t>() : nullptr;
+  p.b = b.ptr;
+  p.b_rows = b_rows ? b_rows->data<int32_t>() : nullptr;
+  p.expert_offsets = expert_offsets.data<int32_t>();
+  p.out = out.ptr;
+  run_on_backend(a, stream, Operands().add(a).add(a_rows).add(b).add(b_rows).add(expert_offsets).add(out),
+                 [&] { weight_grad_cpu(p); }, [&](auto device_stream) { weight_grad_device(p, device_stream); });
 }
 
 }  // namespace llmk::moe

@@ -1,5 +1,5 @@
-// Mixture-of-Experts (docs/moe.md; issue 12, in progress): so far the router and the block-sparse
-// permutation, one kernel (or a short chain) per backend, no host synchronization.
+// Mixture-of-Experts (docs/moe.md): the router, the block-sparse permutation, the grouped GEMMs of the
+// experts' FFN and their weight gradients; one kernel (or a short chain) each, no host synchronization.
 //
 // route: per token t, over the E router logits l[t, :] in float32,
 //   scores   softmax(l) (or sigmoid(l) elementwise)
@@ -85,9 +85,11 @@ void permute_device(const PermuteProblem& problem, EmuStream stream);
 // [0, n/2) and u = rows [n/2, n) of b[e] (the CUDA kernel reads them as adjacent pairs). Blocks of
 // expert -1 are not written. a (rows of a, k) bf16/fp16 (fp32 too on the CPU kernel), out (R, n or n/2)
 // a's dtype or fp32. The CUDA kernel's row blocks are kMoeBlock rows: `block` must be that there.
+// b_k_major: b is (E, k, n) and out[r] = A[r] · b[e] (the backward's products with the weights as they
+// are: dH = dY · W_down[e], dX = dGU · W_gate_up[e]); activation none or gelu then.
 void grouped_gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, const TensorView& block_expert,
-                  int64_t block, const TensorView* row_scale, gemm::Activation activation, const TensorView& out,
-                  void* stream);
+                  int64_t block, const TensorView* row_scale, gemm::Activation activation, bool b_k_major,
+                  const TensorView& out, void* stream);
 
 constexpr int64_t kMoeBlock = 64;
 
@@ -100,10 +102,36 @@ struct GroupedProblem {
   const int32_t* block_expert = nullptr;
   const float* row_scale = nullptr;
   gemm::Activation activation = gemm::Activation::none;
+  bool b_k_major = false;
   void* out = nullptr;
 };
 void grouped_gemm_cpu(const GroupedProblem& problem);
 void grouped_gemm_device(const GroupedProblem& problem, CudaStream stream);
 void grouped_gemm_device(const GroupedProblem& problem, EmuStream stream);
+
+// weight_grad: the weight gradients of the grouped GEMMs, for each expert e
+//   out[e] = sum over rows r in [expert_offsets[e], expert_offsets[e + 1]) of A[r]ᵀ B[r]   (m, n)
+// with A[r] = a[a_rows[r]] (a zero row for -1) or a[r], B[r] likewise from b and b_rows: dW_gate_up[e]
+// = dGUᵀ X (a = dGU, b = x gathered by row_token), dW_down[e] = dYᵀ H (a = dY gathered, b = the
+// routing-weighted H). a (rows, m) and b (rows, n) bf16/fp16 (fp32 too on the CPU kernel), out (E, m, n)
+// a's dtype or fp32, fp32 accumulation; an expert with no rows gets zeros. expert_offsets int32
+// (E + 1,), non-decreasing from 0, ending at most at R (the rows of a_rows / b_rows, or of a and b);
+// each a multiple of kMoeBlock on the CUDA kernel (the permutation's layout with block kMoeBlock).
+void weight_grad(const TensorView& a, const TensorView* a_rows, const TensorView& b, const TensorView* b_rows,
+                 const TensorView& expert_offsets, const TensorView& out, void* stream);
+
+struct WeightGradProblem {
+  DType dtype = DType::bf16, out_dtype = DType::bf16;
+  int64_t rows = 0, m = 0, n = 0, experts = 0, lda = 0, ldb = 0;
+  const void* a = nullptr;
+  const int32_t* a_rows = nullptr;
+  const void* b = nullptr;
+  const int32_t* b_rows = nullptr;
+  const int32_t* expert_offsets = nullptr;
+  void* out = nullptr;
+};
+void weight_grad_cpu(const WeightGradProblem& problem);
+void weight_grad_device(const WeightGradProblem& problem, CudaStream stream);
+void weight_grad_device(const WeightGradProblem& problem, EmuStream stream);
 
 }  // namespace llmk::moe

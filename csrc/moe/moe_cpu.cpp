@@ -126,7 +126,8 @@ void grouped_gemm_cpu(const GroupedProblem& p) {
     g.a = p.a_rows ? p.a : static_cast<const char*>(p.a) + r0 * p.lda * a_size;
     g.lda = p.lda;
     g.a_rows = p.a_rows ? p.a_rows + r0 : nullptr;
-    g.ldb = p.k;
+    g.ldb = p.b_k_major ? p.n : p.k;
+    g.b_k_major = p.b_k_major;
     const char* weight = static_cast<const char*>(p.b) + int64_t(e) * p.n * p.k * a_size;
     if (!swiglu) {
       g.out_dtype = p.out_dtype;
@@ -156,6 +157,63 @@ void grouped_gemm_cpu(const GroupedProblem& p) {
       for (int64_t i = 0; i < real * f; ++i) o[i] = from_float<O>(gemm::silu(gate[size_t(i)]) * up[size_t(i)]);
     });
   }
+}
+
+}  // namespace llmk::moe
+
+namespace llmk::moe {
+
+// Per expert: its rows of A and B transposed into float (m, K_e) and (n, K_e) panels (gathered rows
+// through the indices, zeros for -1, K_e rounded up to 8 with zero columns), then the GEMM core's
+// CPU kernel on them in float32 (out = panel_a · panel_bᵀ), rounded once into out's dtype.
+void weight_grad_cpu(const WeightGradProblem& p) {
+  const int64_t out_size = dtype_size(p.out_dtype);
+  dispatch<float, bf16, f16>(p.dtype, "weight_grad (CPU kernel)", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    auto panel = [&](const void* base, int64_t ld, const int32_t* index, int64_t cols, int64_t r0, int64_t count,
+                     int64_t width, std::vector<float>& dst) {
+      dst.assign(size_t(cols * width), 0.0f);
+      const T* src = static_cast<const T*>(base);
+#pragma omp parallel for schedule(static)
+      for (int64_t r = 0; r < count; ++r) {
+        const int64_t row = index ? int64_t(index[r0 + r]) : r0 + r;
+        if (row < 0) continue;
+        for (int64_t c = 0; c < cols; ++c) dst[size_t(c * width + r)] = to_float(src[row * ld + c]);
+      }
+    };
+    std::vector<float> a_panel, b_panel, sums;
+    for (int64_t e = 0; e < p.experts; ++e) {
+      const int64_t r0 = p.expert_offsets[e], count = p.expert_offsets[e + 1] - r0;
+      char* out = static_cast<char*>(p.out) + e * p.m * p.n * out_size;
+      if (count == 0) {
+        std::fill(out, out + p.m * p.n * out_size, char(0));
+        continue;
+      }
+      const int64_t width = (count + 7) / 8 * 8;
+      panel(p.a, p.lda, p.a_rows, p.m, r0, count, width, a_panel);
+      panel(p.b, p.ldb, p.b_rows, p.n, r0, count, width, b_panel);
+      gemm::Problem g;
+      g.dtype = DType::f32;
+      g.out_dtype = DType::f32;
+      g.m = p.m;
+      g.n = p.n;
+      g.k = width;
+      g.a = a_panel.data();
+      g.lda = width;
+      g.b = b_panel.data();
+      g.ldb = width;
+      g.ldo = p.n;
+      if (p.out_dtype != DType::f32) sums.resize(size_t(p.m * p.n));
+      g.out = p.out_dtype == DType::f32 ? static_cast<void*>(out) : sums.data();
+      gemm::gemm_cpu(g);
+      if (p.out_dtype != DType::f32)
+        dispatch<bf16, f16>(p.out_dtype, "weight_grad out", [&](auto out_tag) {
+          using O = typename decltype(out_tag)::type;
+          O* o = reinterpret_cast<O*>(out);
+          for (int64_t i = 0; i < p.m * p.n; ++i) o[i] = from_float<O>(sums[size_t(i)]);
+        });
+    }
+  });
 }
 
 }  // namespace llmk::moe

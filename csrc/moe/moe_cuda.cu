@@ -6,6 +6,7 @@
 // picks is a warp arg-max over the lanes' best untaken experts (moe/route_select.h's order), and the
 // per-expert counts are integer atomics (exact, whatever the order).
 #include <cmath>
+#include <type_traits>
 
 #include "common/device.h"
 #include "common/float_types.h"
@@ -194,10 +195,10 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_pad_kernel(const __gr
 }
 
 // grouped_gemm: the GEMM core's tiled kernel with 64-row blocks (the permutation's block), each block's
-// B the weight of its expert; blocks of expert -1 return at once.
+// B the weight of its expert, (n, k) or k-major (k, n); blocks of expert -1 return at once.
 using MoeTiling = gemm::Tiling<kMoeBlock, 64, 32, 2, 2, 4>;
 
-template <typename T>
+template <typename T, bool KMajorB>
 struct GroupedParams : gemm::TiledParams {
   const T* a;
   int64_t lda;
@@ -210,10 +211,40 @@ struct GroupedParams : gemm::TiledParams {
   template <typename Tiling>
   LLMK_DEVICE gemm::RowTileLoader<T, Tiling, Tiling::bm> loader_a() const { return {a, lda, m, k, a_rows}; }
   template <typename Tiling>
-  LLMK_DEVICE gemm::RowTileLoader<T, Tiling, Tiling::bn> loader_b() const {
-    const int64_t e = load_global(block_expert + blockIdx.y);
-    return {b + e * n * k, k, n, k, nullptr, true, pair_half};
+  using LoaderB = std::conditional_t<KMajorB, gemm::KMajorTileLoader<T, Tiling>, gemm::RowTileLoader<T, Tiling, Tiling::bn>>;
+  template <typename Tiling>
+  LLMK_DEVICE LoaderB<Tiling> loader_b() const {   // (a declared type: nvcc's host pass deduces no device `auto`)
+    const T* weight = b + int64_t(load_global(block_expert + blockIdx.y)) * n * k;
+    if constexpr (KMajorB) return {weight, n, n, k};
+    else return {weight, k, n, k, nullptr, true, pair_half};
   }
+};
+
+// weight_grad: the same kernel with both operands k-major (rows r of a and b, gathered or not) and
+// blockIdx.z an expert: its k tiles are its rows [offsets[e], offsets[e + 1]) (whole 64-row blocks,
+// so whole k tiles), its output the (m, n) matrix e of out. An expert with no rows writes zeros.
+using WeightGradTiling = gemm::Tiling<128, 128, 32, 2, 4, 4>;
+
+template <typename T>
+struct WeightGradParams : gemm::TiledParams {
+  const T* a;
+  int64_t lda;
+  const int32_t* a_rows;
+  const T* b;
+  int64_t ldb;
+  const int32_t* b_rows;
+  const int32_t* expert_offsets;
+
+  template <typename Tiling>
+  LLMK_DEVICE gemm::KMajorTileLoader<T, Tiling, Tiling::bm> loader_a() const { return {a, lda, m, k, a_rows}; }
+  template <typename Tiling>
+  LLMK_DEVICE gemm::KMajorTileLoader<T, Tiling, Tiling::bn> loader_b() const { return {b, ldb, n, k, b_rows}; }
+  LLMK_DEVICE void k_tile_range(int64_t, int64_t& first, int64_t& count) const {
+    const int64_t begin = load_global(expert_offsets + blockIdx.z), end = load_global(expert_offsets + blockIdx.z + 1);
+    first = begin / WeightGradTiling::bk;
+    count = (end - begin) / WeightGradTiling::bk;
+  }
+  LLMK_DEVICE int64_t out_offset() const { return int64_t(blockIdx.z) * m * n; }
 };
 
 }  // namespace
@@ -223,19 +254,44 @@ void grouped_gemm_device(const GroupedProblem& p, DeviceStream stream) {
   const bool swiglu = p.activation == gemm::Activation::swiglu;
   dispatch<bf16, f16>(p.dtype, "grouped_gemm (CUDA kernel)", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    GroupedParams<T> params;
+    auto run = [&](auto params) {
+      static_cast<gemm::TiledParams&>(params) =
+          gemm::TiledParams{p.rows, p.n, p.k,
+                            gemm::Epilogue{p.out, swiglu ? p.n / 2 : p.n, p.out_dtype == DType::f32, nullptr,
+                                           p.row_scale, nullptr, p.activation, false, p.rows, p.n},
+                            nullptr, 0};
+      params.a = static_cast<const T*>(p.a);
+      params.lda = p.lda;
+      params.a_rows = p.a_rows;
+      params.b = static_cast<const T*>(p.b);
+      params.block_expert = p.block_expert;
+      params.pair_half = swiglu ? p.n / 2 : 0;
+      gemm::launch_tiled<T, T, MoeTiling, float>("moe grouped gemm", "", params, gemm::SplitK{}, stream);
+    };
+    if (p.b_k_major) run(GroupedParams<T, true>{});
+    else run(GroupedParams<T, false>{});
+  });
+}
+
+void weight_grad_device(const WeightGradProblem& p, DeviceStream stream) {
+  static_assert(kMoeBlock % WeightGradTiling::bk == 0, "an expert's rows are whole k tiles");
+  dispatch<bf16, f16>(p.dtype, "weight_grad (CUDA kernel)", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    WeightGradParams<T> params;
     static_cast<gemm::TiledParams&>(params) =
-        gemm::TiledParams{p.rows, p.n, p.k,
-                          gemm::Epilogue{p.out, swiglu ? p.n / 2 : p.n, p.out_dtype == DType::f32, nullptr,
-                                         p.row_scale, nullptr, p.activation, false, p.rows, p.n},
+        gemm::TiledParams{p.m, p.n, p.rows,
+                          gemm::Epilogue{p.out, p.n, p.out_dtype == DType::f32, nullptr, nullptr, nullptr,
+                                         gemm::Activation::none, false, p.m, p.n},
                           nullptr, 0};
     params.a = static_cast<const T*>(p.a);
     params.lda = p.lda;
     params.a_rows = p.a_rows;
     params.b = static_cast<const T*>(p.b);
-    params.block_expert = p.block_expert;
-    params.pair_half = swiglu ? p.n / 2 : 0;
-    gemm::launch_tiled<T, T, MoeTiling, float>("moe grouped gemm", "", params, gemm::SplitK{}, stream);
+    params.ldb = p.ldb;
+    params.b_rows = p.b_rows;
+    params.expert_offsets = p.expert_offsets;
+    gemm::launch_tiled<T, T, WeightGradTiling, float>("moe weight grad", "", params, gemm::SplitK{}, stream,
+                                                      p.experts);
   });
 }
 

@@ -1,9 +1,14 @@
-"""Mixture-of-Experts (csrc/moe/, docs/moe.md): IN PROGRESS (issue 12). So far the router.
+"""Mixture-of-Experts (csrc/moe/, docs/moe.md): IN PROGRESS (issue 12). The router (differentiable),
+the auxiliary losses, the block-sparse permutation, the experts' FFN and the MoE layer.
 
     weights, expert_ids, stats = route(router_logits, top_k)     one kernel: scores, top-k, weights,
-                                                                 per-expert counts, router logsumexp
-    load_balancing_loss(router_logits, expert_ids)               Switch Transformer's auxiliary loss
+                                                                 per-expert counts, router logsumexp;
+                                                                 backward (weights, logsumexp) in torch
+    load_balancing_loss(router_logits, stats)                    Switch Transformer's auxiliary loss, from
+                                                                 route's counts and logsumexp (or expert_ids)
     z_loss(stats.router_logsumexp)                               ST-MoE's router z-loss
+    out, aux = MoE(hidden, ffn, experts, top_k)(x)               router + route + moe_ffn; aux: the losses,
+                                                                 the counts, aux.total (coefficient-weighted)
 
 Conventions (llmkernels.reference.moe): the top-k are the k largest logits (so scores) in descending
 order, equal logits to the lower expert index; weights are the selected scores (softmax over the
@@ -19,7 +24,8 @@ from ._ext import C
 from ._ops import native_op
 from .reference import moe as _reference
 
-__all__ = ["RouteStats", "route", "Permutation", "permute", "moe_ffn", "load_balancing_loss", "z_loss"]
+__all__ = ["RouteStats", "route", "Permutation", "permute", "moe_ffn", "load_balancing_loss", "z_loss", "MoE",
+           "MoEAux"]
 
 Permutation = _reference.Permutation
 
@@ -51,8 +57,10 @@ def route(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True,
           scoring: str = "softmax") -> Tuple[torch.Tensor, torch.Tensor, RouteStats]:
     """Top-k routing of T tokens over E experts (E <= 1024), one kernel (CPU or CUDA, no host sync):
     router_logits (T, E) float32/bf16/fp16 -> (weights float32 (T, k), expert_ids int32 (T, k),
-    RouteStats). Not differentiable (the weights are a function of the logits, but the kernel has no
-    backward yet: for a trained router use llmkernels.reference.moe.route)."""
+    RouteStats). Differentiable with respect to the logits through the weights and
+    stats.router_logsumexp, as llmkernels.reference.moe.route (the selection is held fixed): the
+    backward is a few float32 torch ops (_route_backward), the gradient in the logits' dtype. Without
+    grad to record the kernel runs alone."""
     if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
         raise ValueError(f"router_logits must be a 2-D tensor (tokens, experts); got "
                          f"{tuple(getattr(router_logits, 'shape', ()))}")
@@ -66,8 +74,63 @@ def route(router_logits: torch.Tensor, top_k: int, *, renormalize: bool = True,
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {tuple(SCORINGS)}; got {scoring!r}")
     logits = router_logits if router_logits.stride(-1) == 1 or experts == 1 else router_logits.contiguous()
-    weights, ids, counts, lse = _route(logits.detach(), top_k, bool(renormalize), SCORINGS[scoring])
+    if torch.is_grad_enabled() and logits.requires_grad:
+        weights, ids, counts, lse = _RouteFunction.apply(logits, top_k, bool(renormalize), SCORINGS[scoring])
+    else:
+        weights, ids, counts, lse = _route(logits.detach(), top_k, bool(renormalize), SCORINGS[scoring])
     return weights, ids, RouteStats(counts, lse)
+
+
+class _RouteFunction(torch.autograd.Function):
+    """route with autograd: the kernel forward; the backward recomputes the scores it needs from the
+    logits and the selection (saved with the kernel's weights and logsumexp)."""
+
+    @staticmethod
+    def forward(ctx, logits, top_k, renormalize, scoring):
+        weights, ids, counts, lse = _route(logits.detach(), top_k, renormalize, scoring)
+        ctx.save_for_backward(logits, weights, ids, lse)
+        ctx.renormalize, ctx.sigmoid = renormalize, scoring == SCORINGS["sigmoid"]
+        ctx.mark_non_differentiable(ids, counts)
+        ctx.set_materialize_grads(False)     # an unused output's gradient arrives as None: no work for it
+        return weights, ids, counts, lse
+
+    @staticmethod
+    def backward(ctx, grad_weights, grad_ids, grad_counts, grad_lse):
+        logits, weights, ids, lse = ctx.saved_tensors
+        return _route_backward(logits, weights, ids, lse, grad_weights, grad_lse, ctx.renormalize,
+                               ctx.sigmoid), None, None, None
+
+
+def _route_backward(logits, weights, ids, lse, grad_weights, grad_lse, renormalize: bool, sigmoid: bool):
+    """d(loss)/d(logits) in float32, returned in the logits' dtype. l the logits, sel the k selected
+    experts (distinct), w the weights (T, k), g their gradient, G the logsumexp's, p = softmax(l):
+      softmax, renormalized (w = softmax over l[sel]):  dl[sel] = w (g - sum w g)
+      softmax, not renormalized (w = p[sel]):            dl = scatter(w g) - p sum w g
+      sigmoid (s = sigmoid(l[sel])), not renormalized:   dl[sel] = g s (1 - s)
+      sigmoid, renormalized (w = s / S, S = sum s):      dl[sel] = (g - sum w g) / S * s (1 - s)
+      the logsumexp:                                     dl += G p"""
+    l = logits.float()
+    grad = torch.zeros_like(l)
+    p_coefficient = None                                     # (T, 1): the multiple of p that dl gets
+    if grad_weights is not None:
+        g = grad_weights.float()
+        index = ids.long()
+        weighted_sum = (weights * g).sum(dim=1, keepdim=True)
+        if sigmoid:
+            s = torch.sigmoid(l.gather(1, index))
+            dscore = (g - weighted_sum) / s.sum(dim=1, keepdim=True) if renormalize else g
+            selected = dscore * s * (1 - s)
+        elif renormalize:
+            selected = weights * (g - weighted_sum)
+        else:
+            selected = weights * g
+            p_coefficient = -weighted_sum
+        grad = grad.scatter(1, index, selected)
+    if grad_lse is not None:
+        p_coefficient = grad_lse.float()[:, None] + (0 if p_coefficient is None else p_coefficient)
+    if p_coefficient is not None:
+        grad = grad + p_coefficient * torch.exp(l - lse[:, None])
+    return grad.to(logits.dtype)
 
 
 @native_op("moe_permute")
@@ -113,29 +176,127 @@ _ACTIVATION_CODES = {"none": 0, "gelu": 2, "swiglu": 3}
 
 @native_op("moe_grouped_gemm")
 def _grouped_gemm(a: torch.Tensor, a_rows: Optional[torch.Tensor], b: torch.Tensor, block_expert: torch.Tensor,
-                  block: int, row_scale: Optional[torch.Tensor], activation: int, rows: int,
+                  block: int, row_scale: Optional[torch.Tensor], activation: int, b_k_major: bool, rows: int,
                   out_dtype: torch.dtype) -> torch.Tensor:
-    """out (rows, n or n / 2 for swiglu) in out_dtype, zeros where no expert's block writes."""
-    n = b.shape[1] // 2 if activation == _ACTIVATION_CODES["swiglu"] else b.shape[1]
+    """out (rows, n or n / 2 for swiglu) in out_dtype, zeros where no expert's block writes; b (E, n, k),
+    or (E, k, n) when b_k_major."""
+    n = b.shape[2] if b_k_major else b.shape[1]
+    if activation == _ACTIVATION_CODES["swiglu"]:
+        n //= 2
     return torch.zeros((rows, n), dtype=out_dtype, device=a.device)
+
+
+@native_op("moe_weight_grad")
+def _weight_grad(a: torch.Tensor, a_rows: Optional[torch.Tensor], b: torch.Tensor, b_rows: Optional[torch.Tensor],
+                 expert_offsets: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """out (E, m, n): out[e] = sum over expert e's rows r of a[r]ᵀ b[r] (rows gathered through a_rows, b_rows)."""
+    return torch.empty((expert_offsets.shape[0] - 1, a.shape[1], b.shape[1]), dtype=out_dtype, device=a.device)
+
+
+def _activation_forward(pre: torch.Tensor, activation: str) -> torch.Tensor:
+    """h from the saved pre-activation (R, 2F) [gate | up] or (R, F), in float32."""
+    pre = pre.float()
+    if activation == "swiglu":
+        gate, up = pre.chunk(2, dim=1)
+        return torch.nn.functional.silu(gate) * up
+    return torch.nn.functional.gelu(pre)
+
+
+def _activation_backward(pre: torch.Tensor, dh: torch.Tensor, activation: str) -> torch.Tensor:
+    """d pre-activation (float32) from dh (float32) and the saved pre-activation."""
+    pre = pre.float()
+    if activation == "swiglu":
+        gate, up = pre.chunk(2, dim=1)
+        sig = torch.sigmoid(gate)
+        return torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * gate * sig], dim=1)
+    cdf = 0.5 * (1 + torch.erf(pre * 0.7071067811865476))
+    return dh * (cdf + pre * torch.exp(-0.5 * pre * pre) * 0.3989422804014327)
+
+
+class _MoeFFN(torch.autograd.Function):
+    """moe_ffn with its backward. Forward with a gradient to come: the first grouped GEMM writes the
+    pre-activation (saved: the activation is recomputed from it in the backward rather than stored),
+    h = activation(pre) in float32 rounded to x's dtype, the second grouped GEMM scaled by the routing
+    weights. Backward, for dout (T, H):
+        dZ[r]       = dout[token r] · W_down[e]                grouped GEMM, k-major weights, gathered rows
+        dweights    = <dZ[r], h[r]> at (token, slot) of r
+        dPre        = activation'(pre) applied to weights[r] dZ[r]     (float32, rounded to x's dtype)
+        dX          = sum over slots of dPre[r] · W_gate_up[e]  grouped GEMM, k-major, then the slot combine
+        dW_gate_up[e] = sum over e's rows of dPre[r]ᵀ x[token r]  weight_grad
+        dW_down[e]    = sum over e's rows of dout[token r]ᵀ weights[r] h[r]  weight_grad
+    Every sum is in a fixed order (no float atomics): the gradients are deterministic."""
+
+    @staticmethod
+    def forward(ctx, x, w_gate_up, w_down, weights, expert_ids, activation):
+        tokens, top_k = expert_ids.shape
+        perm = permute(expert_ids, w_down.shape[0], BLOCK)
+        rows = perm.row_token.shape[0]
+        real = perm.row_token >= 0
+        row_weight = torch.where(real, weights.float()[perm.row_token.clamp(min=0).long(),
+                                                       perm.row_slot.clamp(min=0).long()],
+                                 torch.zeros((), device=x.device)).contiguous()
+        x = check.rows_aligned(x)
+        w_gate_up, w_down = w_gate_up.contiguous(), w_down.contiguous()
+        if any(ctx.needs_input_grad[:4]):
+            pre = _grouped_gemm(x, perm.row_token, w_gate_up, perm.block_expert, BLOCK, None,
+                                _ACTIVATION_CODES["none"], False, rows, x.dtype)
+            h = _activation_forward(pre, activation).to(x.dtype)
+            ctx.save_for_backward(x, w_gate_up, w_down, pre, row_weight, perm.row_token, perm.row_slot,
+                                  perm.block_expert, perm.slot_row, perm.expert_offsets)
+            ctx.activation = activation
+            ctx.weights_dtype = weights.dtype
+        else:
+            h = _grouped_gemm(x, perm.row_token, w_gate_up, perm.block_expert, BLOCK, None,
+                              _ACTIVATION_CODES[activation], False, rows, x.dtype)
+        y = _grouped_gemm(h, None, w_down, perm.block_expert, BLOCK, row_weight, _ACTIVATION_CODES["none"], False,
+                          rows, torch.float32)
+        out = y.index_select(0, perm.slot_row.reshape(-1).long()).reshape(tokens, top_k, -1).sum(dim=1)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w_gate_up, w_down, pre, row_weight, row_token, row_slot, block_expert, slot_row, offsets = ctx.saved_tensors
+        tokens, top_k = slot_row.shape
+        rows = row_token.shape[0]
+        none = _ACTIVATION_CODES["none"]
+        dout = check.rows_aligned(dout.to(x.dtype))
+        dz = _grouped_gemm(dout, row_token, w_down, block_expert, BLOCK, None, none, True, rows, torch.float32)
+        h = _activation_forward(pre, ctx.activation).to(x.dtype)
+        dx = dw_gate_up = dw_down = dweights = None
+        if ctx.needs_input_grad[3]:
+            row_dweight = (dz * h.float()).sum(dim=1)
+            dweights = row_dweight.index_select(0, slot_row.reshape(-1).long()).reshape(tokens, top_k)
+            dweights = dweights.to(ctx.weights_dtype)
+        if ctx.needs_input_grad[2]:
+            weighted_h = (h.float() * row_weight[:, None]).to(x.dtype)
+            dw_down = _weight_grad(dout, row_token, weighted_h, None, offsets, x.dtype)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dpre = _activation_backward(pre, dz * row_weight[:, None], ctx.activation).to(x.dtype)
+            if ctx.needs_input_grad[0]:
+                dx_rows = _grouped_gemm(dpre, None, w_gate_up, block_expert, BLOCK, None, none, True, rows,
+                                        torch.float32)
+                dx = dx_rows.index_select(0, slot_row.reshape(-1).long()).reshape(tokens, top_k, -1).sum(dim=1)
+                dx = dx.to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                dw_gate_up = _weight_grad(dpre, None, x, row_token, offsets, x.dtype)
+        return dx, dw_gate_up, dw_down, dweights, None, None
 
 
 def moe_ffn(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
             expert_ids: torch.Tensor, *, activation: str = "swiglu") -> torch.Tensor:
     """The routed experts' FFN (llmkernels.reference.moe.moe_ffn's semantics): x (T, H), w_gate_up
     (E, 2F, H) stacked [gate; up] for swiglu or (E, F, H) for gelu, w_down (E, H, F), routing weights
-    (T, k) and expert_ids (T, k) -> (T, H) in x's dtype. No token is dropped. Forward only so far (issue
-    12): the permutation (permute, blocks of BLOCK rows), a grouped GEMM with the gathered tokens and the
-    activation fused (h in x's dtype), a grouped GEMM scaled by the routing weights in its epilogue
-    (float32), then each token's k rows added in slot order (deterministic). No host synchronization."""
+    (T, k) and expert_ids (T, k) -> (T, H) in x's dtype. No token is dropped. Differentiable with
+    respect to x, both weight tensors and the routing weights (_MoeFFN: the backward's grouped GEMMs
+    and per-expert weight gradients). The forward: the permutation (permute, blocks of BLOCK rows), a
+    grouped GEMM with the gathered tokens and the activation fused (h in x's dtype), a grouped GEMM
+    scaled by the routing weights in its epilogue (float32), then each token's k rows added in slot
+    order (deterministic). No host synchronization, forward or backward."""
     if activation not in ("swiglu", "gelu"):
         raise ValueError(f"activation must be 'swiglu' or 'gelu'; got {activation!r}")
     for name, t in (("x", x), ("w_gate_up", w_gate_up), ("w_down", w_down), ("weights", weights)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor; got {getattr(t, 'dtype', type(t).__name__)}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate_up, w_down, weights)):
-        raise NotImplementedError("moe_ffn's backward is not written yet (issue 12): call it under torch.no_grad(), "
-                                  "or train with llmkernels.reference.moe.moe_ffn")
     if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
         raise ValueError(f"x must be (T, H), w_gate_up (E, 2F or F, H), w_down (E, H, F); got {tuple(x.shape)}, "
                          f"{tuple(w_gate_up.shape)}, {tuple(w_down.shape)}")
@@ -149,19 +310,128 @@ def moe_ffn(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weig
     if weights.shape != expert_ids.shape or weights.dim() != 2 or weights.shape[0] != x.shape[0]:
         raise ValueError(f"weights and expert_ids must both be (T, k) with T = {x.shape[0]}; got "
                          f"{tuple(weights.shape)} and {tuple(getattr(expert_ids, 'shape', ()))}")
-    tokens, top_k = expert_ids.shape
-    perm = permute(expert_ids, experts, BLOCK)
-    rows = perm.row_token.shape[0]
-    real = perm.row_token >= 0
-    row_weight = torch.where(real, weights.float()[perm.row_token.clamp(min=0).long(), perm.row_slot.clamp(min=0).long()],
-                             torch.zeros((), device=x.device))
-    h = _grouped_gemm(check.rows_aligned(x), perm.row_token, w_gate_up.contiguous(), perm.block_expert, BLOCK, None,
-                      _ACTIVATION_CODES[activation], rows, x.dtype)
-    y = _grouped_gemm(h, None, w_down.contiguous(), perm.block_expert, BLOCK, row_weight.contiguous(),
-                      _ACTIVATION_CODES["none"], rows, torch.float32)
-    out = y.index_select(0, perm.slot_row.reshape(-1).long()).reshape(tokens, top_k, hidden).sum(dim=1)
-    return out.to(x.dtype)
+    return _MoeFFN.apply(x, w_gate_up, w_down, weights, expert_ids, activation)
 
 
-load_balancing_loss = _reference.load_balancing_loss
+def load_balancing_loss(router_logits: torch.Tensor, expert_ids_or_stats, *, scoring: str = "softmax") -> torch.Tensor:
+    """The Switch Transformer's auxiliary loss E * sum_e f_e * P_e (llmkernels.reference.moe.load_balancing_loss:
+    f_e the fraction of (token, slot) pairs routed to e, no gradient; P_e the mean router probability of e),
+    a 0-d float32 tensor, differentiable with respect to router_logits (T, E), T >= 1.
+
+    Given route's RouteStats (what MoE does), f_e comes from its tokens_per_expert, and for scoring="softmax"
+    the probabilities from its router_logsumexp, P = exp(logits - logsumexp): no second normalization pass
+    over the logits. The gradient then flows through the logits and through the logsumexp (route's
+    backward), as the reference's does through its softmax; if the logits require grad but the logsumexp
+    does not (route ran without grad), the logsumexp is recomputed so that the gradient is still right.
+    For scoring="sigmoid" P is sigmoid(logits) normalized over the experts (the logsumexp is not used).
+    Given expert_ids (T, k) instead, it is the reference's function."""
+    if not isinstance(expert_ids_or_stats, RouteStats):
+        return _reference.load_balancing_loss(router_logits, expert_ids_or_stats, scoring=scoring)
+    _reference._check_float("router_logits", router_logits, 2)
+    _reference._check_scoring(scoring)
+    tokens, experts = router_logits.shape
+    counts, lse = expert_ids_or_stats.tokens_per_expert, expert_ids_or_stats.router_logsumexp
+    if tokens == 0:
+        raise ValueError(f"router_logits must have at least one token (row); got shape {tuple(router_logits.shape)}")
+    if tuple(counts.shape) != (experts,) or tuple(lse.shape) != (tokens,):
+        raise ValueError(f"stats must come from route on router_logits {tuple(router_logits.shape)}: "
+                         f"tokens_per_expert ({experts},) and router_logsumexp ({tokens},); got "
+                         f"{tuple(counts.shape)} and {tuple(lse.shape)}")
+    logits = router_logits.to(_reference._compute_dtype(router_logits))
+    if scoring == "softmax":
+        if torch.is_grad_enabled() and logits.requires_grad and not lse.requires_grad:
+            lse = torch.logsumexp(logits, dim=-1)
+        probs = torch.exp(logits - lse.to(logits.dtype)[:, None])
+    else:
+        probs = torch.sigmoid(logits)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    counts = counts.to(probs.dtype)
+    fraction = counts / counts.sum()                       # sum = T k, on the device: no host synchronization
+    return experts * (fraction * probs.mean(dim=0)).sum()
+
+
 z_loss = _reference.z_loss
+
+
+# -- the layer -------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class MoEAux:
+    """What MoE.forward returns beside its output. load_balancing_loss and z_loss: 0-d float32 tensors,
+    differentiable with respect to the router; tokens_per_expert: int32 (E,), the routing's counts;
+    total = load_balancing_coef * load_balancing_loss + z_loss_coef * z_loss, the term to add to the
+    training loss (loss = task_loss + aux.total)."""
+    load_balancing_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    total: torch.Tensor
+
+
+class MoE(torch.nn.Module):
+    """A routed-experts FFN layer (Mixtral / Qwen3-MoE / DeepSeek style, no token dropped):
+    router = nn.Linear(hidden, experts, bias=False); route (top_k of the router's logits, `scoring`,
+    `renormalize`); moe_ffn with the parameters w_gate_up (experts, 2 ffn, hidden) for swiglu, stacked
+    [gate; up], or (experts, ffn, hidden) for gelu, and w_down (experts, hidden, ffn), initialized like
+    nn.Linear's weights (uniform in +-1/sqrt(fan_in)).
+
+    forward(x (..., hidden)) -> (out of x's shape and dtype, MoEAux). hidden and ffn are multiples of 8
+    (the kernels' vector width); the parameters' dtype is float32, bfloat16 or float16 (the CUDA and
+    emulated kernels of moe_ffn take bfloat16/float16, the CPU kernel also float32)."""
+
+    def __init__(self, hidden: int, ffn: int, experts: int, top_k: int, *, activation: str = "swiglu",
+                 scoring: str = "softmax", renormalize: bool = True, load_balancing_coef: float = 0.01,
+                 z_loss_coef: float = 0.001, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("hidden", hidden), ("ffn", ffn)):
+            check.integer(value, name, 1, 2 ** 31)
+            if value % 8:
+                raise ValueError(f"{name} must be a multiple of 8; got {value}")
+        check.integer(experts, "experts", 1, MAX_EXPERTS + 1)
+        check.integer(top_k, "top_k", 1, 2 ** 31)
+        if top_k > experts:
+            raise ValueError(f"top_k must be <= experts ({experts}); got {top_k}")
+        if activation not in ("swiglu", "gelu"):
+            raise ValueError(f"activation must be 'swiglu' or 'gelu'; got {activation!r}")
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {tuple(SCORINGS)}; got {scoring!r}")
+        dtype = dtype or torch.get_default_dtype()
+        if dtype not in check.FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of {check.dtype_names(check.FLOAT_DTYPES)}; got {dtype}")
+        self.hidden, self.ffn, self.experts, self.top_k = int(hidden), int(ffn), int(experts), int(top_k)
+        self.activation, self.scoring, self.renormalize = activation, scoring, bool(renormalize)
+        self.load_balancing_coef = check.float32_value(load_balancing_coef, "load_balancing_coef", minimum=0.0)
+        self.z_loss_coef = check.float32_value(z_loss_coef, "z_loss_coef", minimum=0.0)
+        factory = {"device": device, "dtype": dtype}
+        up_rows = 2 * self.ffn if activation == "swiglu" else self.ffn
+        self.router = torch.nn.Linear(self.hidden, self.experts, bias=False, **factory)
+        self.w_gate_up = torch.nn.Parameter(torch.empty(self.experts, up_rows, self.hidden, **factory))
+        self.w_down = torch.nn.Parameter(torch.empty(self.experts, self.hidden, self.ffn, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.router.reset_parameters()
+        torch.nn.init.uniform_(self.w_gate_up, -self.hidden ** -0.5, self.hidden ** -0.5)
+        torch.nn.init.uniform_(self.w_down, -self.ffn ** -0.5, self.ffn ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, MoEAux]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.hidden:
+            raise ValueError(f"x must have shape (..., hidden={self.hidden}); got {tuple(x.shape)}")
+        if x.dtype != self.w_down.dtype:
+            raise TypeError(f"x must have the parameters' dtype {self.w_down.dtype}; got {x.dtype}")
+        tokens = x.reshape(-1, self.hidden)
+        if tokens.shape[0] == 0:
+            raise ValueError(f"x must hold at least one token; got shape {tuple(x.shape)}")
+        logits = self.router(tokens)
+        weights, expert_ids, stats = route(logits, self.top_k, renormalize=self.renormalize, scoring=self.scoring)
+        out = moe_ffn(tokens, self.w_gate_up, self.w_down, weights, expert_ids, activation=self.activation)
+        balance = load_balancing_loss(logits, stats, scoring=self.scoring)
+        z = z_loss(stats.router_logsumexp)
+        aux = MoEAux(balance, z, stats.tokens_per_expert, self.load_balancing_coef * balance + self.z_loss_coef * z)
+        return out.reshape(x.shape), aux
+
+    def extra_repr(self) -> str:
+        return (f"hidden={self.hidden}, ffn={self.ffn}, experts={self.experts}, top_k={self.top_k}, "
+                f"activation={self.activation!r}, scoring={self.scoring!r}, renormalize={self.renormalize}, "
+                f"load_balancing_coef={self.load_balancing_coef}, z_loss_coef={self.z_loss_coef}")
