@@ -194,6 +194,59 @@ def test_emulated_moe_ffn_launches_without_device_to_host_copies_or_bank_conflic
     assert reports["moe grouped gemm"]["bank_conflicts_by_site"] == {}
 
 
+def test_moe_ffn_with_no_tokens(device):
+    x, w1, w2, weights, ids = moe_case(0, 16, 8, 4, 2, torch.bfloat16, device, seed=9,
+                                       ids=torch.zeros(0, 2, dtype=torch.int32))
+    leaves = [t.requires_grad_() for t in (x, w1, w2, weights)]
+    out = moe.moe_ffn(*leaves, ids)
+    assert out.shape == (0, 16)
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    assert [g.shape for g in grads] == [t.shape for t in leaves]
+    assert not grads[1].any() and not grads[2].any()
+
+
+@pytest.mark.parametrize("device_name", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_moe_ffn_past_65536_tokens(device_name):
+    """No 16-bit limit anywhere: 70000 tokens (140000 rows), forward and backward against the reference."""
+    ids = torch.randint(0, 4, (70000, 2), generator=generator(10))
+    ids[:, 1] = (ids[:, 0] + 1) % 4
+    case = moe_case(70000, 16, 8, 4, 2, torch.bfloat16, device_name, seed=10, ids=ids)
+    check_moe_ffn(*case, "swiglu", "70000 tokens")
+    check_moe_ffn_grads(*case, "swiglu", "70000 tokens")
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_replays_forward_and_backward():
+    """A training step's MoE part (route, forward, backward) has no host synchronization, so it
+    captures in a CUDA graph; a replay on new logits and a new dout gives the eager gradients."""
+    x, w_gate_up, w_down, _, _ = moe_case(37, 40, 24, 8, 2, torch.bfloat16, "cuda", seed=14)
+    logits = randn((37, 8), seed=15).cuda()
+    dout = randn((37, 40), dtype=torch.bfloat16, seed=16).cuda()
+    leaves = [t.requires_grad_() for t in (x, w_gate_up, w_down, logits)]
+
+    def step():
+        weights, ids, _ = moe.route(leaves[3], 2)
+        out = moe.moe_ffn(*leaves[:3], weights, ids)
+        return torch.autograd.grad(out, leaves, dout)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()   # warm-up outside the capture, on a side stream (autograd's requirement)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        logits.copy_(randn((37, 8), seed=17).cuda())
+        dout.copy_(randn((37, 40), dtype=torch.bfloat16, seed=18).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, expected in zip(captured, step()):
+        assert torch.equal(got, expected)
+
+
 @pytest.mark.cuda
 def test_cuda_graph_capture_replays_routing_and_forward():
     """Routing, permutation and the FFN forward launch with no host synchronization, so they capture

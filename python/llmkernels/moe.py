@@ -213,6 +213,12 @@ def _activation_backward(pre: torch.Tensor, dh: torch.Tensor, activation: str) -
     return dh * (cdf + pre * torch.exp(-0.5 * pre * pre) * 0.3989422804014327)
 
 
+def _combine(rows: torch.Tensor, slot_row: torch.Tensor) -> torch.Tensor:
+    """(T, n): each token's k rows of `rows` (R, n) added in slot order (deterministic)."""
+    tokens, top_k = slot_row.shape
+    return rows.index_select(0, slot_row.reshape(-1).long()).reshape(tokens, top_k, rows.shape[1]).sum(dim=1)
+
+
 class _MoeFFN(torch.autograd.Function):
     """moe_ffn with its backward. Forward with a gradient to come: the first grouped GEMM writes the
     pre-activation (saved: the activation is recomputed from it in the backward rather than stored),
@@ -228,21 +234,20 @@ class _MoeFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_gate_up, w_down, weights, expert_ids, activation):
-        tokens, top_k = expert_ids.shape
         perm = permute(expert_ids, w_down.shape[0], BLOCK)
         rows = perm.row_token.shape[0]
-        real = perm.row_token >= 0
-        row_weight = torch.where(real, weights.float()[perm.row_token.clamp(min=0).long(),
-                                                       perm.row_slot.clamp(min=0).long()],
-                                 torch.zeros((), device=x.device)).contiguous()
+        slots = perm.slot_row.reshape(-1).long()
+        # each pair's routing weight at its row (0 on padding rows)
+        row_weight = torch.zeros(rows, dtype=torch.float32, device=x.device).index_copy_(
+            0, slots, weights.reshape(-1).float())
         x = check.rows_aligned(x)
         w_gate_up, w_down = w_gate_up.contiguous(), w_down.contiguous()
         if any(ctx.needs_input_grad[:4]):
             pre = _grouped_gemm(x, perm.row_token, w_gate_up, perm.block_expert, BLOCK, None,
                                 _ACTIVATION_CODES["none"], False, rows, x.dtype)
             h = _activation_forward(pre, activation).to(x.dtype)
-            ctx.save_for_backward(x, w_gate_up, w_down, pre, row_weight, perm.row_token, perm.row_slot,
-                                  perm.block_expert, perm.slot_row, perm.expert_offsets)
+            ctx.save_for_backward(x, w_gate_up, w_down, pre, row_weight, perm.row_token, perm.block_expert,
+                                  perm.slot_row, perm.expert_offsets)
             ctx.activation = activation
             ctx.weights_dtype = weights.dtype
         else:
@@ -250,34 +255,32 @@ class _MoeFFN(torch.autograd.Function):
                               _ACTIVATION_CODES[activation], False, rows, x.dtype)
         y = _grouped_gemm(h, None, w_down, perm.block_expert, BLOCK, row_weight, _ACTIVATION_CODES["none"], False,
                           rows, torch.float32)
-        out = y.index_select(0, perm.slot_row.reshape(-1).long()).reshape(tokens, top_k, -1).sum(dim=1)
-        return out.to(x.dtype)
+        return _combine(y, perm.slot_row).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        x, w_gate_up, w_down, pre, row_weight, row_token, row_slot, block_expert, slot_row, offsets = ctx.saved_tensors
-        tokens, top_k = slot_row.shape
+        x, w_gate_up, w_down, pre, row_weight, row_token, block_expert, slot_row, offsets = ctx.saved_tensors
+        need_x, need_gate_up, need_down, need_weights = ctx.needs_input_grad[:4]
         rows = row_token.shape[0]
         none = _ACTIVATION_CODES["none"]
         dout = check.rows_aligned(dout.to(x.dtype))
-        dz = _grouped_gemm(dout, row_token, w_down, block_expert, BLOCK, None, none, True, rows, torch.float32)
         h = _activation_forward(pre, ctx.activation).to(x.dtype)
         dx = dw_gate_up = dw_down = dweights = None
-        if ctx.needs_input_grad[3]:
-            row_dweight = (dz * h.float()).sum(dim=1)
-            dweights = row_dweight.index_select(0, slot_row.reshape(-1).long()).reshape(tokens, top_k)
-            dweights = dweights.to(ctx.weights_dtype)
-        if ctx.needs_input_grad[2]:
+        if need_down:
             weighted_h = (h.float() * row_weight[:, None]).to(x.dtype)
             dw_down = _weight_grad(dout, row_token, weighted_h, None, offsets, x.dtype)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        if need_x or need_gate_up or need_weights:
+            dz = _grouped_gemm(dout, row_token, w_down, block_expert, BLOCK, None, none, True, rows, torch.float32)
+        if need_weights:
+            dweights = (dz * h.float()).sum(dim=1).index_select(0, slot_row.reshape(-1).long())
+            dweights = dweights.reshape(slot_row.shape).to(ctx.weights_dtype)
+        if need_x or need_gate_up:
             dpre = _activation_backward(pre, dz * row_weight[:, None], ctx.activation).to(x.dtype)
-            if ctx.needs_input_grad[0]:
+            if need_x:
                 dx_rows = _grouped_gemm(dpre, None, w_gate_up, block_expert, BLOCK, None, none, True, rows,
                                         torch.float32)
-                dx = dx_rows.index_select(0, slot_row.reshape(-1).long()).reshape(tokens, top_k, -1).sum(dim=1)
-                dx = dx.to(x.dtype)
-            if ctx.needs_input_grad[1]:
+                dx = _combine(dx_rows, slot_row).to(x.dtype)
+            if need_gate_up:
                 dw_gate_up = _weight_grad(dpre, None, x, row_token, offsets, x.dtype)
         return dx, dw_gate_up, dw_down, dweights, None, None
 
