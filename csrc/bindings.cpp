@@ -267,6 +267,20 @@ void moe_grouped_gemm(const py::object& a, const py::object& a_rows, const py::o
                     static_cast<gemm::Activation>(activation), b_k_major, out_view, stream_pointer(stream));
 }
 
+void moe_down_backward(const py::object& dout, const py::object& row_token, const py::object& w_down,
+                       const py::object& block_expert, const py::object& pre, const py::object& row_weight,
+                       int64_t activation, const py::object& dpre, const py::object& weighted_h,
+                       const py::object& dweight_parts, uintptr_t stream) {
+  const TensorView dout_view = tensor(dout, "dout"), token = tensor(row_token, "row_token");
+  const TensorView w_view = tensor(w_down, "w_down"), blocks = tensor(block_expert, "block_expert");
+  const TensorView pre_view = tensor(pre, "pre"), weight_view = tensor(row_weight, "row_weight");
+  const TensorView dpre_view = tensor(dpre, "dpre"), h_view = tensor(weighted_h, "weighted_h");
+  const TensorView parts_view = tensor(dweight_parts, "dweight_parts");
+  py::gil_scoped_release no_gil;
+  moe::down_backward(dout_view, token, w_view, blocks, pre_view, weight_view, static_cast<gemm::Activation>(activation),
+                     dpre_view, h_view, parts_view, stream_pointer(stream));
+}
+
 void moe_weight_grad(const py::object& a, const py::object& a_rows, const py::object& b, const py::object& b_rows,
                      const py::object& expert_offsets, const py::object& /*out_dtype: out's*/, const py::object& out,
                      uintptr_t stream) {
@@ -510,6 +524,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out_dtype"), py::arg("out"), py::arg("stream"),
         "MoE grouped GEMM over (expert, row-block) tiles: out[r] = epilogue(a[a_rows[r]] @ b[e]^T), or @ b[e] "
         "k-major (csrc/moe/moe.h)");
+  m.def("moe_down_backward", &moe_down_backward, py::arg("dout"), py::arg("row_token"), py::arg("w_down"),
+        py::arg("block_expert"), py::arg("pre"), py::arg("row_weight"), py::arg("activation"), py::arg("dpre"),
+        py::arg("weighted_h"), py::arg("dweight_parts"), py::arg("stream"),
+        "MoE backward's dZ = dout W_down grouped GEMM with the activation's backward in its epilogue (csrc/moe/moe.h)");
+  m.def("moe_down_parts", &moe::down_parts, py::arg("ffn"),
+        "partial sums per row of moe_down_backward's routing-weight gradient");
   m.def("moe_weight_grad", &moe_weight_grad, py::arg("a"), py::arg("a_rows"), py::arg("b"), py::arg("b_rows"),
         py::arg("expert_offsets"), py::arg("out_dtype"), py::arg("out"), py::arg("stream"),
         "MoE per-expert weight gradients: out[e] = sum over expert e's rows r of a[r]^T b[r] (csrc/moe/moe.h)");

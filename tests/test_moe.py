@@ -367,8 +367,9 @@ HOST_SYNC_OPS = {"_local_scalar_dense", "nonzero", "item", "is_nonzero", "equal"
 @pytest.mark.emu
 def test_emulated_forward_and_backward_launch_without_host_synchronization():
     """The training step's launch sequence under the emulator: the permutation's four kernels, the two
-    forward grouped GEMMs, the backward's two k-major grouped GEMMs and two weight gradients; no torch
-    op that reads device data on the host (what a CUDA launch would wait for); no bank conflicts."""
+    forward grouped GEMMs, the backward's dZ GEMM with the activation's backward in its epilogue, the
+    dX grouped GEMM and two weight gradients; no torch op that reads device data on the host (what a
+    CUDA launch would wait for); no bank conflicts."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -386,11 +387,11 @@ def test_emulated_forward_and_backward_launch_without_host_synchronization():
         torch.autograd.grad(out, leaves, torch.ones_like(out))
     reports = {r["kernel"]: r for r in llmkernels.emulator.report()}
     assert {k: r["launches"] for k, r in reports.items()} == {
-        "permute count": 1, "permute offsets": 1, "permute place": 1, "permute pad": 1, "moe grouped gemm": 4,
-        "moe weight grad": 2}, reports.keys()
-    for kernel in ("moe grouped gemm", "moe weight grad"):
+        "permute count": 1, "permute offsets": 1, "permute place": 1, "permute pad": 1, "moe grouped gemm": 3,
+        "moe down backward": 1, "moe weight grad": 2}, reports.keys()
+    for kernel in ("moe grouped gemm", "moe down backward", "moe weight grad"):
         assert reports[kernel]["bank_conflicts_by_site"] == {}, kernel
-    assert "moe_grouped_gemm" in Ops.seen and "moe_weight_grad" in Ops.seen, Ops.seen
+    assert {"moe_grouped_gemm", "moe_down_backward", "moe_weight_grad"} <= Ops.seen, Ops.seen
     assert not Ops.seen & HOST_SYNC_OPS, Ops.seen & HOST_SYNC_OPS
 
 
@@ -402,6 +403,14 @@ def test_opcheck_backward_ops_and_compile_of_a_training_step():
     torch.library.opcheck(torch.ops.llmkernels.moe_grouped_gemm.default,
                           (dout, perm.row_token, w_down, perm.block_expert, moe.BLOCK, None, 0, True, rows,
                            torch.float32))
+    perm_h = randn((rows, 16), dtype=torch.bfloat16, seed=25)
+    with llmkernels.emulator.emulate():   # (a CUDA kernel only: emulated)
+        torch.library.opcheck(torch.ops.llmkernels.moe_down_backward.default,
+                              (dout, perm.row_token, w_down, perm.block_expert, perm_h,
+                               torch.rand(rows, generator=generator(26)), 3))
+    with pytest.raises(ValueError, match="down_backward is a CUDA kernel"):
+        torch.ops.llmkernels.moe_down_backward(dout, perm.row_token, w_down, perm.block_expert, perm_h,
+                                               torch.rand(rows), 3)
     torch.library.opcheck(torch.ops.llmkernels.moe_weight_grad.default,
                           (dout, perm.row_token, randn((rows, 8), dtype=torch.bfloat16, seed=24), None,
                            perm.expert_offsets, torch.bfloat16))

@@ -430,6 +430,19 @@ struct TiledParams {
   }
   // Elements of out before this block's output matrix (MoE's weight gradients: expert blockIdx.z's).
   LLMK_DEVICE int64_t out_offset() const { return 0; }
+  // Stores a finished tile (not split) through the epilogue, at `offset` elements into out; a family
+  // with an epilogue of its own hides this (MoE's backward: the activation's gradient from dZ).
+  template <typename OutT, typename Tiling, typename E>
+  LLMK_DEVICE void store_tile(const Accumulators<Tiling, E>& acc, int64_t row0, int64_t col0, int64_t offset) const {
+    Epilogue e = epilogue;
+    if (e.out_is_f32) {
+      e.out = static_cast<float*>(e.out) + offset;
+      e.template store<float>(acc, row0, col0);
+    } else {
+      e.out = static_cast<OutT*>(e.out) + offset;
+      e.template store<OutT>(acc, row0, col0);
+    }
+  }
 };
 
 // T: the mma inputs (bf16, fp16, int8); OutT: the 16-bit output type when the output is not fp32,
@@ -453,15 +466,7 @@ __global__ void __launch_bounds__(Tiling::threads, 1) tiled_kernel(const __grid_
   } else if (p.partial) {
     p.epilogue.store_partial(acc, row0, col0, p.partial + int64_t(blockIdx.z) * p.m * p.n);
   } else {
-    Epilogue epilogue = p.epilogue;
-    const int64_t offset = p.out_offset();
-    if (epilogue.out_is_f32) {
-      epilogue.out = static_cast<float*>(epilogue.out) + offset;
-      epilogue.template store<float>(acc, row0, col0);
-    } else {
-      epilogue.out = static_cast<OutT*>(epilogue.out) + offset;
-      epilogue.template store<OutT>(acc, row0, col0);
-    }
+    p.template store_tile<OutT>(acc, row0, col0, p.out_offset());
   }
 }
 

@@ -289,3 +289,72 @@ void weight_grad(const TensorView& a, const TensorView* a_rows, const TensorView
 }
 
 }  // namespace llmk::moe
+
+namespace llmk::moe {
+
+void down_backward(const TensorView& dout, const TensorView& row_token, const TensorView& w_down,
+                   const TensorView& block_expert, const TensorView& pre, const TensorView& row_weight,
+                   gemm::Activation activation, const TensorView& dpre, const TensorView& weighted_h,
+                   const TensorView& dweight_parts, void* stream) {
+  LLMK_CHECK(select_backend(dout) != Backend::cpu, ValueError,
+             "down_backward is a CUDA kernel (emulated on CPU tensors); the CPU backward composes torch ops");
+  dout.check_ndim(2);
+  w_down.check_ndim(3);
+  pre.check_ndim(2);
+  LLMK_CHECK(dout.dtype == DType::bf16 || dout.dtype == DType::f16, TypeError,
+             "dout must be bfloat16 or float16; got ", dtype_name(dout.dtype));
+  for (const TensorView* t : {&w_down, &pre, &dpre, &weighted_h}) t->check_same_dtype(dout);
+  for (const TensorView* t : {&row_token, &w_down, &block_expert, &pre, &row_weight, &dpre, &weighted_h,
+                              &dweight_parts})
+    t->check_same_device(dout);
+  LLMK_CHECK(activation == gemm::Activation::swiglu || activation == gemm::Activation::gelu, ValueError,
+             "activation must be gelu (2) or swiglu (3); got ", static_cast<int>(activation));
+  const int64_t experts = w_down.shape[0], hidden = w_down.shape[1], ffn = w_down.shape[2];
+  LLMK_CHECK(hidden % 8 == 0 && ffn % 8 == 0 && hidden > 0 && ffn > 0, ValueError,
+             "w_down's hidden and ffn must be positive multiples of 8; got ", w_down.shape_str());
+  LLMK_CHECK(dout.shape[1] == hidden && (dout.strides[1] == 1 || hidden <= 1), ValueError,
+             "dout must be (T, ", hidden, ") with a contiguous last dimension; got ", dout.shape_str());
+  const int64_t rows = row_token.numel();
+  const int64_t pre_columns = activation == gemm::Activation::swiglu ? 2 * ffn : ffn;
+  row_token.check_dtype(DType::i32);
+  row_token.check_shape({rows});
+  block_expert.check_dtype(DType::i32);
+  block_expert.check_shape({(rows + kMoeBlock - 1) / kMoeBlock});
+  row_weight.check_dtype(DType::f32);
+  row_weight.check_shape({rows});
+  pre.check_shape({rows, pre_columns});
+  dpre.check_shape({rows, pre_columns});
+  weighted_h.check_shape({rows, ffn});
+  dweight_parts.check_dtype(DType::f32);
+  dweight_parts.check_shape({rows, down_parts(ffn)});
+  for (const TensorView* t : {&row_token, &block_expert, &row_weight, &pre, &dpre, &weighted_h, &dweight_parts,
+                              &w_down})
+    t->check_contiguous();
+  check_no_overlap({dpre, weighted_h, dweight_parts}, {extent(dout), row_token, w_down, block_expert, pre, row_weight});
+  for (const TensorView* t : {&dout, &w_down, &pre, &dpre, &weighted_h}) t->check_rows_aligned();
+  LLMK_CHECK(rows < (int64_t(1) << 31), ValueError, "row_token: ", rows, " rows, past int32 row indices");
+  DownBackwardProblem p;
+  p.dtype = dout.dtype;
+  p.rows = rows;
+  p.hidden = hidden;
+  p.ffn = ffn;
+  p.experts = experts;
+  p.ld_dout = dout.shape[0] <= 1 ? hidden : dout.strides[0];
+  p.dout = dout.ptr;
+  p.row_token = row_token.data<int32_t>();
+  p.w_down = w_down.ptr;
+  p.block_expert = block_expert.data<int32_t>();
+  p.pre = pre.ptr;
+  p.row_weight = row_weight.data<float>();
+  p.activation = activation;
+  p.dpre = dpre.ptr;
+  p.weighted_h = weighted_h.ptr;
+  p.dweight_parts = dweight_parts.data<float>();
+  if (rows == 0) return;
+  run_on_backend(dout, stream,
+                 Operands().add(dout).add(row_token).add(w_down).add(block_expert).add(pre).add(row_weight).add(dpre)
+                     .add(weighted_h).add(dweight_parts),
+                 [] {}, [&](auto device_stream) { down_backward_device(p, device_stream); });
+}
+
+}  // namespace llmk::moe

@@ -130,6 +130,42 @@ struct WeightGradProblem {
   const int32_t* expert_offsets = nullptr;
   void* out = nullptr;
 };
+// down_backward (CUDA kernels only; the CPU path composes torch ops): the backward's first grouped GEMM
+// with the activation's backward fused into its epilogue. For each row r of an active block (expert e,
+// routing weight w = row_weight[r], pre-activation pre[r] = [g | u] (R, 2F) for swiglu or a (R, F) for
+// gelu, saved by the forward):
+//   dz       = dout[row_token[r]] · W_down[e]          (F,) fp32 accumulators (a zero row for -1)
+//   h        = silu(g) u, or gelu(a), rounded to the inputs' type (the forward's h)
+//   dpre[r]  = [w dz u silu'(g) | w dz silu(g)], or w dz gelu'(a), rounded
+//   weighted_h[r] = w h, rounded (dW_down's operand)
+//   dweight_parts[r][p] = the sum of dz h over part p of the F columns (deterministic partial sums,
+//                     down_parts(F) of them; their sum is the routing weight's gradient)
+// dout (T, H) bf16/fp16, w_down (E, H, F), row_token int32 (R,), block_expert from permute with kMoeBlock.
+void down_backward(const TensorView& dout, const TensorView& row_token, const TensorView& w_down,
+                   const TensorView& block_expert, const TensorView& pre, const TensorView& row_weight,
+                   gemm::Activation activation, const TensorView& dpre, const TensorView& weighted_h,
+                   const TensorView& dweight_parts, void* stream);
+
+constexpr int64_t kDownTileColumns = 64, kDownWarpsN = 2;   // the kernel's tile columns and warps across them
+LLMK_HD int64_t down_parts(int64_t ffn) { return (ffn + kDownTileColumns - 1) / kDownTileColumns * kDownWarpsN; }
+
+struct DownBackwardProblem {
+  DType dtype = DType::bf16;
+  int64_t rows = 0, hidden = 0, ffn = 0, experts = 0, ld_dout = 0;
+  const void* dout = nullptr;
+  const int32_t* row_token = nullptr;
+  const void* w_down = nullptr;
+  const int32_t* block_expert = nullptr;
+  const void* pre = nullptr;
+  const float* row_weight = nullptr;
+  gemm::Activation activation = gemm::Activation::swiglu;
+  void* dpre = nullptr;
+  void* weighted_h = nullptr;
+  float* dweight_parts = nullptr;
+};
+void down_backward_device(const DownBackwardProblem& problem, CudaStream stream);
+void down_backward_device(const DownBackwardProblem& problem, EmuStream stream);
+
 void weight_grad_cpu(const WeightGradProblem& problem);
 void weight_grad_device(const WeightGradProblem& problem, CudaStream stream);
 void weight_grad_device(const WeightGradProblem& problem, EmuStream stream);

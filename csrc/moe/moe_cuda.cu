@@ -220,6 +220,75 @@ struct GroupedParams : gemm::TiledParams {
   }
 };
 
+// down_backward: the grouped GEMM dZ = dout[token] · W_down[e] (k-major weights) with moe.h's
+// epilogue instead of the core's: each thread takes its (row, column pair) accumulators, reads the
+// pre-activation pairs, writes dPre and w h as pairs, and sums dz h over its columns; the four lanes
+// of a quad share a row (mma.h's C layout), so two shuffles give the warp's part of the row's sum.
+template <typename T>
+struct DownBackwardParams : GroupedParams<T, true> {
+  const T* pre;
+  const float* row_weight;
+  T* dpre;
+  T* weighted_h;
+  float* dweight_parts;
+  bool swiglu;
+
+  template <typename OutT, typename Tiling, typename E>
+  LLMK_DEVICE void store_tile(const gemm::Accumulators<Tiling, E>& acc, int64_t row0, int64_t col0, int64_t) const {
+    static_assert(Tiling::bn == kDownTileColumns && Tiling::warps_n == kDownWarpsN, "moe.h's down_parts");
+    const int lane = int(threadIdx.x % 32), warp = int(threadIdx.x / 32);
+    const int warp_column = warp % Tiling::warps_n;
+    const int64_t warp_row0 = row0 + (warp / Tiling::warps_n) * Tiling::warp_m;
+    const int64_t warp_col0 = col0 + warp_column * Tiling::warp_n;
+    const int64_t ffn = this->n, pre_ld = swiglu ? 2 * ffn : ffn;
+    const int64_t part = int64_t(blockIdx.x) * Tiling::warps_n + warp_column;
+    auto rounded = [](float v) { return to_float(from_float<T>(v)); };
+#pragma unroll
+    for (int i = 0; i < Tiling::mma_m; ++i)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const FragmentCoord c = mma_c_coord(lane, 2 * half);
+        const int64_t row = warp_row0 + 16 * i + c.row;
+        const bool inside = row < this->m;
+        const float w = inside ? load_global(row_weight + row) : 0.0f;
+        float dot = 0.0f;
+#pragma unroll
+        for (int j = 0; j < Tiling::mma_n; ++j) {
+          const int64_t col = warp_col0 + 8 * j + c.col;
+          if (!inside || col >= ffn) continue;
+          const T* source = pre + row * pre_ld + col;
+          const Vec<T, 2> first = load_global(reinterpret_cast<const Vec<T, 2>*>(source));
+          const Vec<T, 2> up = swiglu ? load_global(reinterpret_cast<const Vec<T, 2>*>(source + ffn)) : first;
+          Vec<T, 2> d_first, d_up, scaled_h;
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            const float dz = float(acc.v[i][j][2 * half + q]), dh = w * dz, a = to_float(first[q]);
+            float h;
+            if (swiglu) {
+              const float u = to_float(up[q]), sig = 1.0f / (1.0f + expf(-a)), silu = a * sig;
+              h = rounded(silu * u);
+              d_first[q] = from_float<T>(dh * u * sig * (1.0f + a * (1.0f - sig)));
+              d_up[q] = from_float<T>(dh * silu);
+            } else {
+              h = rounded(gemm::gelu(a));
+              const float cdf = 0.5f * (1.0f + erff(a * 0.70710678118654752f));
+              d_first[q] = from_float<T>(dh * (cdf + a * expf(-0.5f * a * a) * 0.39894228040143268f));
+            }
+            dot += dz * h;
+            scaled_h[q] = from_float<T>(w * h);
+          }
+          T* target = dpre + row * pre_ld + col;
+          store_global(reinterpret_cast<Vec<T, 2>*>(target), d_first);
+          if (swiglu) store_global(reinterpret_cast<Vec<T, 2>*>(target + ffn), d_up);
+          store_global(reinterpret_cast<Vec<T, 2>*>(weighted_h + row * ffn + col), scaled_h);
+        }
+        dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+        dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+        if (inside && lane % 4 == 0) store_global(dweight_parts + row * down_parts(ffn) + part, dot);
+      }
+  }
+};
+
 // weight_grad: the same kernel with both operands k-major (rows r of a and b, gathered or not) and
 // blockIdx.z an expert: its k tiles are its rows [offsets[e], offsets[e + 1]) (whole 64-row blocks,
 // so whole k tiles), its output the (m, n) matrix e of out. An expert with no rows writes zeros.
@@ -270,6 +339,31 @@ void grouped_gemm_device(const GroupedProblem& p, DeviceStream stream) {
     };
     if (p.b_k_major) run(GroupedParams<T, true>{});
     else run(GroupedParams<T, false>{});
+  });
+}
+
+void down_backward_device(const DownBackwardProblem& p, DeviceStream stream) {
+  static_assert(MoeTiling::bn == kDownTileColumns && MoeTiling::warps_n == kDownWarpsN, "moe.h's down_parts");
+  dispatch<bf16, f16>(p.dtype, "down_backward (CUDA kernel)", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    DownBackwardParams<T> params;
+    static_cast<gemm::TiledParams&>(params) = gemm::TiledParams{
+        p.rows, p.ffn, p.hidden,
+        gemm::Epilogue{nullptr, p.ffn, true, nullptr, nullptr, nullptr, gemm::Activation::none, false, p.rows, p.ffn},
+        nullptr, 0};
+    params.a = static_cast<const T*>(p.dout);
+    params.lda = p.ld_dout;
+    params.a_rows = p.row_token;
+    params.b = static_cast<const T*>(p.w_down);
+    params.block_expert = p.block_expert;
+    params.pair_half = 0;
+    params.pre = static_cast<const T*>(p.pre);
+    params.row_weight = p.row_weight;
+    params.dpre = static_cast<T*>(p.dpre);
+    params.weighted_h = static_cast<T*>(p.weighted_h);
+    params.dweight_parts = p.dweight_parts;
+    params.swiglu = p.activation == gemm::Activation::swiglu;
+    gemm::launch_tiled<T, T, MoeTiling, float>("moe down backward", "", params, gemm::SplitK{}, stream);
   });
 }
 

@@ -15,6 +15,7 @@ order, equal logits to the lower expert index; weights are the selected scores (
 experts, or sigmoid), renormalized to sum to 1 by default.
 """
 import dataclasses
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -186,6 +187,18 @@ def _grouped_gemm(a: torch.Tensor, a_rows: Optional[torch.Tensor], b: torch.Tens
     return torch.zeros((rows, n), dtype=out_dtype, device=a.device)
 
 
+@native_op("moe_down_backward")
+def _down_backward(dout: torch.Tensor, row_token: torch.Tensor, w_down: torch.Tensor, block_expert: torch.Tensor,
+                   pre: torch.Tensor, row_weight: torch.Tensor,
+                   activation: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dpre (like pre), weighted_h (R, F) and the routing-weight gradient's partial sums float32 (R, parts):
+    the dZ grouped GEMM with the activation's backward in its epilogue (CUDA kernels only)."""
+    rows, ffn = row_token.shape[0], w_down.shape[2]
+    zeros = functools.partial(torch.zeros, device=dout.device)
+    return (zeros(pre.shape, dtype=pre.dtype), zeros((rows, ffn), dtype=dout.dtype),
+            zeros((rows, C.moe_down_parts(ffn)), dtype=torch.float32))
+
+
 @native_op("moe_weight_grad")
 def _weight_grad(a: torch.Tensor, a_rows: Optional[torch.Tensor], b: torch.Tensor, b_rows: Optional[torch.Tensor],
                  expert_offsets: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -227,6 +240,8 @@ class _MoeFFN(torch.autograd.Function):
         dZ[r]       = dout[token r] · W_down[e]                grouped GEMM, k-major weights, gathered rows
         dweights    = <dZ[r], h[r]> at (token, slot) of r
         dPre        = activation'(pre) applied to weights[r] dZ[r]     (float32, rounded to x's dtype)
+                      (CUDA: these three and weights[r] h[r] in dZ's epilogue, moe_down_backward;
+                      the CPU: torch ops after the grouped GEMM)
         dX          = sum over slots of dPre[r] · W_gate_up[e]  grouped GEMM, k-major, then the slot combine
         dW_gate_up[e] = sum over e's rows of dPre[r]ᵀ x[token r]  weight_grad
         dW_down[e]    = sum over e's rows of dout[token r]ᵀ weights[r] h[r]  weight_grad
@@ -264,24 +279,27 @@ class _MoeFFN(torch.autograd.Function):
         rows = row_token.shape[0]
         none = _ACTIVATION_CODES["none"]
         dout = check.rows_aligned(dout.to(x.dtype))
-        h = _activation_forward(pre, ctx.activation).to(x.dtype)
         dx = dw_gate_up = dw_down = dweights = None
-        if need_down:
-            weighted_h = (h.float() * row_weight[:, None]).to(x.dtype)
-            dw_down = _weight_grad(dout, row_token, weighted_h, None, offsets, x.dtype)
-        if need_x or need_gate_up or need_weights:
+        if check.device_kernels(x):   # one kernel: dZ with the activation's backward in its epilogue
+            dpre, weighted_h, parts = _down_backward(dout, row_token, w_down, block_expert, pre, row_weight,
+                                                     _ACTIVATION_CODES[ctx.activation])
+            row_dweight = parts.sum(dim=1)
+        else:                         # the CPU: dZ, then torch's elementwise ops
+            h = _activation_forward(pre, ctx.activation).to(x.dtype)
+            weighted_h = (h.float() * row_weight[:, None]).to(x.dtype) if need_down else None
             dz = _grouped_gemm(dout, row_token, w_down, block_expert, BLOCK, None, none, True, rows, torch.float32)
-        if need_weights:
-            dweights = (dz * h.float()).sum(dim=1).index_select(0, slot_row.reshape(-1).long())
-            dweights = dweights.reshape(slot_row.shape).to(ctx.weights_dtype)
-        if need_x or need_gate_up:
+            row_dweight = (dz * h.float()).sum(dim=1)
             dpre = _activation_backward(pre, dz * row_weight[:, None], ctx.activation).to(x.dtype)
-            if need_x:
-                dx_rows = _grouped_gemm(dpre, None, w_gate_up, block_expert, BLOCK, None, none, True, rows,
-                                        torch.float32)
-                dx = _combine(dx_rows, slot_row).to(x.dtype)
-            if need_gate_up:
-                dw_gate_up = _weight_grad(dpre, None, x, row_token, offsets, x.dtype)
+        if need_down:
+            dw_down = _weight_grad(dout, row_token, weighted_h, None, offsets, x.dtype)
+        if need_weights:
+            dweights = row_dweight.index_select(0, slot_row.reshape(-1).long())
+            dweights = dweights.reshape(slot_row.shape).to(ctx.weights_dtype)
+        if need_x:
+            dx_rows = _grouped_gemm(dpre, None, w_gate_up, block_expert, BLOCK, None, none, True, rows, torch.float32)
+            dx = _combine(dx_rows, slot_row).to(x.dtype)
+        if need_gate_up:
+            dw_gate_up = _weight_grad(dpre, None, x, row_token, offsets, x.dtype)
         return dx, dw_gate_up, dw_down, dweights, None, None
 
 
