@@ -353,6 +353,35 @@ def test_weight_grad_refuses_bad_inputs():
         C_weight_grad(a, None, a[:32, :8], None, torch.tensor([0, 64], dtype=torch.int32), out(1))
 
 
+def test_grouped_outputs_are_written_everywhere(device):
+    """The grouped GEMM and the backward's dZ kernel write every row of their outputs (zeros past the
+    last expert and on padding rows), so the Python layer allocates them without a memset: outputs
+    filled with NaN first come back finite, with zeros on every padding row."""
+    from llmkernels._ext import C
+    from llmkernels._ops import capsule, stream_handle
+    x, w1, w2, weights, ids = moe_case(37, 40, 24, 8, 2, torch.bfloat16, device, seed=30)
+    perm = moe.permute(ids, 8, moe.BLOCK)
+    rows, stream = perm.row_token.shape[0], stream_handle(x.device)
+    padding = (perm.row_token < 0).cpu()
+    assert (perm.block_expert < 0).any(), "the case must have blocks past the last expert"
+    nan = lambda *shape, dtype=torch.bfloat16: torch.full(shape, float("nan"), dtype=dtype, device=x.device)
+    for activation, columns, dtype in ((3, 24, torch.bfloat16), (0, 48, torch.float32)):
+        out = nan(rows, columns, dtype=dtype)
+        C.moe_grouped_gemm(capsule(x), capsule(perm.row_token), capsule(w1), capsule(perm.block_expert), moe.BLOCK,
+                           None, activation, False, rows, None, capsule(out), stream)
+        assert torch.isfinite(out).all() and not out.cpu()[padding].any(), activation
+    if device.type == "cpu" and not llmkernels.emulator.enabled():
+        return   # (down_backward is a CUDA kernel)
+    pre, row_weight = randn((rows, 48), dtype=torch.bfloat16, seed=31).to(x.device), torch.rand(rows).to(x.device)
+    pre[padding.to(x.device)] = 0
+    row_weight[padding.to(x.device)] = 0
+    outputs = nan(rows, 48), nan(rows, 24), nan(rows, C.moe_down_parts(24), dtype=torch.float32)
+    C.moe_down_backward(capsule(x), capsule(perm.row_token), capsule(w2), capsule(perm.block_expert), capsule(pre),
+                        capsule(row_weight), 3, *map(capsule, outputs), stream)
+    for out in outputs:
+        assert torch.isfinite(out).all() and not out.cpu()[padding].any()
+
+
 def C_weight_grad(a, a_rows, b, b_rows, offsets, out):
     from llmkernels._ext import C
     from llmkernels._ops import capsule

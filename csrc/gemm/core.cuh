@@ -420,8 +420,12 @@ struct TiledParams {
   float* partial;            // split-K: gridDim.z ranges of m * n partial sums; null without split
   int64_t tiles_per_split;   // k tiles per range (all of them without split)
 
-  // Whether block row blockIdx.y has work (a family hides this: MoE's blocks past the last expert).
+  // Whether block row blockIdx.y has work (a family hides this: MoE's blocks past the last expert),
+  // and what a block without work writes over its tile of the output (nothing, by default; MoE's
+  // zeros, so that its outputs need no memset first).
   LLMK_DEVICE bool block_active() const { return true; }
+  template <typename OutT, typename Tiling>
+  LLMK_DEVICE void clear_tile(int64_t, int64_t) const {}
   // This block's k tiles, [first, first + count) of the k_tiles of K: blockIdx.z's split-K range (a
   // family hides this: MoE's weight gradients take expert blockIdx.z's rows).
   LLMK_DEVICE void k_tile_range(int64_t k_tiles, int64_t& first, int64_t& count) const {
@@ -452,9 +456,12 @@ struct TiledParams {
 // registers and spilled 8 bytes on sm_80; with it, 154 registers, no spill, one 8-warp block per SM.)
 template <typename T, typename OutT, typename Tiling, typename E, typename Params>
 __global__ void __launch_bounds__(Tiling::threads, 1) tiled_kernel(const __grid_constant__ Params p) {
-  if (!p.block_active()) return;   // (uniform over the block: before any barrier)
   const int64_t row0 = int64_t(blockIdx.y) * Tiling::bm;
   const int64_t col0 = int64_t(blockIdx.x) * Tiling::bn;
+  if (!p.block_active()) {   // (uniform over the block: before any barrier)
+    p.template clear_tile<OutT, Tiling>(row0, col0);
+    return;
+  }
   const auto a = p.template loader_a<Tiling>();
   const auto b = p.template loader_b<Tiling>();
   int64_t first_tile, tiles;

@@ -83,7 +83,7 @@ void permute_device(const PermuteProblem& problem, EmuStream stream);
 // with b (E, n, k) like nn.Linear weights per expert; epilogue: none, times row_scale[r] (the routing
 // weight of the row's pair), gelu (erf), or swiglu over b's stacked halves: out[r][j] = silu(g_j) u_j with g = rows
 // [0, n/2) and u = rows [n/2, n) of b[e] (the CUDA kernel reads them as adjacent pairs). Blocks of
-// expert -1 are not written. a (rows of a, k) bf16/fp16 (fp32 too on the CPU kernel), out (R, n or n/2)
+// expert -1 are zeros (every row of out is written: it needs no memset). a (rows of a, k) bf16/fp16 (fp32 too on the CPU kernel), out (R, n or n/2)
 // a's dtype or fp32. The CUDA kernel's row blocks are kMoeBlock rows: `block` must be that there.
 // b_k_major: b is (E, k, n) and out[r] = A[r] · b[e] (the backward's products with the weights as they
 // are: dH = dY · W_down[e], dX = dGU · W_gate_up[e]); activation none or gelu then.
@@ -140,6 +140,7 @@ struct WeightGradProblem {
 //   weighted_h[r] = w h, rounded (dW_down's operand)
 //   dweight_parts[r][p] = the sum of dz h over part p of the F columns (deterministic partial sums,
 //                     down_parts(F) of them; their sum is the routing weight's gradient)
+// Rows of blocks past the last expert are zeros in all three outputs (no memset needed).
 // dout (T, H) bf16/fp16, w_down (E, H, F), row_token int32 (R,), block_expert from permute with kMoeBlock.
 void down_backward(const TensorView& dout, const TensorView& row_token, const TensorView& w_down,
                    const TensorView& block_expert, const TensorView& pre, const TensorView& row_weight,

@@ -94,7 +94,7 @@ void permute_cpu(const PermuteProblem& p) {
 
 namespace llmk::moe {
 
-// Runs of consecutive blocks of one expert, each through the GEMM core's CPU kernel on its real rows
+// Every row of out is written (zeros past the last expert). Runs of consecutive blocks of one expert, each through the GEMM core's CPU kernel on its real rows
 // (gathered rows: the leading ones with a row index; the expert's padding rows after them are zeros).
 // swiglu: the gate and up halves as two float32 products, then silu(g) u rounded once to out's type.
 void grouped_gemm_cpu(const GroupedProblem& p) {
@@ -108,7 +108,11 @@ void grouped_gemm_cpu(const GroupedProblem& p) {
     while (b1 < blocks && p.block_expert[b1] == e) ++b1;
     const int64_t r0 = b0 * p.block, r1 = std::min(b1 * p.block, p.rows);
     b0 = b1;
-    if (e < 0) continue;
+    char* out = static_cast<char*>(p.out) + r0 * out_cols * out_size;
+    if (e < 0) {   // past the last expert: zeros
+      std::fill(out, out + (r1 - r0) * out_cols * out_size, char(0));
+      continue;
+    }
     int64_t real = r1 - r0;
     if (p.a_rows) {
       for (real = 0; r0 + real < r1 && p.a_rows[r0 + real] >= 0;) ++real;
@@ -116,7 +120,6 @@ void grouped_gemm_cpu(const GroupedProblem& p) {
         LLMK_CHECK(p.a_rows[r] < 0, ValueError, "row_token: the CPU kernel takes an expert's padding rows (-1) after "
                    "its real rows (permute's layout); row ", r, " holds ", p.a_rows[r], " after a -1");
     }
-    char* out = static_cast<char*>(p.out) + r0 * out_cols * out_size;
     std::fill(out + real * out_cols * out_size, out + (r1 - r0) * out_cols * out_size, char(0));   // padding rows
     if (real == 0) continue;
     gemm::Problem g;

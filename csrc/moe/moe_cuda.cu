@@ -194,6 +194,17 @@ __global__ void __launch_bounds__(kPermuteThreads) permute_pad_kernel(const __gr
   if (row % p.block == 0) store_global(p.block_expert + row / p.block, row < used ? int32_t(lo) : -1);
 }
 
+// Zeros over rows [row0, min(row0 + kMoeBlock, rows)) x columns [first, min(end, ld)) of a row-major
+// matrix with rows of ld elements, by the block's threads (an inactive block's tile of an output).
+template <typename O>
+LLMK_DEVICE void clear_rows(O* out, int64_t ld, int64_t row0, int64_t rows, int64_t first, int64_t end) {
+  const int64_t width = (end < ld ? end : ld) - first;
+  for (int64_t i = threadIdx.x; i < kMoeBlock * width; i += blockDim.x) {
+    const int64_t row = row0 + i / width;
+    if (row < rows) store_global(out + row * ld + first + i % width, from_float<O>(0.0f));
+  }
+}
+
 // grouped_gemm: the GEMM core's tiled kernel with 64-row blocks (the permutation's block), each block's
 // B the weight of its expert, (n, k) or k-major (k, n); blocks of expert -1 return at once.
 using MoeTiling = gemm::Tiling<kMoeBlock, 64, 32, 2, 2, 4>;
@@ -208,6 +219,14 @@ struct GroupedParams : gemm::TiledParams {
   int64_t pair_half;   // swiglu: n / 2 (stacked gate and up read as adjacent pairs), else 0
 
   LLMK_DEVICE bool block_active() const { return load_global(block_expert + blockIdx.y) >= 0; }
+  // A block past the last expert: zeros over its tile of out (out's columns: n, or n / 2 for swiglu).
+  template <typename OutT, typename Tiling>
+  LLMK_DEVICE void clear_tile(int64_t row0, int64_t col0) const {
+    const int64_t ld = pair_half ? n / 2 : n, first = pair_half ? col0 / 2 : col0;
+    const int64_t end = first + (pair_half ? Tiling::bn / 2 : Tiling::bn);
+    if (epilogue.out_is_f32) clear_rows(static_cast<float*>(epilogue.out), ld, row0, m, first, end);
+    else clear_rows(static_cast<OutT*>(epilogue.out), ld, row0, m, first, end);
+  }
   template <typename Tiling>
   LLMK_DEVICE gemm::RowTileLoader<T, Tiling, Tiling::bm> loader_a() const { return {a, lda, m, k, a_rows}; }
   template <typename Tiling>
@@ -232,6 +251,16 @@ struct DownBackwardParams : GroupedParams<T, true> {
   T* weighted_h;
   float* dweight_parts;
   bool swiglu;
+
+  template <typename OutT, typename Tiling>
+  LLMK_DEVICE void clear_tile(int64_t row0, int64_t col0) const {
+    const int64_t ffn = this->n, rows = this->m, end = col0 + Tiling::bn < ffn ? col0 + Tiling::bn : ffn;
+    const int64_t part = int64_t(blockIdx.x) * Tiling::warps_n;
+    clear_rows(dpre, swiglu ? 2 * ffn : ffn, row0, rows, col0, end);
+    if (swiglu) clear_rows(dpre, 2 * ffn, row0, rows, ffn + col0, ffn + end);
+    clear_rows(weighted_h, ffn, row0, rows, col0, end);
+    clear_rows(dweight_parts, down_parts(ffn), row0, rows, part, part + Tiling::warps_n);
+  }
 
   template <typename OutT, typename Tiling, typename E>
   LLMK_DEVICE void store_tile(const gemm::Accumulators<Tiling, E>& acc, int64_t row0, int64_t col0, int64_t) const {

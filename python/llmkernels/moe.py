@@ -179,12 +179,12 @@ _ACTIVATION_CODES = {"none": 0, "gelu": 2, "swiglu": 3}
 def _grouped_gemm(a: torch.Tensor, a_rows: Optional[torch.Tensor], b: torch.Tensor, block_expert: torch.Tensor,
                   block: int, row_scale: Optional[torch.Tensor], activation: int, b_k_major: bool, rows: int,
                   out_dtype: torch.dtype) -> torch.Tensor:
-    """out (rows, n or n / 2 for swiglu) in out_dtype, zeros where no expert's block writes; b (E, n, k),
-    or (E, k, n) when b_k_major."""
+    """out (rows, n or n / 2 for swiglu) in out_dtype (every row written: zeros past the last expert);
+    b (E, n, k), or (E, k, n) when b_k_major."""
     n = b.shape[2] if b_k_major else b.shape[1]
     if activation == _ACTIVATION_CODES["swiglu"]:
         n //= 2
-    return torch.zeros((rows, n), dtype=out_dtype, device=a.device)
+    return torch.empty((rows, n), dtype=out_dtype, device=a.device)
 
 
 @native_op("moe_down_backward")
@@ -194,9 +194,9 @@ def _down_backward(dout: torch.Tensor, row_token: torch.Tensor, w_down: torch.Te
     """dpre (like pre), weighted_h (R, F) and the routing-weight gradient's partial sums float32 (R, parts):
     the dZ grouped GEMM with the activation's backward in its epilogue (CUDA kernels only)."""
     rows, ffn = row_token.shape[0], w_down.shape[2]
-    zeros = functools.partial(torch.zeros, device=dout.device)
-    return (zeros(pre.shape, dtype=pre.dtype), zeros((rows, ffn), dtype=dout.dtype),
-            zeros((rows, C.moe_down_parts(ffn)), dtype=torch.float32))
+    empty = functools.partial(torch.empty, device=dout.device)   # (every row written)
+    return (empty(pre.shape, dtype=pre.dtype), empty((rows, ffn), dtype=dout.dtype),
+            empty((rows, C.moe_down_parts(ffn)), dtype=torch.float32))
 
 
 @native_op("moe_weight_grad")
