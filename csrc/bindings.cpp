@@ -256,15 +256,17 @@ void moe_permute(const py::object& expert_ids, int64_t experts, int64_t block, c
 
 void moe_grouped_gemm(const py::object& a, const py::object& a_rows, const py::object& b, const py::object& block_expert,
                       int64_t block, const py::object& row_scale, int64_t activation, bool b_k_major,
-                      int64_t /*rows: out's*/, const py::object& /*out_dtype: out's*/, const py::object& out,
-                      uintptr_t stream) {
+                      bool save_pre, int64_t /*rows: out's*/, const py::object& /*out_dtype: out's*/,
+                      const py::object& out, const py::object& pre, uintptr_t stream) {
   const TensorView a_view = tensor(a, "x"), b_view = tensor(b, "expert weights");
   const TensorView blocks = tensor(block_expert, "block_expert"), out_view = tensor(out, "out");
   const auto rows_view = optional_tensor(a_rows, "row_token");
   const auto scale_view = optional_tensor(row_scale, "row_scale");
+  const auto pre_view = save_pre ? optional_tensor(pre, "pre") : optional_tensor(py::none(), "pre");
   py::gil_scoped_release no_gil;
   moe::grouped_gemm(a_view, pointer(rows_view), b_view, blocks, block, pointer(scale_view),
-                    static_cast<gemm::Activation>(activation), b_k_major, out_view, stream_pointer(stream));
+                    static_cast<gemm::Activation>(activation), b_k_major, out_view, pointer(pre_view),
+                    stream_pointer(stream));
 }
 
 void moe_down_backward(const py::object& dout, const py::object& row_token, const py::object& w_down,
@@ -520,10 +522,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("slot_row"), py::arg("workspace"), py::arg("stream"),
         "MoE block-sparse layout of a routing in worst-case buffers (csrc/moe/moe.h: permute)");
   m.def("moe_grouped_gemm", &moe_grouped_gemm, py::arg("a"), py::arg("a_rows"), py::arg("b"), py::arg("block_expert"),
-        py::arg("block"), py::arg("row_scale"), py::arg("activation"), py::arg("b_k_major"), py::arg("rows"),
-        py::arg("out_dtype"), py::arg("out"), py::arg("stream"),
+        py::arg("block"), py::arg("row_scale"), py::arg("activation"), py::arg("b_k_major"), py::arg("save_pre"),
+        py::arg("rows"), py::arg("out_dtype"), py::arg("out"), py::arg("pre"), py::arg("stream"),
         "MoE grouped GEMM over (expert, row-block) tiles: out[r] = epilogue(a[a_rows[r]] @ b[e]^T), or @ b[e] "
-        "k-major (csrc/moe/moe.h)");
+        "k-major, and the pre-activation with save_pre (csrc/moe/moe.h)");
   m.def("moe_down_backward", &moe_down_backward, py::arg("dout"), py::arg("row_token"), py::arg("w_down"),
         py::arg("block_expert"), py::arg("pre"), py::arg("row_weight"), py::arg("activation"), py::arg("dpre"),
         py::arg("weighted_h"), py::arg("dweight_parts"), py::arg("stream"),

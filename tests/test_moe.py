@@ -274,8 +274,10 @@ def test_opcheck_grouped_gemm_and_compile_of_the_forward():
     x, w_gate_up, w_down, weights, ids = moe_case(9, 16, 8, 4, 2, torch.bfloat16, "cpu", seed=21)
     perm = moe.permute(ids, 4, moe.BLOCK)
     rows = perm.row_token.shape[0]
-    torch.library.opcheck(torch.ops.llmkernels.moe_grouped_gemm.default,
-                          (x, perm.row_token, w_gate_up, perm.block_expert, moe.BLOCK, None, 3, False, rows, torch.bfloat16))
+    for save_pre in (False, True):
+        torch.library.opcheck(torch.ops.llmkernels.moe_grouped_gemm.default,
+                              (x, perm.row_token, w_gate_up, perm.block_expert, moe.BLOCK, None, 3, False, save_pre,
+                               rows, torch.bfloat16))
     with torch.no_grad():
         compiled = torch.compile(lambda *a: moe.moe_ffn(*a), fullgraph=True)
         assert torch.equal(compiled(x, w_gate_up, w_down, weights, ids), moe.moe_ffn(x, w_gate_up, w_down, weights, ids))
@@ -365,11 +367,12 @@ def test_grouped_outputs_are_written_everywhere(device):
     padding = (perm.row_token < 0).cpu()
     assert (perm.block_expert < 0).any(), "the case must have blocks past the last expert"
     nan = lambda *shape, dtype=torch.bfloat16: torch.full(shape, float("nan"), dtype=dtype, device=x.device)
-    for activation, columns, dtype in ((3, 24, torch.bfloat16), (0, 48, torch.float32)):
-        out = nan(rows, columns, dtype=dtype)
+    for activation, columns, dtype, save_pre in ((3, 24, torch.bfloat16, True), (0, 48, torch.float32, False)):
+        out, pre = nan(rows, columns, dtype=dtype), nan(rows, 48)
         C.moe_grouped_gemm(capsule(x), capsule(perm.row_token), capsule(w1), capsule(perm.block_expert), moe.BLOCK,
-                           None, activation, False, rows, None, capsule(out), stream)
-        assert torch.isfinite(out).all() and not out.cpu()[padding].any(), activation
+                           None, activation, False, save_pre, rows, None, capsule(out), capsule(pre), stream)
+        for written in (out, pre) if save_pre else (out,):
+            assert torch.isfinite(written).all() and not written.cpu()[padding].any(), activation
     if device.type == "cpu" and not llmkernels.emulator.enabled():
         return   # (down_backward is a CUDA kernel)
     pre, row_weight = randn((rows, 48), dtype=torch.bfloat16, seed=31).to(x.device), torch.rand(rows).to(x.device)
@@ -380,6 +383,28 @@ def test_grouped_outputs_are_written_everywhere(device):
                         capsule(row_weight), 3, *map(capsule, outputs), stream)
     for out in outputs:
         assert torch.isfinite(out).all() and not out.cpu()[padding].any()
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_grouped_gemm_saves_the_pre_activation(device, activation):
+    """The forward's first GEMM with save_pre: h as without it, and the pre-activation x[token] ·
+    W_gate_up[e]ᵀ rounded once (float64 products as the oracle; within one rounding of them) in the
+    backend's layout: (g, u) pairs interleaved on the CUDA kernels, [g | u] on the CPU kernel."""
+    x, w1, _, _, ids = moe_case(37, 40, 24, 8, 2, torch.bfloat16, device, seed=32, activation=activation)
+    perm = moe.permute(ids, 8, moe.BLOCK)
+    rows, code = perm.row_token.shape[0], moe._ACTIVATION_CODES[activation]
+    h, pre = moe._grouped_gemm_op(x, perm.row_token, w1, perm.block_expert, moe.BLOCK, None, code, False, True, rows,
+                                  x.dtype)
+    assert torch.equal(h, moe._grouped_gemm(x, perm.row_token, w1, perm.block_expert, moe.BLOCK, None, code, False,
+                                            rows, x.dtype))
+    token, block_expert = perm.row_token.cpu().long(), perm.block_expert.cpu().long()
+    expert = block_expert.repeat_interleave(moe.BLOCK)[:rows].clamp(min=0)
+    expected = torch.einsum("rk,rnk->rn", x.cpu().double()[token.clamp(min=0)], w1.cpu().double()[expert])
+    expected[token < 0] = 0
+    interleaved = device.type == "cuda" or llmkernels.emulator.enabled()
+    if activation == "swiglu" and interleaved:
+        expected = torch.stack(expected.chunk(2, dim=1), dim=2).reshape(rows, -1)
+    torch.testing.assert_close(pre.cpu().double(), expected, rtol=2 ** -8, atol=1e-6)
 
 
 def C_weight_grad(a, a_rows, b, b_rows, offsets, out):
@@ -430,7 +455,7 @@ def test_opcheck_backward_ops_and_compile_of_a_training_step():
     rows = perm.row_token.shape[0]
     dout = randn((9, 16), dtype=torch.bfloat16, seed=23)
     torch.library.opcheck(torch.ops.llmkernels.moe_grouped_gemm.default,
-                          (dout, perm.row_token, w_down, perm.block_expert, moe.BLOCK, None, 0, True, rows,
+                          (dout, perm.row_token, w_down, perm.block_expert, moe.BLOCK, None, 0, True, False, rows,
                            torch.float32))
     perm_h = randn((rows, 16), dtype=torch.bfloat16, seed=25)
     with llmkernels.emulator.emulate():   # (a CUDA kernel only: emulated)

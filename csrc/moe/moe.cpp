@@ -120,7 +120,7 @@ namespace llmk::moe {
 
 void grouped_gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, const TensorView& block_expert,
                   int64_t block, const TensorView* row_scale, gemm::Activation activation, bool b_k_major,
-                  const TensorView& out, void* stream) {
+                  const TensorView& out, const TensorView* pre, void* stream) {
   a.check_ndim(2);
   b.check_ndim(3);
   out.check_ndim(2);
@@ -151,6 +151,17 @@ void grouped_gemm(const TensorView& a, const TensorView* a_rows, const TensorVie
   const int64_t rows = out.shape[0];
   LLMK_CHECK(out.dtype == a.dtype || out.dtype == DType::f32, TypeError, "out must be x's dtype or float32");
   out.check_shape({rows, activation == gemm::Activation::swiglu ? n / 2 : n});
+  if (pre) {
+    LLMK_CHECK((activation == gemm::Activation::swiglu || activation == gemm::Activation::gelu) && !b_k_major &&
+                   out.dtype == a.dtype && !row_scale,
+               ValueError, "pre (the saved pre-activation) goes with swiglu or gelu, weights (E, n, k), no row scale "
+               "and out in x's dtype");
+    pre->check_same_device(a);
+    pre->check_same_dtype(a);
+    pre->check_shape({rows, n});
+    pre->check_contiguous();
+    if (backend != Backend::cpu) pre->check_rows_aligned();
+  }
   block_expert.check_dtype(DType::i32);
   block_expert.check_contiguous();
   block_expert.check_shape({(rows + block - 1) / block});
@@ -170,7 +181,8 @@ void grouped_gemm(const TensorView& a, const TensorView* a_rows, const TensorVie
   std::vector<TensorView> read{extent(a), b, block_expert};
   for (const TensorView* t : {a_rows, row_scale})
     if (t) read.push_back(*t);
-  check_no_overlap({out}, read);
+  if (pre) check_no_overlap({out, *pre}, read);
+  else check_no_overlap({out}, read);
   if (backend != Backend::cpu)
     for (const TensorView* t : {&a, &b, &out}) t->check_rows_aligned();
   if (block_expert.device == DeviceType::cpu) {
@@ -201,8 +213,9 @@ void grouped_gemm(const TensorView& a, const TensorView* a_rows, const TensorVie
   p.activation = activation;
   p.b_k_major = b_k_major;
   p.out = out.ptr;
+  p.pre = pre ? pre->ptr : nullptr;
   if (rows == 0) return;
-  run_on_backend(a, stream, Operands().add(a).add(a_rows).add(b).add(block_expert).add(row_scale).add(out),
+  run_on_backend(a, stream, Operands().add(a).add(a_rows).add(b).add(block_expert).add(row_scale).add(out).add(pre),
                  [&] { grouped_gemm_cpu(p); }, [&](auto device_stream) { grouped_gemm_device(p, device_stream); });
 }
 

@@ -87,9 +87,13 @@ void permute_device(const PermuteProblem& problem, EmuStream stream);
 // a's dtype or fp32. The CUDA kernel's row blocks are kMoeBlock rows: `block` must be that there.
 // b_k_major: b is (E, k, n) and out[r] = A[r] · b[e] (the backward's products with the weights as they
 // are: dH = dY · W_down[e], dX = dGU · W_gate_up[e]); activation none or gelu then.
+// pre (optional, swiglu or gelu, out in a's dtype): the pre-activation too, rounded to a's dtype, for a
+// backward: gelu (R, n); swiglu (R, n) with g_j and u_j at columns 2j and 2j + 1 (interleaved: the
+// CUDA kernel's pairs, read back as such by down_backward) on the CUDA kernels, [g | u] stacked on the
+// CPU kernel (what torch's ops there take).
 void grouped_gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, const TensorView& block_expert,
                   int64_t block, const TensorView* row_scale, gemm::Activation activation, bool b_k_major,
-                  const TensorView& out, void* stream);
+                  const TensorView& out, const TensorView* pre, void* stream);
 
 constexpr int64_t kMoeBlock = 64;
 
@@ -104,6 +108,7 @@ struct GroupedProblem {
   gemm::Activation activation = gemm::Activation::none;
   bool b_k_major = false;
   void* out = nullptr;
+  void* pre = nullptr;   // optional
 };
 void grouped_gemm_cpu(const GroupedProblem& problem);
 void grouped_gemm_device(const GroupedProblem& problem, CudaStream stream);
@@ -132,11 +137,11 @@ struct WeightGradProblem {
 };
 // down_backward (CUDA kernels only; the CPU path composes torch ops): the backward's first grouped GEMM
 // with the activation's backward fused into its epilogue. For each row r of an active block (expert e,
-// routing weight w = row_weight[r], pre-activation pre[r] = [g | u] (R, 2F) for swiglu or a (R, F) for
-// gelu, saved by the forward):
+// routing weight w = row_weight[r], pre-activation pre[r]: (g, u) pairs interleaved (R, 2F) for swiglu,
+// a (R, F) for gelu, as grouped_gemm's CUDA kernel saves it):
 //   dz       = dout[row_token[r]] · W_down[e]          (F,) fp32 accumulators (a zero row for -1)
 //   h        = silu(g) u, or gelu(a), rounded to the inputs' type (the forward's h)
-//   dpre[r]  = [w dz u silu'(g) | w dz silu(g)], or w dz gelu'(a), rounded
+//   dpre[r]  = [w dz u silu'(g) | w dz silu(g)] (stacked, like w_gate_up's rows), or w dz gelu'(a), rounded
 //   weighted_h[r] = w h, rounded (dW_down's operand)
 //   dweight_parts[r][p] = the sum of dz h over part p of the F columns (deterministic partial sums,
 //                     down_parts(F) of them; their sum is the routing weight's gradient)

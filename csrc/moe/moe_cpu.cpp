@@ -109,8 +109,10 @@ void grouped_gemm_cpu(const GroupedProblem& p) {
     const int64_t r0 = b0 * p.block, r1 = std::min(b1 * p.block, p.rows);
     b0 = b1;
     char* out = static_cast<char*>(p.out) + r0 * out_cols * out_size;
+    char* pre = p.pre ? static_cast<char*>(p.pre) + r0 * p.n * a_size : nullptr;
     if (e < 0) {   // past the last expert: zeros
       std::fill(out, out + (r1 - r0) * out_cols * out_size, char(0));
+      if (pre) std::fill(pre, pre + (r1 - r0) * p.n * a_size, char(0));
       continue;
     }
     int64_t real = r1 - r0;
@@ -121,6 +123,7 @@ void grouped_gemm_cpu(const GroupedProblem& p) {
                    "its real rows (permute's layout); row ", r, " holds ", p.a_rows[r], " after a -1");
     }
     std::fill(out + real * out_cols * out_size, out + (r1 - r0) * out_cols * out_size, char(0));   // padding rows
+    if (pre) std::fill(pre + real * p.n * a_size, pre + (r1 - r0) * p.n * a_size, char(0));
     if (real == 0) continue;
     gemm::Problem g;
     g.dtype = p.dtype;
@@ -132,7 +135,7 @@ void grouped_gemm_cpu(const GroupedProblem& p) {
     g.ldb = p.b_k_major ? p.n : p.k;
     g.b_k_major = p.b_k_major;
     const char* weight = static_cast<const char*>(p.b) + int64_t(e) * p.n * p.k * a_size;
-    if (!swiglu) {
+    if (!swiglu && !pre) {
       g.out_dtype = p.out_dtype;
       g.n = p.n;
       g.b = weight;
@@ -143,21 +146,35 @@ void grouped_gemm_cpu(const GroupedProblem& p) {
       gemm::gemm_cpu(g);
       continue;
     }
-    const int64_t f = p.n / 2;
-    std::vector<float> gate(size_t(real * f)), up(size_t(real * f));
+    // swiglu, or gelu with the pre-activation kept: the products in float32, then the outputs
+    const int64_t f = swiglu ? p.n / 2 : p.n;
+    std::vector<float> gate(size_t(real * f)), up(swiglu ? size_t(real * f) : 0);
     g.out_dtype = DType::f32;
     g.n = f;
     g.ldo = f;
     g.b = weight;
     g.out = gate.data();
     gemm::gemm_cpu(g);
-    g.b = weight + f * p.k * a_size;
-    g.out = up.data();
-    gemm::gemm_cpu(g);
+    if (swiglu) {
+      g.b = weight + f * p.k * a_size;
+      g.out = up.data();
+      gemm::gemm_cpu(g);
+    }
     dispatch<float, bf16, f16>(p.out_dtype, "grouped_gemm out", [&](auto tag) {
       using O = typename decltype(tag)::type;
       O* o = reinterpret_cast<O*>(out);
-      for (int64_t i = 0; i < real * f; ++i) o[i] = from_float<O>(gemm::silu(gate[size_t(i)]) * up[size_t(i)]);
+      for (int64_t i = 0; i < real * f; ++i) {
+        const float v = gate[size_t(i)];
+        o[i] = from_float<O>(swiglu ? gemm::silu(v) * up[size_t(i)] : gemm::gelu(v));
+      }
+      if (pre) {   // (out has pre's dtype then): [g | u] rows, or a
+        O* q = reinterpret_cast<O*>(pre);
+        for (int64_t r = 0; r < real; ++r)
+          for (int64_t j = 0; j < f; ++j) {
+            q[r * p.n + j] = from_float<O>(gate[size_t(r * f + j)]);
+            if (swiglu) q[r * p.n + f + j] = from_float<O>(up[size_t(r * f + j)]);
+          }
+      }
     });
   }
 }

@@ -217,6 +217,7 @@ struct GroupedParams : gemm::TiledParams {
   const T* b;
   const int32_t* block_expert;
   int64_t pair_half;   // swiglu: n / 2 (stacked gate and up read as adjacent pairs), else 0
+  T* pre;              // optional: the pre-activation pairs too (moe.h)
 
   LLMK_DEVICE bool block_active() const { return load_global(block_expert + blockIdx.y) >= 0; }
   // A block past the last expert: zeros over its tile of out (out's columns: n, or n / 2 for swiglu).
@@ -226,6 +227,17 @@ struct GroupedParams : gemm::TiledParams {
     const int64_t end = first + (pair_half ? Tiling::bn / 2 : Tiling::bn);
     if (epilogue.out_is_f32) clear_rows(static_cast<float*>(epilogue.out), ld, row0, m, first, end);
     else clear_rows(static_cast<OutT*>(epilogue.out), ld, row0, m, first, end);
+    if (pre) clear_rows(pre, n, row0, m, col0, col0 + Tiling::bn);
+  }
+  // With `pre`: each accumulator pair rounded into it as it stands (a swiglu (gate, up) pair, or two
+  // gelu inputs), then the epilogue.
+  template <typename OutT, typename Tiling, typename E>
+  LLMK_DEVICE void store_tile(const gemm::Accumulators<Tiling, E>& acc, int64_t row0, int64_t col0, int64_t offset) const {
+    if (pre)
+      epilogue.for_each_pair(acc, row0, col0, [&](int64_t row, int64_t col, float v0, float v1) {
+        store_global(reinterpret_cast<Vec<T, 2>*>(pre + row * n + col), Vec<T, 2>{{from_float<T>(v0), from_float<T>(v1)}});
+      });
+    gemm::TiledParams::store_tile<OutT>(acc, row0, col0, offset);
   }
   template <typename Tiling>
   LLMK_DEVICE gemm::RowTileLoader<T, Tiling, Tiling::bm> loader_a() const { return {a, lda, m, k, a_rows}; }
@@ -241,11 +253,12 @@ struct GroupedParams : gemm::TiledParams {
 
 // down_backward: the grouped GEMM dZ = dout[token] · W_down[e] (k-major weights) with moe.h's
 // epilogue instead of the core's: each thread takes its (row, column pair) accumulators, reads the
-// pre-activation pairs, writes dPre and w h as pairs, and sums dz h over its columns; the four lanes
-// of a quad share a row (mma.h's C layout), so two shuffles give the warp's part of the row's sum.
+// two saved (g, u) pairs in one 8-byte load, writes dPre and w h as pairs, and sums dz h over its
+// columns; the four lanes of a quad share a row (mma.h's C layout), so two shuffles give the warp's
+// part of the row's sum.
 template <typename T>
 struct DownBackwardParams : GroupedParams<T, true> {
-  const T* pre;
+  const T* saved_pre;   // the forward's pre (grouped_gemm's `pre` output)
   const float* row_weight;
   T* dpre;
   T* weighted_h;
@@ -285,16 +298,21 @@ struct DownBackwardParams : GroupedParams<T, true> {
         for (int j = 0; j < Tiling::mma_n; ++j) {
           const int64_t col = warp_col0 + 8 * j + c.col;
           if (!inside || col >= ffn) continue;
-          const T* source = pre + row * pre_ld + col;
-          const Vec<T, 2> first = load_global(reinterpret_cast<const Vec<T, 2>*>(source));
-          const Vec<T, 2> up = swiglu ? load_global(reinterpret_cast<const Vec<T, 2>*>(source + ffn)) : first;
+          // swiglu: (g, u) of columns col and col + 1, interleaved (grouped_gemm's pre); gelu: a pair
+          Vec<T, 4> saved;
+          if (swiglu) {
+            saved = load_global(reinterpret_cast<const Vec<T, 4>*>(saved_pre + row * pre_ld + 2 * col));
+          } else {
+            const Vec<T, 2> pair = load_global(reinterpret_cast<const Vec<T, 2>*>(saved_pre + row * pre_ld + col));
+            saved = Vec<T, 4>{{pair[0], pair[0], pair[1], pair[1]}};
+          }
           Vec<T, 2> d_first, d_up, scaled_h;
 #pragma unroll
           for (int q = 0; q < 2; ++q) {
-            const float dz = float(acc.v[i][j][2 * half + q]), dh = w * dz, a = to_float(first[q]);
+            const float dz = float(acc.v[i][j][2 * half + q]), dh = w * dz, a = to_float(saved[2 * q]);
             float h;
             if (swiglu) {
-              const float u = to_float(up[q]), sig = 1.0f / (1.0f + expf(-a)), silu = a * sig;
+              const float u = to_float(saved[2 * q + 1]), sig = 1.0f / (1.0f + expf(-a)), silu = a * sig;
               h = rounded(silu * u);
               d_first[q] = from_float<T>(dh * u * sig * (1.0f + a * (1.0f - sig)));
               d_up[q] = from_float<T>(dh * silu);
@@ -364,6 +382,7 @@ void grouped_gemm_device(const GroupedProblem& p, DeviceStream stream) {
       params.b = static_cast<const T*>(p.b);
       params.block_expert = p.block_expert;
       params.pair_half = swiglu ? p.n / 2 : 0;
+      params.pre = static_cast<T*>(p.pre);
       gemm::launch_tiled<T, T, MoeTiling, float>("moe grouped gemm", "", params, gemm::SplitK{}, stream);
     };
     if (p.b_k_major) run(GroupedParams<T, true>{});
@@ -386,7 +405,8 @@ void down_backward_device(const DownBackwardProblem& p, DeviceStream stream) {
     params.b = static_cast<const T*>(p.w_down);
     params.block_expert = p.block_expert;
     params.pair_half = 0;
-    params.pre = static_cast<const T*>(p.pre);
+    params.pre = nullptr;
+    params.saved_pre = static_cast<const T*>(p.pre);
     params.row_weight = p.row_weight;
     params.dpre = static_cast<T*>(p.dpre);
     params.weighted_h = static_cast<T*>(p.weighted_h);

@@ -176,15 +176,21 @@ _ACTIVATION_CODES = {"none": 0, "gelu": 2, "swiglu": 3}
 
 
 @native_op("moe_grouped_gemm")
-def _grouped_gemm(a: torch.Tensor, a_rows: Optional[torch.Tensor], b: torch.Tensor, block_expert: torch.Tensor,
-                  block: int, row_scale: Optional[torch.Tensor], activation: int, b_k_major: bool, rows: int,
-                  out_dtype: torch.dtype) -> torch.Tensor:
-    """out (rows, n or n / 2 for swiglu) in out_dtype (every row written: zeros past the last expert);
-    b (E, n, k), or (E, k, n) when b_k_major."""
+def _grouped_gemm_op(a: torch.Tensor, a_rows: Optional[torch.Tensor], b: torch.Tensor, block_expert: torch.Tensor,
+                     block: int, row_scale: Optional[torch.Tensor], activation: int, b_k_major: bool, save_pre: bool,
+                     rows: int, out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """out (rows, n or n / 2 for swiglu) in out_dtype (every row written: zeros past the last expert),
+    and with save_pre the pre-activation (rows, n) in a's dtype (moe.h: interleaved (g, u) pairs on the
+    CUDA kernels, [g | u] on the CPU), else an empty (0, n); b (E, n, k), or (E, k, n) when b_k_major."""
     n = b.shape[2] if b_k_major else b.shape[1]
-    if activation == _ACTIVATION_CODES["swiglu"]:
-        n //= 2
-    return torch.empty((rows, n), dtype=out_dtype, device=a.device)
+    out_columns = n // 2 if activation == _ACTIVATION_CODES["swiglu"] else n
+    return (torch.empty((rows, out_columns), dtype=out_dtype, device=a.device),
+            torch.empty((rows if save_pre else 0, n), dtype=a.dtype, device=a.device))
+
+
+def _grouped_gemm(a, a_rows, b, block_expert, block, row_scale, activation, b_k_major, rows, out_dtype):
+    return _grouped_gemm_op(a, a_rows, b, block_expert, block, row_scale, activation, b_k_major, False, rows,
+                            out_dtype)[0]
 
 
 @native_op("moe_down_backward")
@@ -234,9 +240,9 @@ def _combine(rows: torch.Tensor, slot_row: torch.Tensor) -> torch.Tensor:
 
 class _MoeFFN(torch.autograd.Function):
     """moe_ffn with its backward. Forward with a gradient to come: the first grouped GEMM writes the
-    pre-activation (saved: the activation is recomputed from it in the backward rather than stored),
-    h = activation(pre) in float32 rounded to x's dtype, the second grouped GEMM scaled by the routing
-    weights. Backward, for dout (T, H):
+    pre-activation too (saved: the activation is recomputed from it in the backward rather than h
+    stored; its swiglu layout is the backend's, moe.h), then the second grouped GEMM scaled by the
+    routing weights. Backward, for dout (T, H):
         dZ[r]       = dout[token r] · W_down[e]                grouped GEMM, k-major weights, gathered rows
         dweights    = <dZ[r], h[r]> at (token, slot) of r
         dPre        = activation'(pre) applied to weights[r] dZ[r]     (float32, rounded to x's dtype)
@@ -258,9 +264,8 @@ class _MoeFFN(torch.autograd.Function):
         x = check.rows_aligned(x)
         w_gate_up, w_down = w_gate_up.contiguous(), w_down.contiguous()
         if any(ctx.needs_input_grad[:4]):
-            pre = _grouped_gemm(x, perm.row_token, w_gate_up, perm.block_expert, BLOCK, None,
-                                _ACTIVATION_CODES["none"], False, rows, x.dtype)
-            h = _activation_forward(pre, activation).to(x.dtype)
+            h, pre = _grouped_gemm_op(x, perm.row_token, w_gate_up, perm.block_expert, BLOCK, None,
+                                      _ACTIVATION_CODES[activation], False, True, rows, x.dtype)
             ctx.save_for_backward(x, w_gate_up, w_down, pre, row_weight, perm.row_token, perm.block_expert,
                                   perm.slot_row, perm.expert_offsets)
             ctx.activation = activation
