@@ -48,13 +48,21 @@ DEFAULT_L2_BYTES = 50 * 2**20      # H100 L2, if torch does not report it
 DEFAULT_CPU_CACHE_BYTES = 32 * 2**20
 
 
+TARGET_METRICS = ("ratio", "fraction", "tflops")
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     """A goal printed under the family's table, never asserted: `metric` >= `minimum`, where metric
-    is "ratio" (anchor time / our time) or "fraction" (of the physical limit)."""
+    is "ratio" (anchor time / our time), "fraction" (of the physical limit) or "tflops" (our
+    kernel's TFLOP/s, an absolute rate: for cases with flops; n/a on a case without)."""
     metric: str
     minimum: float
     text: str
+
+    def __post_init__(self) -> None:
+        if self.metric not in TARGET_METRICS:
+            raise ValueError(f"Target metric must be one of {TARGET_METRICS}; got {self.metric!r}")
 
     def met_by(self, record: Dict[str, Any]) -> Optional[bool]:
         value = record.get(self.metric)

@@ -1,5 +1,5 @@
-"""Mixture-of-Experts benchmark cases (issue 12): the routed experts' FFN forward, bf16, against what a
-user would run without us.
+"""Mixture-of-Experts benchmark cases (issue 12): the routed experts' FFN, bf16, forward and one training
+step (forward + backward), against what a user would run without us.
 
     moe.moe_ffn    llmkernels.moe.moe_ffn(x, w_gate_up, w_down, weights, expert_ids), swiglu, forward only
         vs  reference loop     llmkernels.reference.moe.moe_ffn(..., upcast=False): the per-expert PyTorch
@@ -11,6 +11,21 @@ user would run without us.
                                (float32), one rounding to bf16; all of it timed
         vs  dense bf16 GEMM    the same FLOPs as two plain matmuls of the routed work's shapes:
                                (T k, H) @ (2F, H)ᵀ and (T k, F) @ (H, F)ᵀ (one expert's weights, cuBLAS)
+
+    moe.moe_ffn.fwd_bwd   one training step of the experts: the forward with x, w_gate_up, w_down and the
+                          routing weights requiring grad, then torch.autograd.grad of the output for a
+                          given dout (bf16 (T, H)): dx, dw_gate_up, dw_down, dweights (nothing accumulates
+                          into .grad; each side is timed the same way, _train_step)
+        vs  reference loop     the same loop through autograd (bf16 throughout)
+        vs  torch._grouped_mm  the same sorted-by-expert path through autograd (torch 2.13's derivatives.yaml
+                               gives _grouped_mm a backward for both matrices, _grouped_mm_mat1_backward and
+                               _grouped_mm_mat2_backward, themselves grouped GEMMs; tried on the CPU: its
+                               gradients match a float32 per-group loop within bf16 rounding, and it refuses
+                               an incoming gradient with zero strides, as y.sum().backward() gives, which
+                               the step never passes it)
+        vs  dense bf16 GEMM    the forward's two matmuls and the backward's four, dX and dW of each, with
+                               random output gradients: (T k, 2F) @ (2F, H), (2F, T k) @ (T k, H),
+                               (T k, H) @ (H, F), (H, T k) @ (T k, F); 3x the forward's FLOPs
 
 torch._grouped_mm (checked against torch 2.13's schema, aten/src/ATen/native/GroupedMMUtils.h and
 test/test_matmul_cuda.py::test_grouped_gemm_2d_3d): _grouped_mm(mat_a, mat_b, offs=None, bias=None,
@@ -25,12 +40,21 @@ built, without touching CUDA); if it raised on some device, its check fails and 
 error for that case alone.
 
 CUDA shapes (E experts, H hidden, F expert FFN, top-k): Mixtral-8x7B (8, 4096, 14336, 2), Qwen3-30B-A3B
-(128, 2048, 768, 8), DeepSeek-V3-like (256, 7168, 2048, 8), T in 1, 64, 512, 4096, 16384, uniform and
-skewed routing, each against all three anchors: 90 cases (60 without torch._grouped_mm), roughly
-10-15 min on an H100 (estimated, not measured). --quick: Qwen3 at T = 64 and 4096 (4096 also skewed),
-Mixtral at T = 1 and 4096: 15 cases (estimated 30-45 s on an H100, setup included; not measured).
-CPU: a scaled-down Qwen3 (E=16, H=512, F=256, top-4) at T = 512 (uniform and skewed) and 64, against the
-reference loop only (--quick: T = 512 uniform).
+(128, 2048, 768, 8), DeepSeek-V3-like (256, 7168, 2048, 8).
+    forward: T in 1, 64, 512, 4096, 16384, uniform and skewed routing, each against all three anchors:
+        90 cases (60 without torch._grouped_mm).
+    forward+backward: Qwen3 at T = 4096 and 16384, uniform and skewed, Mixtral at T = 4096 uniform, each
+        against all three anchors: 15 cases (10 without torch._grouped_mm).
+    Together 105 cases (70), roughly 12-18 min on an H100 (an estimate, not measured).
+    --quick: forward Qwen3 at T = 64 and 4096 (4096 also skewed), Mixtral at T = 1 and 4096, against all
+        three anchors (15 cases, 10 without torch._grouped_mm); forward+backward Qwen3 at T = 4096
+        uniform against the reference loop and the dense GEMM (2 cases): 17 cases (12), an estimated
+        35-50 s on an H100 with setup and checks, the two forward+backward cases about 5-10 s of it (an
+        estimate, not measured: the reference loop's step launches some 30 kernels per expert and syncs
+        the host in each expert's nonzero()).
+CPU: a scaled-down Qwen3 (E=16, H=512, F=256, top-4), against the reference loop only: the forward at
+T = 512 (uniform and skewed) and 64 (--quick: T = 512 uniform), the forward+backward at T = 512 uniform
+(--quick too).
 
 Memory: weights are drawn with torch.randn directly in bf16 on the device (no float32 copy) and scaled
 like linear layers (w_gate_up by H^-1/2, w_down by F^-1/2). Mixtral's weights are 2.8 GB, Qwen3's 1.2 GB,
@@ -48,12 +72,14 @@ ranking of the experts, so that the prior of the rank-r expert is proportional t
 tokens the top 10% of experts take 72% of the (token, slot) pairs for Qwen3 and 88% for the
 DeepSeek-like shape (measured on the CPU with this routing).
 
-Throughput: T >= 512 in TFLOP/s of the routed work, 2 T k (2F H + H F) for swiglu, against the bf16
-matmul peak. T <= 64 in effective GB/s (flops=None): bytes_moved counts the weights of the experts that
-get at least one token (counted on the case's routing when the list is built), plus x read and out
-written (bf16) and the routing (weights, ids); on the CUDA shapes the weights are over 99.8% of it at
-T <= 64. Our intermediates (the gathered and activated rows) are not counted. The dense anchor reads one
-expert's weights, so at T <= 64 it is no yardstick (no target there); it is one at T >= 4096.
+Throughput: T >= 512 in TFLOP/s of the routed work, 2 T k (2F H + H F) for swiglu (forward+backward: 3x
+that, the backward's dX and dW of both matmuls), against the bf16 matmul peak. T <= 64 in effective
+GB/s (flops=None): bytes_moved counts the weights of the experts that get at least one token (counted on
+the case's routing when the list is built), plus x read and out written (bf16) and the routing (weights,
+ids); on the CUDA shapes the weights are over 99.8% of it at T <= 64. Our intermediates (the gathered and
+activated rows) are not counted. The dense anchor reads one expert's weights, so at T <= 64 it is no
+yardstick (no target there); it is one at T >= 4096. (forward+backward's bytes_moved, which only sizes
+the input-set rotation there: the weights read twice and their gradients written, x, out, dout, dx.)
 
 Targets (printed under the table, not asserted):
     forward at T >= 4096: >= 0.85x the dense bf16 GEMM of the same FLOPs
@@ -62,6 +88,11 @@ Targets (printed under the table, not asserted):
           bytes_moved over the copy bandwidth, and the weights are >99.8% of bytes_moved there; the
           target is on the reference-loop case only, since our time is the same against every anchor)
     CPU at T >= 512: >= 0.7x the reference per-expert loop
+    CPU forward+backward (T = 512): >= 1.0x the reference loop through autograd (measured on a 2-core
+          AVX2 EPYC: 7.8x with the cores quiet, 213 vs 1655 ms a step; 5.8x with one thread; 0.85-2.9x
+          while another job held both cores, our OpenMP regions stalling more than the loop's ops)
+    forward+backward on the Qwen3 shape: >= 400 TFLOP/s (core's "tflops" metric, an absolute rate; on the
+          dense-anchor case only, since our time is the same against every anchor)
 
 Checks (each side on a fresh input set, before anything is timed): the side's output is poisoned with
 NaN first (ours and the two MoE anchors allocate their outputs: a NaN block of the output's size is
@@ -73,7 +104,17 @@ of the weights stays under ORACLE_CHUNK_BYTES); 2^-5 for the reference loop, whi
 contribution into a bf16 sum (on the CPU, top-8, H up to 4096: the loop measured up to 0.7 x 2^-6 of the
 scale, ours and the grouped_mm path up to 0.3 x 2^-6). The dense GEMM anchor writes preallocated outputs
 (poisoned with NaN) that must be finite and within 2^-6 of float32 matmuls of its inputs on a subset of
-rows.
+rows (forward+backward: its six matmuls).
+Forward+backward, per side: blocks of the output's and the four gradients' sizes are poisoned likewise;
+the output and every gradient must be finite everywhere, and each within the side's tolerance (the
+forward's: 2^-6, 2^-5 for the reference loop) of its own scale of a float32 oracle, reference.moe_ffn(
+upcast=True) through autograd in float32 with the memory bounded: the output, dx and dweights on the
+CHECK_TOKENS tokens (oracle(..., dout): the gradients summed over the expert chunks, as the output is),
+dw_gate_up and dw_down of three experts, the first and the last with tokens and the most loaded, each
+from that expert's (token, slot) pairs alone (weight_grad_oracle). Measured on the CPU, in units of
+2^-6 of each gradient's scale, largest over out/dx/dweights/dw_gate_up/dw_down and over runs (fresh
+random inputs each), E=16 H=512 F=256 k=4 T=512 (uniform and skewed) and E=8 H=2048 F=768 k=8 T=256:
+ours 0.44, the reference loop 0.86, the grouped_mm path 0.61, the dense GEMM's six matmuls 0.23.
 """
 import dataclasses
 import functools
@@ -93,6 +134,7 @@ DENSE_CHECK_ROWS = 1024        # rows of the dense anchor's outputs compared wit
 ORACLE_CHUNK_BYTES = 2 << 30   # float32 weights the oracle converts at once
 TOLERANCE = 2 ** -6            # of the output's scale (max |oracle|): ours, torch._grouped_mm, dense
 LOOP_TOLERANCE = 2 ** -5       # the reference loop: its k-slot sum is accumulated in bf16 (see the checks)
+TRAIN_TFLOPS = 400             # forward+backward target on the Qwen3 shape (H100, bf16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +166,11 @@ QUICK_CUDA = [  # (shape, T, routing)
     (MIXTRAL, 1, "uniform"), (MIXTRAL, 4096, "uniform")]
 CPU_CASES = [(CPU_SHAPE, 512, "uniform"), (CPU_SHAPE, 512, "skewed"), (CPU_SHAPE, 64, "uniform")]
 QUICK_CPU = CPU_CASES[:1]
+# forward+backward (one training step of the experts)
+TRAIN_CUDA = [(QWEN3, 4096, "uniform"), (QWEN3, 4096, "skewed"), (QWEN3, 16384, "uniform"), (QWEN3, 16384, "skewed"),
+              (MIXTRAL, 4096, "uniform")]
+QUICK_TRAIN_CUDA = TRAIN_CUDA[:1]
+TRAIN_CPU = [(CPU_SHAPE, 512, "uniform")]      # --quick too
 
 
 # -- routing: fixed per case, computed once on the CPU ---------------------------------------------
@@ -163,16 +210,38 @@ class MoEInputs:
     expert_ids: torch.Tensor           # (T, k) int32
     out: Optional[torch.Tensor] = None           # ours (the op allocates it)
     anchor_out: Optional[torch.Tensor] = None    # the reference loop's or the grouped_mm path's
-    # the dense GEMM anchor's operands and preallocated outputs
-    x_rep: Optional[torch.Tensor] = None         # (T k, H)
-    activation: Optional[torch.Tensor] = None    # (T k, F), the down projection's input
-    dense_h: Optional[torch.Tensor] = None       # (T k, 2F)
-    dense_y: Optional[torch.Tensor] = None       # (T k, H)
+    # forward+backward: x, both weights and the routing weights require grad; dout is the loss's gradient
+    dout: Optional[torch.Tensor] = None          # (T, H) bf16
+    grads: Optional[Tuple[torch.Tensor, ...]] = None   # (dx, dw_gate_up, dw_down, dweights) of the last step
+    # the dense GEMM anchor's matmuls: (name, a, b, out) with out = a @ b, outputs preallocated
+    dense: Sequence[Tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = ()
+
+    def leaves(self) -> Tuple[torch.Tensor, ...]:
+        """What a training step differentiates with respect to, in the order of `grads`."""
+        return self.x, self.w_gate_up, self.w_down, self.weights
 
 
-def make_inputs(shape: Shape, tokens: int, kind: str, anchor: str, device: torch.device) -> MoEInputs:
+def _dense_operands(inputs: MoEInputs, shape: Shape, backward: bool) -> List[Tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, a, b) of the dense anchor's matmuls, the routed work's shapes on one expert's weights: the
+    forward's (T k, H) @ (2F, H)ᵀ and (T k, F) @ (H, F)ᵀ; with `backward`, each one's dX and dW too
+    (random output gradients dh (T k, 2F) and dy (T k, H)): three times the forward's FLOPs."""
+    rows, bf16, device = inputs.x.shape[0] * shape.top_k, torch.bfloat16, inputs.x.device
+    w_gate_up, w_down = inputs.w_gate_up[0].detach(), inputs.w_down[0].detach()
+    x_rep = inputs.x.detach().repeat_interleave(shape.top_k, dim=0)
+    activation = torch.randn(rows, shape.ffn, device=device, dtype=bf16)   # the down projection's input
+    operands = [("gate/up", x_rep, w_gate_up.T), ("down", activation, w_down.T)]
+    if backward:
+        dh = torch.randn(rows, 2 * shape.ffn, device=device, dtype=bf16)
+        dy = torch.randn(rows, shape.hidden, device=device, dtype=bf16)
+        operands += [("d activation", dy, w_down), ("d w_down", dy.T, activation),
+                     ("d x", dh, w_gate_up), ("d w_gate_up", dh.T, x_rep)]
+    return operands
+
+
+def make_inputs(shape: Shape, tokens: int, kind: str, anchor: str, backward: bool, device: torch.device) -> MoEInputs:
     """A fresh input set: x and the experts' weights drawn in bf16 on the device, the case's routing,
-    and the dense anchor's operands when that is the anchor."""
+    with `backward` the leaves requiring grad and dout, and the dense anchor's operands when that is
+    the anchor."""
     e, h, f, k = shape.experts, shape.hidden, shape.ffn, shape.top_k
     bf16 = torch.bfloat16
     weights, expert_ids = routing(tokens, e, k, kind)
@@ -180,12 +249,14 @@ def make_inputs(shape: Shape, tokens: int, kind: str, anchor: str, device: torch
         x=torch.randn(tokens, h, device=device, dtype=bf16),
         w_gate_up=torch.randn(e, 2 * f, h, device=device, dtype=bf16).mul_(h ** -0.5),
         w_down=torch.randn(e, h, f, device=device, dtype=bf16).mul_(f ** -0.5),
-        weights=weights.to(device), expert_ids=expert_ids.to(device))
+        weights=weights.to(device, copy=True), expert_ids=expert_ids.to(device))   # copy: routing() is cached
+    if backward:
+        for leaf in inputs.leaves():
+            leaf.requires_grad_()
+        inputs.dout = torch.randn(tokens, h, device=device, dtype=bf16)
     if anchor == "dense":
-        inputs.x_rep = inputs.x.repeat_interleave(k, dim=0)
-        inputs.activation = torch.randn(tokens * k, f, device=device, dtype=bf16)
-        inputs.dense_h = torch.empty(tokens * k, 2 * f, device=device, dtype=bf16)
-        inputs.dense_y = torch.empty(tokens * k, h, device=device, dtype=bf16)
+        inputs.dense = [(name, a, b, torch.empty(a.shape[0], b.shape[1], device=device, dtype=bf16))
+                        for name, a, b in _dense_operands(inputs, shape, backward)]
     return inputs
 
 
@@ -218,8 +289,17 @@ def _grouped_mm_moe(inputs: MoEInputs) -> None:
 
 
 def _dense(inputs: MoEInputs) -> None:
-    torch.matmul(inputs.x_rep, inputs.w_gate_up[0].T, out=inputs.dense_h)
-    torch.matmul(inputs.activation, inputs.w_down[0].T, out=inputs.dense_y)
+    for _, a, b, out in inputs.dense:
+        torch.matmul(a, b, out=out)
+
+
+def _train_step(forward: Run, attribute: str, inputs: MoEInputs) -> None:
+    """One training step of the experts: `forward` (which writes inputs.<attribute>) through autograd,
+    then the gradients of the leaves for dout. torch.autograd.grad on both sides: nothing accumulates
+    into .grad, and the graph is freed with the step."""
+    inputs.grads = None                      # the last step's gradients are not held through this one
+    forward(inputs)
+    inputs.grads = torch.autograd.grad(getattr(inputs, attribute), inputs.leaves(), inputs.dout)
 
 
 # -- checks ----------------------------------------------------------------------------------------
@@ -238,24 +318,68 @@ def _spread_rows(count: int, limit: int, device: torch.device) -> torch.Tensor:
     return torch.linspace(0, count - 1, limit, device=device).round().long().unique()
 
 
-def oracle(inputs: MoEInputs, tokens: torch.Tensor) -> torch.Tensor:
+def oracle(inputs: MoEInputs, tokens: torch.Tensor, dout: Optional[torch.Tensor] = None):
     """float32 (len(tokens), H): reference.moe_ffn(upcast=True) on the given tokens, summed over chunks
     of experts (the float32 copy of a chunk's weights under ORACLE_CHUNK_BYTES): each chunk sees the
-    pairs of other experts with weight 0 on its first expert, which adds exact zeros."""
-    x, weights, expert_ids = inputs.x[tokens], inputs.weights[tokens], inputs.expert_ids[tokens]
+    pairs of other experts with weight 0 on its first expert, which adds exact zeros. With dout
+    (len(tokens), H), also the gradients of <out, dout> with respect to those tokens' x and routing
+    weights: (out, dx, dweights), float32, each chunk's added before the next chunk is converted (the
+    output is linear in the experts' contributions, so are its gradients)."""
+    with_grad = dout is not None
+    x = inputs.x[tokens].detach().float().requires_grad_(with_grad)
+    weights = inputs.weights[tokens].detach().float().requires_grad_(with_grad)
+    expert_ids = inputs.expert_ids[tokens]
     experts, hidden, ffn = inputs.w_down.shape
     chunk = max(1, ORACLE_CHUNK_BYTES // (3 * hidden * ffn * 4))
     out = torch.zeros(x.shape[0], hidden, device=x.device, dtype=torch.float32)
+    grads = [torch.zeros_like(x), torch.zeros_like(weights)]
     for first in range(0, experts, chunk):
         last = min(experts, first + chunk)
         inside = (expert_ids >= first) & (expert_ids < last)
         if not bool(inside.any()):
             continue
-        out += reference.moe_ffn(x, inputs.w_gate_up[first:last], inputs.w_down[first:last],
-                                 torch.where(inside, weights, torch.zeros((), device=x.device)),
-                                 torch.where(inside, expert_ids - first, torch.zeros_like(expert_ids)),
-                                 upcast=True, out_dtype=torch.float32)
-    return out
+        with torch.set_grad_enabled(with_grad):
+            part = reference.moe_ffn(x, inputs.w_gate_up[first:last].detach().float(),
+                                     inputs.w_down[first:last].detach().float(),
+                                     torch.where(inside, weights, torch.zeros((), device=x.device)),
+                                     torch.where(inside, expert_ids - first, torch.zeros_like(expert_ids)),
+                                     upcast=True, out_dtype=torch.float32)
+        out += part.detach()
+        if with_grad:
+            for total, grad in zip(grads, torch.autograd.grad(part, (x, weights), dout.float())):
+                total += grad
+    return (out, *grads) if with_grad else out
+
+
+def weight_grad_oracle(inputs: MoEInputs, expert: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float32 (dw_gate_up[expert], dw_down[expert]) for inputs.dout: reference.moe_ffn(upcast=True) of
+    that expert alone over its (token, slot) pairs, the only ones that touch its weights."""
+    token, slot = (inputs.expert_ids == expert).nonzero().unbind(1)
+    w_gate_up, w_down = (w[expert:expert + 1].detach().float().requires_grad_()
+                         for w in (inputs.w_gate_up, inputs.w_down))
+    out = reference.moe_ffn(inputs.x[token].detach().float(), w_gate_up, w_down,
+                            inputs.weights[token, slot].detach().float()[:, None],
+                            torch.zeros(token.shape[0], 1, dtype=torch.int32, device=token.device),
+                            upcast=True, out_dtype=torch.float32)
+    return tuple(g[0] for g in torch.autograd.grad(out, (w_gate_up, w_down), inputs.dout[token].float()))
+
+
+def checked_experts(expert_ids: torch.Tensor, experts: int) -> List[int]:
+    """The experts whose weight gradients are checked: the first and the last that have a (token, slot)
+    pair, and the most loaded."""
+    counts = torch.bincount(expert_ids.reshape(-1).long(), minlength=experts)
+    used = counts.nonzero().reshape(-1).tolist()
+    return sorted({used[0], used[-1], int(counts.argmax())})
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> Tuple[float, float]:
+    """(max |got - expected|, the scale max |expected|)."""
+    return (got.float() - expected).abs().max().item(), expected.abs().max().item()
+
+
+def _assert_close(name: str, got: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str) -> None:
+    error, scale = _relative_error(got, expected)
+    assert error <= tolerance * scale, f"{name} is off {what} by {error:.3g} (scale {scale:.3g})"
 
 
 def _check_moe(attribute: str, tolerance: float, inputs: MoEInputs, run) -> None:
@@ -269,41 +393,79 @@ def _check_moe(attribute: str, tolerance: float, inputs: MoEInputs, run) -> None
         f"{attribute} not written as {inputs.x.dtype} {shape}"
     assert torch.isfinite(out).all(), f"{attribute} has non-finite values (not written?)"
     tokens = _spread_rows(shape[0], CHECK_TOKENS, out.device)
-    expected = oracle(inputs, tokens)
-    scale = expected.abs().max().item()
-    error = (out[tokens].float() - expected).abs().max().item()
-    assert error <= tolerance * scale, \
-        f"{attribute} is off the float32 oracle by {error:.3g} (output scale {scale:.3g})"
+    _assert_close(attribute, out[tokens], oracle(inputs, tokens), tolerance, "the float32 oracle")
+
+
+GRAD_NAMES = ("dx", "dw_gate_up", "dw_down", "dweights")
+
+
+def train_step_errors(attribute: str, inputs: MoEInputs) -> List[Tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, got, float32 oracle) of the step just run: the output, dx and dweights on up to
+    CHECK_TOKENS tokens, dw_gate_up and dw_down of checked_experts()."""
+    dx, dw_gate_up, dw_down, dweights = inputs.grads
+    tokens = _spread_rows(inputs.x.shape[0], CHECK_TOKENS, dx.device)
+    out, dx_oracle, dweights_oracle = oracle(inputs, tokens, inputs.dout[tokens])
+    compared = [(attribute, getattr(inputs, attribute).detach()[tokens], out), ("dx", dx[tokens], dx_oracle),
+                ("dweights", dweights[tokens], dweights_oracle)]
+    for expert in checked_experts(inputs.expert_ids, inputs.w_down.shape[0]):
+        expected = weight_grad_oracle(inputs, expert)
+        compared += [(f"dw_gate_up[{expert}]", dw_gate_up[expert], expected[0]),
+                     (f"dw_down[{expert}]", dw_down[expert], expected[1])]
+    return compared
+
+
+def _check_train_step(attribute: str, tolerance: float, inputs: MoEInputs, run) -> None:
+    """The training step wrote the output and the four gradients (their sizes poisoned first, as for the
+    forward): all finite, and each within `tolerance` of its scale (max |oracle|) of the float32
+    oracle on the entries train_step_errors() compares."""
+    for leaf in inputs.leaves() + (inputs.x,):    # the gradients' sizes and the output's
+        _poison_next_allocation(tuple(leaf.shape), leaf.dtype, leaf.device)
+    run(inputs)
+    assert inputs.grads is not None, "no gradients written"
+    for name, written in zip((attribute,) + GRAD_NAMES, (getattr(inputs, attribute),) + tuple(inputs.grads)):
+        assert torch.isfinite(written).all(), f"{name} has non-finite values (not written?)"
+    for name, got, expected in train_step_errors(attribute, inputs):
+        _assert_close(name, got, expected, tolerance, "the float32 oracle")
 
 
 def _check_dense(inputs: MoEInputs, run) -> None:
-    """Both matmuls wrote their outputs (poisoned first): finite, and within TOLERANCE of the output's
-    scale of float32 matmuls of the same operands on up to DENSE_CHECK_ROWS rows."""
-    inputs.dense_h.fill_(float("nan"))
-    inputs.dense_y.fill_(float("nan"))
+    """Every matmul wrote its output (poisoned first): finite, and within TOLERANCE of the output's scale
+    of a float32 matmul of the same operands on up to DENSE_CHECK_ROWS rows."""
+    for _, _, _, out in inputs.dense:
+        out.fill_(float("nan"))
     run(inputs)
-    rows = _spread_rows(inputs.x_rep.shape[0], DENSE_CHECK_ROWS, inputs.x.device)
-    for name, out, a, w in (("gate/up", inputs.dense_h, inputs.x_rep, inputs.w_gate_up[0]),
-                            ("down", inputs.dense_y, inputs.activation, inputs.w_down[0])):
+    for name, a, b, out in inputs.dense:
         assert torch.isfinite(out).all(), f"dense {name} output has non-finite values (not written?)"
-        expected = a[rows].float() @ w.float().T
-        scale = expected.abs().max().item()
-        error = (out[rows].float() - expected).abs().max().item()
-        assert error <= TOLERANCE * scale, \
-            f"dense {name} output is off a float32 matmul by {error:.3g} (output scale {scale:.3g})"
+        rows = _spread_rows(out.shape[0], DENSE_CHECK_ROWS, out.device)
+        _assert_close(f"dense {name} output", out[rows], a[rows].float() @ b.float(), TOLERANCE,
+                      "a float32 matmul")
+
+
+def _moe_side(forward: Run, attribute: str, tolerance: float, backward: bool) -> Tuple[Run, Check]:
+    """The timed function and its check for a side that runs an MoE forward writing inputs.<attribute>
+    (ours, the reference loop, the grouped_mm path): the forward alone, or the training step."""
+    if backward:
+        return (functools.partial(_train_step, forward, attribute),
+                functools.partial(_check_train_step, attribute, tolerance))
+    return forward, functools.partial(_check_moe, attribute, tolerance)
 
 
 @dataclasses.dataclass(frozen=True)
 class Anchor:
     name: str
-    run: Run
-    check: Check
+    forward: Run                     # writes inputs.anchor_out; the dense anchor: its matmuls
+    tolerance: Optional[float]       # of the oracle check; None for the dense anchor (its own check)
+
+    def side(self, backward: bool) -> Tuple[Run, Check]:
+        if self.tolerance is None:   # the dense anchor: its operands already hold the backward's matmuls
+            return self.forward, _check_dense
+        return _moe_side(self.forward, "anchor_out", self.tolerance, backward)
 
 
 ANCHORS = {
-    "reference": Anchor("reference loop", _reference_loop, functools.partial(_check_moe, "anchor_out", LOOP_TOLERANCE)),
-    "grouped_mm": Anchor("torch._grouped_mm", _grouped_mm_moe, functools.partial(_check_moe, "anchor_out", TOLERANCE)),
-    "dense": Anchor("dense bf16 GEMM", _dense, _check_dense),
+    "reference": Anchor("reference loop", _reference_loop, LOOP_TOLERANCE),
+    "grouped_mm": Anchor("torch._grouped_mm", _grouped_mm_moe, TOLERANCE),
+    "dense": Anchor("dense bf16 GEMM", _dense, None),
 }
 
 
@@ -325,32 +487,52 @@ def _targets(device: torch.device, anchor: str, tokens: int) -> List[Target]:
     return []
 
 
-def _case(shape: Shape, tokens: int, kind: str, anchor: str, device: torch.device) -> Case:
+def _train_targets(device: torch.device, shape: Shape, anchor: str) -> List[Target]:
+    if device.type != "cuda":
+        return [Target("ratio", 1.0, "CPU: the C++ MoE forward+backward at least 1.0x the reference per-expert loop")]
+    # An absolute rate: our time is the same against every anchor, so the target sits on the dense case only.
+    if shape == QWEN3 and anchor == "dense":
+        return [Target("tflops", TRAIN_TFLOPS, f"forward+backward on the Qwen3 shape >= {TRAIN_TFLOPS} TFLOP/s")]
+    return []
+
+
+def _case(shape: Shape, tokens: int, kind: str, anchor: str, backward: bool, device: torch.device) -> Case:
     k = shape.top_k
-    bytes_moved = (experts_used(tokens, shape, kind) * shape.expert_bytes
-                   + 2 * 2 * tokens * shape.hidden     # x read, out written (bf16)
-                   + 8 * tokens * k)                  # routing weights (float32) and expert ids (int32)
-    spec = ANCHORS[anchor]
-    return Case(name="moe.moe_ffn", description=f"{shape} T={tokens} {kind}", dtype=torch.bfloat16, device=device,
-                setup=functools.partial(make_inputs, shape, tokens, kind, anchor, device),
-                run=_ours, check=functools.partial(_check_moe, "out", TOLERANCE),
-                anchor_name=spec.name, anchor_run=spec.run, anchor_check=spec.check,
-                bytes_moved=bytes_moved,
-                flops=None if tokens <= MEMORY_BOUND_TOKENS else 2 * tokens * k * 3 * shape.hidden * shape.ffn,
-                targets=tuple(_targets(device, anchor, tokens)))
+    # the forward: the used experts' weights read, x read and out written (bf16), the routing (float32
+    # weights, int32 ids); the training step: the weights read twice and their gradients written, x read
+    # twice, out, dout and dx, the routing and dweights (float32)
+    passes, activations, routing_bytes = (3, 5, 12) if backward else (1, 2, 8)
+    bytes_moved = (passes * experts_used(tokens, shape, kind) * shape.expert_bytes
+                   + activations * 2 * tokens * shape.hidden + routing_bytes * tokens * k)
+    forward_flops = 2 * tokens * k * 3 * shape.hidden * shape.ffn
+    run, check = _moe_side(_ours, "out", TOLERANCE, backward)
+    anchor_run, anchor_check = ANCHORS[anchor].side(backward)
+    return Case(name="moe.moe_ffn.fwd_bwd" if backward else "moe.moe_ffn", description=f"{shape} T={tokens} {kind}",
+                dtype=torch.bfloat16, device=device,
+                setup=functools.partial(make_inputs, shape, tokens, kind, anchor, backward, device),
+                run=run, check=check, anchor_name=ANCHORS[anchor].name, anchor_run=anchor_run,
+                anchor_check=anchor_check, bytes_moved=bytes_moved,
+                flops=(3 * forward_flops if backward else None if tokens <= MEMORY_BOUND_TOKENS else forward_flops),
+                targets=tuple(_train_targets(device, shape, anchor) if backward else _targets(device, anchor, tokens)))
 
 
-def _cases(configs: Sequence[Tuple[Shape, int, str]], anchors: Sequence[str], device: torch.device) -> List[Case]:
-    return [_case(shape, tokens, kind, anchor, device) for shape, tokens, kind in configs for anchor in anchors]
+def _cases(configs: Sequence[Tuple[Shape, int, str]], anchors: Sequence[str], device: torch.device, *,
+           backward: bool = False) -> List[Case]:
+    return [_case(shape, tokens, kind, anchor, backward, device)
+            for shape, tokens, kind in configs for anchor in anchors]
 
 
 @register("moe")
 def cases(device: torch.device, quick: bool) -> List[Case]:
     if device.type == "cuda":
         anchors = ["reference"] + (["grouped_mm"] if hasattr(torch, "_grouped_mm") else []) + ["dense"]
-        configs = QUICK_CUDA if quick else [(shape, tokens, kind) for shape in (MIXTRAL, QWEN3, DEEPSEEK)
-                                            for tokens in CUDA_TOKENS for kind in ROUTINGS]
-        return _cases(configs, anchors, device)
+        if quick:
+            return (_cases(QUICK_CUDA, anchors, device)
+                    + _cases(QUICK_TRAIN_CUDA, ["reference", "dense"], device, backward=True))
+        configs = [(shape, tokens, kind) for shape in (MIXTRAL, QWEN3, DEEPSEEK)
+                   for tokens in CUDA_TOKENS for kind in ROUTINGS]
+        return _cases(configs, anchors, device) + _cases(TRAIN_CUDA, anchors, device, backward=True)
     if device.type != "cpu":
         return []
-    return _cases(QUICK_CPU if quick else CPU_CASES, ["reference"], device)
+    return (_cases(QUICK_CPU if quick else CPU_CASES, ["reference"], device)
+            + _cases(TRAIN_CPU, ["reference"], device, backward=True))

@@ -251,8 +251,9 @@ def format_report(environment: Dict[str, Any], records: List[Dict[str, Any]]) ->
             for record, target in targets:
                 verdict = {True: "meets", False: "below", None: "n/a"}[target["meets"]]
                 doubt = "".join(f" ({flag})" for flag in flags(record))
+                value = "n/a" if target["value"] is None else f"{target['value']:.2f}"
                 lines.append(f"  {verdict:5}  {target['text']}: {record['op']} {record['dtype']} vs "
-                             f"{record['anchor']}, {target['metric']} {target['value']:.2f}{doubt}")
+                             f"{record['anchor']}, {target['metric']} {value}{doubt}")
     return "\n".join(lines)
 
 
