@@ -1,5 +1,6 @@
-"""Mixture-of-Experts (csrc/moe/, docs/moe.md): IN PROGRESS (issue 12). The router (differentiable),
-the auxiliary losses, the block-sparse permutation, the experts' FFN and the MoE layer.
+"""Mixture-of-Experts (csrc/moe/, docs/moe.md): the router (differentiable), the auxiliary losses, the
+block-sparse permutation, the experts' FFN (forward and backward) and the MoE layer; no host
+synchronization anywhere, no token dropped.
 
     weights, expert_ids, stats = route(router_logits, top_k)     one kernel: scores, top-k, weights,
                                                                  per-expert counts, router logsumexp;
@@ -7,6 +8,8 @@ the auxiliary losses, the block-sparse permutation, the experts' FFN and the MoE
     load_balancing_loss(router_logits, stats)                    Switch Transformer's auxiliary loss, from
                                                                  route's counts and logsumexp (or expert_ids)
     z_loss(stats.router_logsumexp)                               ST-MoE's router z-loss
+    out = moe_ffn(x, w_gate_up, w_down, weights, expert_ids)     the routed experts' FFN, differentiable
+                                                                 (x, both weights, the routing weights)
     out, aux = MoE(hidden, ffn, experts, top_k)(x)               router + route + moe_ffn; aux: the losses,
                                                                  the counts, aux.total (coefficient-weighted)
 
