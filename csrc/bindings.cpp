@@ -530,8 +530,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("block_expert"), py::arg("pre"), py::arg("row_weight"), py::arg("activation"), py::arg("dpre"),
         py::arg("weighted_h"), py::arg("dweight_parts"), py::arg("stream"),
         "MoE backward's dZ = dout W_down grouped GEMM with the activation's backward in its epilogue (csrc/moe/moe.h)");
-  m.def("moe_down_parts", &moe::down_parts, py::arg("ffn"),
-        "partial sums per row of moe_down_backward's routing-weight gradient");
+  m.def("moe_down_tiling", [] { return py::make_tuple(moe::kDownTileColumns, moe::kDownWarpsN); },
+        "moe_down_backward's tile columns and warps across them: its partial sums per row are "
+        "ceil(ffn / columns) * warps");
   m.def("moe_weight_grad", &moe_weight_grad, py::arg("a"), py::arg("a_rows"), py::arg("b"), py::arg("b_rows"),
         py::arg("expert_offsets"), py::arg("out_dtype"), py::arg("out"), py::arg("stream"),
         "MoE per-expert weight gradients: out[e] = sum over expert e's rows r of a[r]^T b[r] (csrc/moe/moe.h)");

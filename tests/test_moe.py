@@ -1,6 +1,10 @@
-"""Mixture-of-Experts (issue 12, in progress): the router kernel (CPU, the CUDA kernel emulated, CUDA)
-against llmkernels.reference.moe.route: the same experts in the same order (exactly, ties included),
-weights and logsumexp under the parity rule, counts exactly."""
+"""Mixture-of-Experts kernels (CPU, the CUDA kernels emulated, CUDA) against llmkernels.reference.moe:
+the router (the same experts in the same order exactly, ties included; weights and logsumexp under
+the parity rule; counts exactly), the permutation (exactly), the experts' FFN forward and its four
+gradients (parity rule), the ops' argument checks, opcheck and torch.compile, the launch sequence with
+no host synchronization, CUDA-graph capture (GPU)."""
+import contextlib
+
 import pytest
 import torch
 
@@ -355,32 +359,33 @@ def test_weight_grad_refuses_bad_inputs():
         C_weight_grad(a, None, a[:32, :8], None, torch.tensor([0, 64], dtype=torch.int32), out(1))
 
 
-def test_grouped_outputs_are_written_everywhere(device):
-    """The grouped GEMM and the backward's dZ kernel write every row of their outputs (zeros past the
-    last expert and on padding rows), so the Python layer allocates them without a memset: outputs
-    filled with NaN first come back finite, with zeros on every padding row."""
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_grouped_outputs_are_written_everywhere(device, activation):
+    """The grouped GEMM (with and without the saved pre-activation) and the backward's dZ kernel write
+    every row of their outputs (zeros past the last expert and on padding rows), so the Python layer
+    allocates them without a memset: outputs filled with NaN first come back finite, with zeros on
+    every padding row."""
     from llmkernels._ext import C
     from llmkernels._ops import capsule, stream_handle
-    x, w1, w2, weights, ids = moe_case(37, 40, 24, 8, 2, torch.bfloat16, device, seed=30)
+    x, w1, w2, weights, ids = moe_case(37, 40, 24, 8, 2, torch.bfloat16, device, seed=30, activation=activation)
     perm = moe.permute(ids, 8, moe.BLOCK)
-    rows, stream = perm.row_token.shape[0], stream_handle(x.device)
+    rows, stream, code = perm.row_token.shape[0], stream_handle(x.device), moe._ACTIVATION_CODES[activation]
+    pre_columns = w1.shape[1]
     padding = (perm.row_token < 0).cpu()
     assert (perm.block_expert < 0).any(), "the case must have blocks past the last expert"
     nan = lambda *shape, dtype=torch.bfloat16: torch.full(shape, float("nan"), dtype=dtype, device=x.device)
-    for activation, columns, dtype, save_pre in ((3, 24, torch.bfloat16, True), (0, 48, torch.float32, False)):
-        out, pre = nan(rows, columns, dtype=dtype), nan(rows, 48)
+    for code_, columns, dtype, save_pre in ((code, 24, torch.bfloat16, True), (0, pre_columns, torch.float32, False)):
+        out, pre = nan(rows, columns, dtype=dtype), nan(rows, pre_columns)
         C.moe_grouped_gemm(capsule(x), capsule(perm.row_token), capsule(w1), capsule(perm.block_expert), moe.BLOCK,
-                           None, activation, False, save_pre, rows, None, capsule(out), capsule(pre), stream)
+                           None, code_, False, save_pre, rows, None, capsule(out), capsule(pre), stream)
         for written in (out, pre) if save_pre else (out,):
-            assert torch.isfinite(written).all() and not written.cpu()[padding].any(), activation
-    if device.type == "cpu" and not llmkernels.emulator.enabled():
-        return   # (down_backward is a CUDA kernel)
-    pre, row_weight = randn((rows, 48), dtype=torch.bfloat16, seed=31).to(x.device), torch.rand(rows).to(x.device)
+            assert torch.isfinite(written).all() and not written.cpu()[padding].any(), code_
+    pre, row_weight = randn((rows, pre_columns), dtype=torch.bfloat16, seed=31).to(x.device), torch.rand(rows).to(x.device)
     pre[padding.to(x.device)] = 0
     row_weight[padding.to(x.device)] = 0
-    outputs = nan(rows, 48), nan(rows, 24), nan(rows, C.moe_down_parts(24), dtype=torch.float32)
+    outputs = nan(rows, pre_columns), nan(rows, 24), nan(rows, moe._DOWN_WARPS, dtype=torch.float32)
     C.moe_down_backward(capsule(x), capsule(perm.row_token), capsule(w2), capsule(perm.block_expert), capsule(pre),
-                        capsule(row_weight), 3, *map(capsule, outputs), stream)
+                        capsule(row_weight), code, *map(capsule, outputs), stream)
     for out in outputs:
         assert torch.isfinite(out).all() and not out.cpu()[padding].any()
 
@@ -388,8 +393,8 @@ def test_grouped_outputs_are_written_everywhere(device):
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_grouped_gemm_saves_the_pre_activation(device, activation):
     """The forward's first GEMM with save_pre: h as without it, and the pre-activation x[token] ·
-    W_gate_up[e]ᵀ rounded once (float64 products as the oracle; within one rounding of them) in the
-    backend's layout: (g, u) pairs interleaved on the CUDA kernels, [g | u] on the CPU kernel."""
+    W_gate_up[e]ᵀ rounded once (float64 products as the oracle; within one rounding of them), swiglu's
+    (g, u) pairs interleaved on every backend."""
     x, w1, _, _, ids = moe_case(37, 40, 24, 8, 2, torch.bfloat16, device, seed=32, activation=activation)
     perm = moe.permute(ids, 8, moe.BLOCK)
     rows, code = perm.row_token.shape[0], moe._ACTIVATION_CODES[activation]
@@ -401,10 +406,81 @@ def test_grouped_gemm_saves_the_pre_activation(device, activation):
     expert = block_expert.repeat_interleave(moe.BLOCK)[:rows].clamp(min=0)
     expected = torch.einsum("rk,rnk->rn", x.cpu().double()[token.clamp(min=0)], w1.cpu().double()[expert])
     expected[token < 0] = 0
-    interleaved = device.type == "cuda" or llmkernels.emulator.enabled()
-    if activation == "swiglu" and interleaved:
+    if activation == "swiglu":
         expected = torch.stack(expected.chunk(2, dim=1), dim=2).reshape(rows, -1)
     torch.testing.assert_close(pre.cpu().double(), expected, rtol=2 ** -8, atol=1e-6)
+
+
+def test_forward_and_backward_on_different_backends():
+    """One layout everywhere: a forward on the CPU kernels and its backward emulated, or the other way
+    round, give the gradients of an all-CPU step (up to the kernels' summation order)."""
+    case = moe_case(37, 40, 24, 8, 2, torch.bfloat16, "cpu", seed=33)
+    dout = randn((37, 40), dtype=torch.bfloat16, seed=34)
+
+    def grads(forward_emulated, backward_emulated):
+        backend = lambda emulated: llmkernels.emulator.emulate() if emulated else contextlib.nullcontext()
+        leaves = [t.detach().clone().requires_grad_() for t in case[:4]]
+        with backend(forward_emulated):
+            out = moe.moe_ffn(*leaves, case[4])
+        with backend(backward_emulated):
+            return torch.autograd.grad(out, leaves, dout)
+
+    expected = grads(False, False)
+    for mixed in (grads(True, False), grads(False, True)):
+        for got, want in zip(mixed, expected):
+            torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2 ** -9 * float(want.abs().max()))
+
+
+def test_moe_ffn_saves_nothing_without_a_gradient_to_come():
+    """Under no_grad, parameters that require grad (evaluation of a trained layer) take the inference
+    forward: the first grouped GEMM without the saved pre-activation."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SavePre(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "moe_grouped_gemm":
+                SavePre.seen.append(args[8])
+            return func(*args, **(kwargs or {}))
+
+    x, w1, w2, weights, ids = moe_case(9, 16, 8, 4, 2, torch.bfloat16, "cpu", seed=35)
+    w1.requires_grad_()
+    with torch.no_grad(), SavePre():
+        moe.moe_ffn(x, w1, w2, weights, ids)
+    with SavePre():
+        moe.moe_ffn(x, w1, w2, weights, ids)
+    assert SavePre.seen == [False, False, True, False], SavePre.seen
+
+
+def test_backward_ops_refuse_bad_inputs():
+    x, w1, w2, weights, ids = moe_case(9, 16, 8, 4, 2, torch.bfloat16, "cpu", seed=36)
+    perm = moe.permute(ids, 4, moe.BLOCK)
+    rows = perm.row_token.shape[0]
+    pre, row_weight = torch.zeros(rows, 16, dtype=torch.bfloat16), torch.zeros(rows)
+    with pytest.raises(ValueError, match="swiglu takes stacked .* not k-major"):
+        moe._grouped_gemm(x, perm.row_token, w1.transpose(1, 2).contiguous(), perm.block_expert, moe.BLOCK, None, 3,
+                          True, rows, x.dtype)
+    with pytest.raises(ValueError, match=r"pre \(the saved pre-activation\) goes with swiglu or gelu"):
+        moe._grouped_gemm_op(x, perm.row_token, w1, perm.block_expert, moe.BLOCK, None, 0, False, True, rows, x.dtype)
+    with pytest.raises(ValueError, match=r"pre \(the saved pre-activation\)"):
+        moe._grouped_gemm_op(x, perm.row_token, w1, perm.block_expert, moe.BLOCK, None, 3, False, True, rows,
+                             torch.float32)
+    bad_blocks = perm.block_expert.clone()
+    bad_blocks[0] = 4
+    with pytest.raises(ValueError, match=r"block_expert must be in \[-1, 4\); got 4"):
+        moe._down_backward(x, perm.row_token, w2, bad_blocks, pre, row_weight, 3)
+    bad_rows = perm.row_token.clone()
+    bad_rows[0] = 9
+    with pytest.raises(ValueError, match=r"row_token must be -1 or a row of dout in \[0, 9\); got 9"):
+        moe._down_backward(x, bad_rows, w2, perm.block_expert, pre, row_weight, 3)
+    with pytest.raises(ValueError, match=r"pre must have shape"):
+        moe._down_backward(x, perm.row_token, w2, perm.block_expert, pre[:, :8], row_weight, 3)
+    with llmkernels.emulator.emulate():   # the CUDA kernel's k tiles: whole 64-row blocks
+        with pytest.raises(ValueError, match="expert_offsets must be non-decreasing multiples of 64; got 100"):
+            C_weight_grad(torch.zeros(128, 16, dtype=torch.bfloat16), None, torch.zeros(128, 8, dtype=torch.bfloat16),
+                          None, torch.tensor([0, 64, 100], dtype=torch.int32),
+                          torch.empty(2, 16, 8, dtype=torch.bfloat16))
 
 
 def C_weight_grad(a, a_rows, b, b_rows, offsets, out):
@@ -458,13 +534,9 @@ def test_opcheck_backward_ops_and_compile_of_a_training_step():
                           (dout, perm.row_token, w_down, perm.block_expert, moe.BLOCK, None, 0, True, False, rows,
                            torch.float32))
     perm_h = randn((rows, 16), dtype=torch.bfloat16, seed=25)
-    with llmkernels.emulator.emulate():   # (a CUDA kernel only: emulated)
-        torch.library.opcheck(torch.ops.llmkernels.moe_down_backward.default,
-                              (dout, perm.row_token, w_down, perm.block_expert, perm_h,
-                               torch.rand(rows, generator=generator(26)), 3))
-    with pytest.raises(ValueError, match="down_backward is a CUDA kernel"):
-        torch.ops.llmkernels.moe_down_backward(dout, perm.row_token, w_down, perm.block_expert, perm_h,
-                                               torch.rand(rows), 3)
+    torch.library.opcheck(torch.ops.llmkernels.moe_down_backward.default,
+                          (dout, perm.row_token, w_down, perm.block_expert, perm_h,
+                           torch.rand(rows, generator=generator(26)), 3))
     torch.library.opcheck(torch.ops.llmkernels.moe_weight_grad.default,
                           (dout, perm.row_token, randn((rows, 8), dtype=torch.bfloat16, seed=24), None,
                            perm.expert_offsets, torch.bfloat16))
@@ -473,8 +545,11 @@ def test_opcheck_backward_ops_and_compile_of_a_training_step():
         leaves = [a.detach().requires_grad_() for a in (x, w_gate_up, w_down, weights)]
         return torch.autograd.grad(ffn(*leaves, ids, **options).sum(), leaves)
 
-    # compiled, the elementwise parts fuse (their intermediate roundings may differ): the parity rule
-    compiled = torch.compile(step)(x, w_gate_up, w_down, weights, ids)
+    # the forward compiled with no graph break (fullgraph), its backward traced by AOTAutograd; the
+    # elementwise parts fuse (their intermediate roundings may differ): the parity rule
+    leaves = [a.detach().requires_grad_() for a in (x, w_gate_up, w_down, weights)]
+    loss = torch.compile(lambda *a: moe.moe_ffn(*a).sum(), fullgraph=True)(*leaves, ids)
+    compiled = torch.autograd.grad(loss, leaves)
     oracle = step(*(t.double() for t in (x, w_gate_up, w_down, weights)), ids, ffn=reference.moe_ffn)
     same = step(x, w_gate_up, w_down, weights, ids, ffn=reference.moe_ffn, upcast=False)
     for label, got, expected, exact in zip(("dx", "dw_gate_up", "dw_down", "dweights"), compiled, same, oracle):

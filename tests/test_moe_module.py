@@ -1,7 +1,6 @@
 """Mixture-of-Experts training path (issue 12): route's backward (CPU, the CUDA kernel emulated, CUDA)
 against the float64 reference's autograd, the load-balancing loss from route's stats, and the MoE layer:
-its argument checks, its forward against the reference composition, its gradients and a training run.
-The layer's gradient and training tests need moe_ffn's backward (being written)."""
+its argument checks, its forward against the reference composition, its gradients and a training run."""
 import pytest
 import torch
 

@@ -3,6 +3,7 @@
 
 #include "core/errors.h"
 
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -270,10 +271,11 @@ void weight_grad(const TensorView& a, const TensorView* a_rows, const TensorView
     const int32_t* o = expert_offsets.data<int32_t>();
     LLMK_CHECK(o[0] >= 0 && o[experts] <= rows, ValueError, "expert_offsets must run from 0 to at most ", rows,
                " (the rows); got ", o[0], " to ", o[experts]);
-    for (int64_t e = 0; e < experts; ++e)
-      LLMK_CHECK(o[e] <= o[e + 1] && (backend == Backend::cpu || o[e] % kMoeBlock == 0), ValueError,
-                 "expert_offsets must be non-decreasing", backend == Backend::cpu ? "" : " multiples of 64",
-                 "; got ", o[e], " then ", o[e + 1], " at expert ", e);
+    for (int64_t e = 0; e <= experts; ++e)
+      LLMK_CHECK((e == experts || o[e] <= o[e + 1]) && (backend == Backend::cpu || o[e] % kMoeBlock == 0),
+                 ValueError, "expert_offsets must be non-decreasing", backend == Backend::cpu ? "" : " multiples of 64",
+                 "; got ", o[e], e < experts ? " then " : "", e < experts ? std::to_string(o[e + 1]) : std::string(),
+                 " at expert ", e);
   }
   for (auto [view, source] : {std::pair{a_rows, &a}, std::pair{b_rows, &b}})
     if (view && view->device == DeviceType::cpu) {
@@ -309,13 +311,14 @@ void down_backward(const TensorView& dout, const TensorView& row_token, const Te
                    const TensorView& block_expert, const TensorView& pre, const TensorView& row_weight,
                    gemm::Activation activation, const TensorView& dpre, const TensorView& weighted_h,
                    const TensorView& dweight_parts, void* stream) {
-  LLMK_CHECK(select_backend(dout) != Backend::cpu, ValueError,
-             "down_backward is a CUDA kernel (emulated on CPU tensors); the CPU backward composes torch ops");
   dout.check_ndim(2);
   w_down.check_ndim(3);
   pre.check_ndim(2);
-  LLMK_CHECK(dout.dtype == DType::bf16 || dout.dtype == DType::f16, TypeError,
-             "dout must be bfloat16 or float16; got ", dtype_name(dout.dtype));
+  const Backend backend = select_backend(dout);
+  LLMK_CHECK(dout.dtype == DType::bf16 || dout.dtype == DType::f16 ||
+                 (dout.dtype == DType::f32 && backend == Backend::cpu),
+             TypeError, "dout must be bfloat16 or float16 (float32 on the CPU kernel only); got ",
+             dtype_name(dout.dtype));
   for (const TensorView* t : {&w_down, &pre, &dpre, &weighted_h}) t->check_same_dtype(dout);
   for (const TensorView* t : {&row_token, &w_down, &block_expert, &pre, &row_weight, &dpre, &weighted_h,
                               &dweight_parts})
@@ -344,8 +347,18 @@ void down_backward(const TensorView& dout, const TensorView& row_token, const Te
                               &w_down})
     t->check_contiguous();
   check_no_overlap({dpre, weighted_h, dweight_parts}, {extent(dout), row_token, w_down, block_expert, pre, row_weight});
-  for (const TensorView* t : {&dout, &w_down, &pre, &dpre, &weighted_h}) t->check_rows_aligned();
+  if (backend != Backend::cpu)
+    for (const TensorView* t : {&dout, &w_down, &pre, &dpre, &weighted_h}) t->check_rows_aligned();
   LLMK_CHECK(rows < (int64_t(1) << 31), ValueError, "row_token: ", rows, " rows, past int32 row indices");
+  if (block_expert.device == DeviceType::cpu) {
+    const int32_t* e = block_expert.data<int32_t>();
+    for (int64_t i = 0; i < block_expert.numel(); ++i)
+      LLMK_CHECK(e[i] >= -1 && e[i] < experts, ValueError, "block_expert must be in [-1, ", experts, "); got ", e[i]);
+    const int32_t* r = row_token.data<int32_t>();
+    for (int64_t i = 0; i < rows; ++i)
+      LLMK_CHECK(r[i] >= -1 && r[i] < dout.shape[0], ValueError, "row_token must be -1 or a row of dout in [0, ",
+                 dout.shape[0], "); got ", r[i]);
+  }
   DownBackwardProblem p;
   p.dtype = dout.dtype;
   p.rows = rows;
@@ -367,7 +380,7 @@ void down_backward(const TensorView& dout, const TensorView& row_token, const Te
   run_on_backend(dout, stream,
                  Operands().add(dout).add(row_token).add(w_down).add(block_expert).add(pre).add(row_weight).add(dpre)
                      .add(weighted_h).add(dweight_parts),
-                 [] {}, [&](auto device_stream) { down_backward_device(p, device_stream); });
+                 [&] { down_backward_cpu(p); }, [&](auto device_stream) { down_backward_device(p, device_stream); });
 }
 
 }  // namespace llmk::moe

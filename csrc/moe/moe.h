@@ -87,10 +87,9 @@ void permute_device(const PermuteProblem& problem, EmuStream stream);
 // a's dtype or fp32. The CUDA kernel's row blocks are kMoeBlock rows: `block` must be that there.
 // b_k_major: b is (E, k, n) and out[r] = A[r] · b[e] (the backward's products with the weights as they
 // are: dH = dY · W_down[e], dX = dGU · W_gate_up[e]); activation none or gelu then.
-// pre (optional, swiglu or gelu, out in a's dtype): the pre-activation too, rounded to a's dtype, for a
-// backward: gelu (R, n); swiglu (R, n) with g_j and u_j at columns 2j and 2j + 1 (interleaved: the
-// CUDA kernel's pairs, read back as such by down_backward) on the CUDA kernels, [g | u] stacked on the
-// CPU kernel (what torch's ops there take).
+// pre (optional, swiglu or gelu, out in a's dtype): the pre-activation too, rounded to a's dtype, for
+// down_backward: gelu (R, n); swiglu (R, n) with g_j and u_j at columns 2j and 2j + 1 (interleaved:
+// the CUDA kernel's accumulator pairs), on every backend.
 void grouped_gemm(const TensorView& a, const TensorView* a_rows, const TensorView& b, const TensorView& block_expert,
                   int64_t block, const TensorView* row_scale, gemm::Activation activation, bool b_k_major,
                   const TensorView& out, const TensorView* pre, void* stream);
@@ -135,25 +134,48 @@ struct WeightGradProblem {
   const int32_t* expert_offsets = nullptr;
   void* out = nullptr;
 };
-// down_backward (CUDA kernels only; the CPU path composes torch ops): the backward's first grouped GEMM
-// with the activation's backward fused into its epilogue. For each row r of an active block (expert e,
-// routing weight w = row_weight[r], pre-activation pre[r]: (g, u) pairs interleaved (R, 2F) for swiglu,
-// a (R, F) for gelu, as grouped_gemm's CUDA kernel saves it):
-//   dz       = dout[row_token[r]] · W_down[e]          (F,) fp32 accumulators (a zero row for -1)
-//   h        = silu(g) u, or gelu(a), rounded to the inputs' type (the forward's h)
+// down_backward: the backward's first grouped GEMM with the activation's backward fused into its
+// epilogue. For each row r of an active block (expert e, routing weight w = row_weight[r], the saved
+// pre-activation pre[r]: (g, u) pairs interleaved (R, 2F) for swiglu, a (R, F) for gelu, as
+// grouped_gemm saves it):
+//   dz       = dout[row_token[r]] · W_down[e]          (F,) fp32 (a zero row for -1)
+//   h        = silu(g) u, or gelu(a), from the saved (rounded) pre-activation, rounded to the inputs'
+//              type (within a rounding of the forward's h, which came from the unrounded products)
 //   dpre[r]  = [w dz u silu'(g) | w dz silu(g)] (stacked, like w_gate_up's rows), or w dz gelu'(a), rounded
 //   weighted_h[r] = w h, rounded (dW_down's operand)
-//   dweight_parts[r][p] = the sum of dz h over part p of the F columns (deterministic partial sums,
+//   dweight_parts[r][p] = the sum of dz h over columns [32 p, 32 p + 32) (deterministic partial sums,
 //                     down_parts(F) of them; their sum is the routing weight's gradient)
 // Rows of blocks past the last expert are zeros in all three outputs (no memset needed).
-// dout (T, H) bf16/fp16, w_down (E, H, F), row_token int32 (R,), block_expert from permute with kMoeBlock.
+// dout (T, H) bf16/fp16 (fp32 too on the CPU kernel), w_down (E, H, F), row_token int32 (R,) with
+// values in [-1, T), block_expert from permute with kMoeBlock (values in [-1, E)).
 void down_backward(const TensorView& dout, const TensorView& row_token, const TensorView& w_down,
                    const TensorView& block_expert, const TensorView& pre, const TensorView& row_weight,
                    gemm::Activation activation, const TensorView& dpre, const TensorView& weighted_h,
                    const TensorView& dweight_parts, void* stream);
 
 constexpr int64_t kDownTileColumns = 64, kDownWarpsN = 2;   // the kernel's tile columns and warps across them
+constexpr int64_t kDownPartColumns = kDownTileColumns / kDownWarpsN;
 LLMK_HD int64_t down_parts(int64_t ffn) { return (ffn + kDownTileColumns - 1) / kDownTileColumns * kDownWarpsN; }
+
+// One column of down_backward's epilogue (both backends): a = g (or gelu's input), u (swiglu), dz and
+// w -> h rounded to T, d_first = d g (or d a), d_up = d u, before their rounding.
+struct ColumnGrad { float h, d_first, d_up; };
+template <typename T>
+LLMK_HD ColumnGrad activation_backward(bool swiglu, float a, float u, float dz, float w) {
+  const float dh = w * dz;
+  ColumnGrad g{0.0f, 0.0f, 0.0f};
+  if (swiglu) {
+    const float sig = 1.0f / (1.0f + expf(-a)), silu = a * sig;
+    g.h = to_float(from_float<T>(silu * u));
+    g.d_first = dh * u * sig * (1.0f + a * (1.0f - sig));
+    g.d_up = dh * silu;
+  } else {
+    const float cdf = 0.5f * (1.0f + erff(a * 0.70710678118654752f));
+    g.h = to_float(from_float<T>(a * cdf));
+    g.d_first = dh * (cdf + a * expf(-0.5f * a * a) * 0.39894228040143268f);
+  }
+  return g;
+}
 
 struct DownBackwardProblem {
   DType dtype = DType::bf16;
@@ -169,6 +191,7 @@ struct DownBackwardProblem {
   void* weighted_h = nullptr;
   float* dweight_parts = nullptr;
 };
+void down_backward_cpu(const DownBackwardProblem& problem);
 void down_backward_device(const DownBackwardProblem& problem, CudaStream stream);
 void down_backward_device(const DownBackwardProblem& problem, EmuStream stream);
 

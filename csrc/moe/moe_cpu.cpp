@@ -167,16 +167,64 @@ void grouped_gemm_cpu(const GroupedProblem& p) {
         const float v = gate[size_t(i)];
         o[i] = from_float<O>(swiglu ? gemm::silu(v) * up[size_t(i)] : gemm::gelu(v));
       }
-      if (pre) {   // (out has pre's dtype then): [g | u] rows, or a
+      if (pre) {   // (out has pre's dtype then): (g, u) pairs interleaved, or a
         O* q = reinterpret_cast<O*>(pre);
-        for (int64_t r = 0; r < real; ++r)
-          for (int64_t j = 0; j < f; ++j) {
-            q[r * p.n + j] = from_float<O>(gate[size_t(r * f + j)]);
-            if (swiglu) q[r * p.n + f + j] = from_float<O>(up[size_t(r * f + j)]);
+        for (int64_t i = 0; i < real * f; ++i) {
+          if (swiglu) {
+            q[2 * i] = from_float<O>(gate[size_t(i)]);
+            q[2 * i + 1] = from_float<O>(up[size_t(i)]);
+          } else {
+            q[i] = from_float<O>(gate[size_t(i)]);
           }
+        }
       }
     });
   }
+}
+
+// dZ by the grouped GEMM's CPU kernel (k-major weights, gathered dout rows) in float32, then the
+// epilogue of the CUDA kernel row by row (moe.h: activation_backward), each part's columns summed in order.
+void down_backward_cpu(const DownBackwardProblem& p) {
+  std::vector<float> dz(size_t(p.rows * p.ffn));
+  GroupedProblem g;
+  g.dtype = p.dtype;
+  g.out_dtype = DType::f32;
+  g.rows = p.rows;
+  g.n = p.ffn;
+  g.k = p.hidden;
+  g.experts = p.experts;
+  g.block = kMoeBlock;
+  g.lda = p.ld_dout;
+  g.a = p.dout;
+  g.a_rows = p.row_token;
+  g.b = p.w_down;
+  g.block_expert = p.block_expert;
+  g.b_k_major = true;
+  g.out = dz.data();
+  grouped_gemm_cpu(g);
+  const bool swiglu = p.activation == gemm::Activation::swiglu;
+  const int64_t ffn = p.ffn, ld = swiglu ? 2 * ffn : ffn, parts = down_parts(ffn);
+  dispatch<float, bf16, f16>(p.dtype, "down_backward (CPU kernel)", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < p.rows; ++r) {
+      const T* saved = static_cast<const T*>(p.pre) + r * ld;
+      T* dpre = static_cast<T*>(p.dpre) + r * ld;
+      T* weighted_h = static_cast<T*>(p.weighted_h) + r * ffn;
+      float* part = p.dweight_parts + r * parts;
+      std::fill(part, part + parts, 0.0f);
+      const float w = p.row_weight[r];
+      for (int64_t c = 0; c < ffn; ++c) {
+        const float z = dz[size_t(r * ffn + c)];
+        const float a = to_float(saved[swiglu ? 2 * c : c]), u = swiglu ? to_float(saved[2 * c + 1]) : 0.0f;
+        const ColumnGrad d = activation_backward<T>(swiglu, a, u, z, w);
+        dpre[c] = from_float<T>(d.d_first);
+        if (swiglu) dpre[ffn + c] = from_float<T>(d.d_up);
+        weighted_h[c] = from_float<T>(w * d.h);
+        part[c / kDownPartColumns] += z * d.h;
+      }
+    }
+  });
 }
 
 }  // namespace llmk::moe

@@ -206,7 +206,7 @@ LLMK_DEVICE void clear_rows(O* out, int64_t ld, int64_t row0, int64_t rows, int6
 }
 
 // grouped_gemm: the GEMM core's tiled kernel with 64-row blocks (the permutation's block), each block's
-// B the weight of its expert, (n, k) or k-major (k, n); blocks of expert -1 return at once.
+// B the weight of its expert, (n, k) or k-major (k, n); blocks of expert -1 write zeros over their tile.
 using MoeTiling = gemm::Tiling<kMoeBlock, 64, 32, 2, 2, 4>;
 
 template <typename T, bool KMajorB>
@@ -284,7 +284,6 @@ struct DownBackwardParams : GroupedParams<T, true> {
     const int64_t warp_col0 = col0 + warp_column * Tiling::warp_n;
     const int64_t ffn = this->n, pre_ld = swiglu ? 2 * ffn : ffn;
     const int64_t part = int64_t(blockIdx.x) * Tiling::warps_n + warp_column;
-    auto rounded = [](float v) { return to_float(from_float<T>(v)); };
 #pragma unroll
     for (int i = 0; i < Tiling::mma_m; ++i)
 #pragma unroll
@@ -309,20 +308,12 @@ struct DownBackwardParams : GroupedParams<T, true> {
           Vec<T, 2> d_first, d_up, scaled_h;
 #pragma unroll
           for (int q = 0; q < 2; ++q) {
-            const float dz = float(acc.v[i][j][2 * half + q]), dh = w * dz, a = to_float(saved[2 * q]);
-            float h;
-            if (swiglu) {
-              const float u = to_float(saved[2 * q + 1]), sig = 1.0f / (1.0f + expf(-a)), silu = a * sig;
-              h = rounded(silu * u);
-              d_first[q] = from_float<T>(dh * u * sig * (1.0f + a * (1.0f - sig)));
-              d_up[q] = from_float<T>(dh * silu);
-            } else {
-              h = rounded(gemm::gelu(a));
-              const float cdf = 0.5f * (1.0f + erff(a * 0.70710678118654752f));
-              d_first[q] = from_float<T>(dh * (cdf + a * expf(-0.5f * a * a) * 0.39894228040143268f));
-            }
-            dot += dz * h;
-            scaled_h[q] = from_float<T>(w * h);
+            const float dz = float(acc.v[i][j][2 * half + q]);
+            const ColumnGrad g = activation_backward<T>(swiglu, to_float(saved[2 * q]), to_float(saved[2 * q + 1]), dz, w);
+            dot += dz * g.h;
+            d_first[q] = from_float<T>(g.d_first);
+            if (swiglu) d_up[q] = from_float<T>(g.d_up);
+            scaled_h[q] = from_float<T>(w * g.h);
           }
           T* target = dpre + row * pre_ld + col;
           store_global(reinterpret_cast<Vec<T, 2>*>(target), d_first);

@@ -196,16 +196,20 @@ def _grouped_gemm(a, a_rows, b, block_expert, block, row_scale, activation, b_k_
                             out_dtype)[0]
 
 
+_DOWN_TILE_COLUMNS, _DOWN_WARPS = C.moe_down_tiling()
+
+
 @native_op("moe_down_backward")
 def _down_backward(dout: torch.Tensor, row_token: torch.Tensor, w_down: torch.Tensor, block_expert: torch.Tensor,
                    pre: torch.Tensor, row_weight: torch.Tensor,
                    activation: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dpre (like pre), weighted_h (R, F) and the routing-weight gradient's partial sums float32 (R, parts):
-    the dZ grouped GEMM with the activation's backward in its epilogue (CUDA kernels only)."""
+    """dpre (like pre, [dg | du] stacked), weighted_h (R, F) and the routing-weight gradient's partial sums
+    float32 (R, parts): the dZ grouped GEMM with the activation's backward in its epilogue (moe.h)."""
     rows, ffn = row_token.shape[0], w_down.shape[2]
+    parts = (ffn + _DOWN_TILE_COLUMNS - 1) // _DOWN_TILE_COLUMNS * _DOWN_WARPS   # (plain arithmetic: symbolic ffn)
     empty = functools.partial(torch.empty, device=dout.device)   # (every row written)
     return (empty(pre.shape, dtype=pre.dtype), empty((rows, ffn), dtype=dout.dtype),
-            empty((rows, C.moe_down_parts(ffn)), dtype=torch.float32))
+            empty((rows, parts), dtype=torch.float32))
 
 
 @native_op("moe_weight_grad")
@@ -215,26 +219,6 @@ def _weight_grad(a: torch.Tensor, a_rows: Optional[torch.Tensor], b: torch.Tenso
     return torch.empty((expert_offsets.shape[0] - 1, a.shape[1], b.shape[1]), dtype=out_dtype, device=a.device)
 
 
-def _activation_forward(pre: torch.Tensor, activation: str) -> torch.Tensor:
-    """h from the saved pre-activation (R, 2F) [gate | up] or (R, F), in float32."""
-    pre = pre.float()
-    if activation == "swiglu":
-        gate, up = pre.chunk(2, dim=1)
-        return torch.nn.functional.silu(gate) * up
-    return torch.nn.functional.gelu(pre)
-
-
-def _activation_backward(pre: torch.Tensor, dh: torch.Tensor, activation: str) -> torch.Tensor:
-    """d pre-activation (float32) from dh (float32) and the saved pre-activation."""
-    pre = pre.float()
-    if activation == "swiglu":
-        gate, up = pre.chunk(2, dim=1)
-        sig = torch.sigmoid(gate)
-        return torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * gate * sig], dim=1)
-    cdf = 0.5 * (1 + torch.erf(pre * 0.7071067811865476))
-    return dh * (cdf + pre * torch.exp(-0.5 * pre * pre) * 0.3989422804014327)
-
-
 def _combine(rows: torch.Tensor, slot_row: torch.Tensor) -> torch.Tensor:
     """(T, n): each token's k rows of `rows` (R, n) added in slot order (deterministic)."""
     tokens, top_k = slot_row.shape
@@ -242,22 +226,22 @@ def _combine(rows: torch.Tensor, slot_row: torch.Tensor) -> torch.Tensor:
 
 
 class _MoeFFN(torch.autograd.Function):
-    """moe_ffn with its backward. Forward with a gradient to come: the first grouped GEMM writes the
+    """moe_ffn with its backward. Forward for training (`save_pre`): the first grouped GEMM writes the
     pre-activation too (saved: the activation is recomputed from it in the backward rather than h
-    stored; its swiglu layout is the backend's, moe.h), then the second grouped GEMM scaled by the
-    routing weights. Backward, for dout (T, H):
-        dZ[r]       = dout[token r] · W_down[e]                grouped GEMM, k-major weights, gathered rows
-        dweights    = <dZ[r], h[r]> at (token, slot) of r
-        dPre        = activation'(pre) applied to weights[r] dZ[r]     (float32, rounded to x's dtype)
-                      (CUDA: these three and weights[r] h[r] in dZ's epilogue, moe_down_backward;
-                      the CPU: torch ops after the grouped GEMM)
-        dX          = sum over slots of dPre[r] · W_gate_up[e]  grouped GEMM, k-major, then the slot combine
+    stored), then the second grouped GEMM scaled by the routing weights. Backward, for dout (T, H):
+        dZ[r]       = dout[token r] · W_down[e]                   down_backward: a grouped GEMM with
+        dweights    = <dZ[r], h[r]> at (token, slot) of r         k-major weights and gathered rows,
+        dPre        = activation'(pre) applied to weights[r] dZ[r] and these three, with weights[r] h[r],
+                                                                  in its epilogue
+        dX          = sum over slots of dPre[r] · W_gate_up[e]    grouped GEMM, k-major, then the combine
         dW_gate_up[e] = sum over e's rows of dPre[r]ᵀ x[token r]  weight_grad
         dW_down[e]    = sum over e's rows of dout[token r]ᵀ weights[r] h[r]  weight_grad
-    Every sum is in a fixed order (no float atomics): the gradients are deterministic."""
+    Every sum is in a fixed order (no float atomics): the gradients are deterministic. Each op runs on
+    the backend of its tensors (CPU, emulated or CUDA) with one layout everywhere, so a forward and its
+    backward may run on different ones."""
 
     @staticmethod
-    def forward(ctx, x, w_gate_up, w_down, weights, expert_ids, activation):
+    def forward(ctx, x, w_gate_up, w_down, weights, expert_ids, activation, save_pre):
         perm = permute(expert_ids, w_down.shape[0], BLOCK)
         rows = perm.row_token.shape[0]
         slots = perm.slot_row.reshape(-1).long()
@@ -266,49 +250,38 @@ class _MoeFFN(torch.autograd.Function):
             0, slots, weights.reshape(-1).float())
         x = check.rows_aligned(x)
         w_gate_up, w_down = w_gate_up.contiguous(), w_down.contiguous()
-        if any(ctx.needs_input_grad[:4]):
-            h, pre = _grouped_gemm_op(x, perm.row_token, w_gate_up, perm.block_expert, BLOCK, None,
-                                      _ACTIVATION_CODES[activation], False, True, rows, x.dtype)
+        h, pre = _grouped_gemm_op(x, perm.row_token, w_gate_up, perm.block_expert, BLOCK, None,
+                                  _ACTIVATION_CODES[activation], False, save_pre, rows, x.dtype)
+        if save_pre:
             ctx.save_for_backward(x, w_gate_up, w_down, pre, row_weight, perm.row_token, perm.block_expert,
                                   perm.slot_row, perm.expert_offsets)
             ctx.activation = activation
             ctx.weights_dtype = weights.dtype
-        else:
-            h = _grouped_gemm(x, perm.row_token, w_gate_up, perm.block_expert, BLOCK, None,
-                              _ACTIVATION_CODES[activation], False, rows, x.dtype)
         y = _grouped_gemm(h, None, w_down, perm.block_expert, BLOCK, row_weight, _ACTIVATION_CODES["none"], False,
                           rows, torch.float32)
         return _combine(y, perm.slot_row).to(x.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         x, w_gate_up, w_down, pre, row_weight, row_token, block_expert, slot_row, offsets = ctx.saved_tensors
         need_x, need_gate_up, need_down, need_weights = ctx.needs_input_grad[:4]
-        rows = row_token.shape[0]
-        none = _ACTIVATION_CODES["none"]
         dout = check.rows_aligned(dout.to(x.dtype))
+        dpre, weighted_h, parts = _down_backward(dout, row_token, w_down, block_expert, pre, row_weight,
+                                                 _ACTIVATION_CODES[ctx.activation])
         dx = dw_gate_up = dw_down = dweights = None
-        if check.device_kernels(x):   # one kernel: dZ with the activation's backward in its epilogue
-            dpre, weighted_h, parts = _down_backward(dout, row_token, w_down, block_expert, pre, row_weight,
-                                                     _ACTIVATION_CODES[ctx.activation])
-            row_dweight = parts.sum(dim=1)
-        else:                         # the CPU: dZ, then torch's elementwise ops
-            h = _activation_forward(pre, ctx.activation).to(x.dtype)
-            weighted_h = (h.float() * row_weight[:, None]).to(x.dtype) if need_down else None
-            dz = _grouped_gemm(dout, row_token, w_down, block_expert, BLOCK, None, none, True, rows, torch.float32)
-            row_dweight = (dz * h.float()).sum(dim=1)
-            dpre = _activation_backward(pre, dz * row_weight[:, None], ctx.activation).to(x.dtype)
-        if need_down:
-            dw_down = _weight_grad(dout, row_token, weighted_h, None, offsets, x.dtype)
-        if need_weights:
-            dweights = row_dweight.index_select(0, slot_row.reshape(-1).long())
-            dweights = dweights.reshape(slot_row.shape).to(ctx.weights_dtype)
         if need_x:
-            dx_rows = _grouped_gemm(dpre, None, w_gate_up, block_expert, BLOCK, None, none, True, rows, torch.float32)
+            dx_rows = _grouped_gemm(dpre, None, w_gate_up, block_expert, BLOCK, None, _ACTIVATION_CODES["none"], True,
+                                    row_token.shape[0], torch.float32)
             dx = _combine(dx_rows, slot_row).to(x.dtype)
         if need_gate_up:
             dw_gate_up = _weight_grad(dpre, None, x, row_token, offsets, x.dtype)
-        return dx, dw_gate_up, dw_down, dweights, None, None
+        if need_down:
+            dw_down = _weight_grad(dout, row_token, weighted_h, None, offsets, x.dtype)
+        if need_weights:
+            dweights = parts.sum(dim=1).index_select(0, slot_row.reshape(-1).long())
+            dweights = dweights.reshape(slot_row.shape).to(ctx.weights_dtype)
+        return dx, dw_gate_up, dw_down, dweights, None, None, None
 
 
 def moe_ffn(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
@@ -339,7 +312,8 @@ def moe_ffn(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, weig
     if weights.shape != expert_ids.shape or weights.dim() != 2 or weights.shape[0] != x.shape[0]:
         raise ValueError(f"weights and expert_ids must both be (T, k) with T = {x.shape[0]}; got "
                          f"{tuple(weights.shape)} and {tuple(getattr(expert_ids, 'shape', ()))}")
-    return _MoeFFN.apply(x, w_gate_up, w_down, weights, expert_ids, activation)
+    save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate_up, w_down, weights))
+    return _MoeFFN.apply(x, w_gate_up, w_down, weights, expert_ids, activation, save_pre)
 
 
 def load_balancing_loss(router_logits: torch.Tensor, expert_ids_or_stats, *, scoring: str = "softmax") -> torch.Tensor:
