@@ -318,8 +318,12 @@ def test_moe_ffn_gradients_match_the_reference(device, activation, tokens, exper
 
 
 def test_moe_ffn_gradients_on_skewed_routings(device):
-    """All tokens to one expert (its rows span two blocks: the weight gradient's k range crosses a
-    block), experts with no tokens (zero weight gradients), fp16."""
+    """Zipf-skewed routing (a few experts take most pairs), all tokens to one expert (its rows span two
+    blocks: the weight gradient's k range crosses a block), experts with no tokens (zero weight
+    gradients), fp16."""
+    zipf = torch.multinomial(1.0 / torch.arange(1, 17).float(), 97 * 8, replacement=True, generator=generator(7))
+    zipf = zipf.reshape(97, 8)
+    check_moe_ffn_grads(*moe_case(97, 40, 24, 16, 8, torch.bfloat16, device, seed=7, ids=zipf), "swiglu", "zipf")
     one = torch.stack([torch.tensor([3, 0])] * 70)
     check_moe_ffn_grads(*moe_case(70, 48, 16, 6, 2, torch.float16, device, seed=5, ids=one), "swiglu", "one expert")
     sparse = torch.randint(0, 2, (30, 2), generator=generator(6)) * 5
