@@ -419,6 +419,8 @@ struct TiledParams {
   Epilogue epilogue;
   float* partial;            // split-K: gridDim.z ranges of m * n partial sums; null without split
   int64_t tiles_per_split;   // k tiles per range (all of them without split)
+  // Whether the family ever splits K (false: no split-K reduce kernel is compiled for it).
+  static constexpr bool split_k = true;
 
   // Whether block row blockIdx.y has work (a family hides this: MoE's blocks past the last expert),
   // and what a block without work writes over its tile of the output (nothing, by default; MoE's
@@ -505,18 +507,20 @@ void launch_tiled(const char* name, const char* reduce_name, Params params, Spli
              Tiling::bm);
   LLMK_CHECK(groups >= 1 && groups <= 65535 && (groups == 1 || splits <= 1), ValueError, name, ": ", groups,
              " groups (at most 65535, and no split-K with groups)");
+  constexpr bool can_split = Params::split_k && !std::is_same_v<OutT, E>;   // (raw accumulators: never split)
+  LLMK_CHECK(can_split || splits <= 1, ValueError, name, ": this kernel's K is never split");
   launch(name, tiled_kernel<T, OutT, Tiling, E, Params>,
          LaunchShape{dim3(uint32_t(col_tiles), uint32_t(row_tiles), uint32_t(splits > 1 ? splits : groups)),
                      dim3(Tiling::threads),
                      size_t(Tiling::stages) * stage_bytes_of<LoaderA, LoaderB>()},
          stream, params);
-  if constexpr (std::is_same_v<OutT, E>) {
-    LLMK_CHECK(splits <= 1, ValueError, name, ": raw accumulators are never split");
-  } else if (splits > 1) {
-    const int64_t pairs = params.m * params.n / 2;
-    launch(reduce_name, split_k_reduce_kernel<OutT, Params>,
-           LaunchShape{dim3(uint32_t((pairs + kReduceThreads - 1) / kReduceThreads)), dim3(kReduceThreads)}, stream,
-           params, splits);
+  if constexpr (can_split) {
+    if (splits > 1) {
+      const int64_t pairs = params.m * params.n / 2;
+      launch(reduce_name, split_k_reduce_kernel<OutT, Params>,
+             LaunchShape{dim3(uint32_t((pairs + kReduceThreads - 1) / kReduceThreads)), dim3(kReduceThreads)},
+             stream, params, splits);
+    }
   }
 }
 

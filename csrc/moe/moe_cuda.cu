@@ -218,6 +218,7 @@ struct GroupedParams : gemm::TiledParams {
   const int32_t* block_expert;
   int64_t pair_half;   // swiglu: n / 2 (stacked gate and up read as adjacent pairs), else 0
   T* pre;              // optional: the pre-activation pairs too (moe.h)
+  static constexpr bool split_k = false;
 
   LLMK_DEVICE bool block_active() const { return load_global(block_expert + blockIdx.y) >= 0; }
   // A block past the last expert: zeros over its tile of out (out's columns: n, or n / 2 for swiglu).
@@ -341,6 +342,7 @@ struct WeightGradParams : gemm::TiledParams {
   int64_t ldb;
   const int32_t* b_rows;
   const int32_t* expert_offsets;
+  static constexpr bool split_k = false;
 
   template <typename Tiling>
   LLMK_DEVICE gemm::KMajorTileLoader<T, Tiling, Tiling::bm> loader_a() const { return {a, lda, m, k, a_rows}; }
