@@ -210,6 +210,41 @@ def test_moe_gradients_match_the_reference():
         assert_parity(p.grad, same, oracle, name)
 
 
+def test_moe_bf16_gradients_match_the_reference(device):
+    """The layer in bf16 on every backend (the CUDA kernels emulated, or on a GPU): every parameter's
+    gradient of a task loss plus aux.total under the parity rule, against the reference composition in
+    float64 (the oracle) and in bf16 as a user without the kernels computes it (the baseline), both
+    with the experts the layer picked (a bf16 tie flipping in float64 would be a different function)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(21)
+        layer = moe.MoE(32, 16, 4, 2, dtype=torch.bfloat16).to(device)
+    x = randn((37, 32), dtype=torch.bfloat16, seed=22).to(device)
+    target = randn((37, 32), dtype=torch.bfloat16, seed=23).to(device)
+    out, aux = layer(x)
+    (((out.float() - target.float()) ** 2).mean() + aux.total).backward()
+    ids = moe.route(layer.router(x).detach(), 2)[1].cpu()
+
+    def reference_grads(dtype, upcast):
+        params = [p.detach().cpu().to(dtype).requires_grad_() for p in (layer.router.weight, layer.w_gate_up,
+                                                                         layer.w_down)]
+        tokens = x.cpu().to(dtype)
+        logits = tokens @ params[0].T
+        probs = torch.softmax(logits.to(torch.float64 if dtype == torch.float64 else torch.float32), dim=-1)
+        weights = probs.gather(1, ids.long())
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        out = reference.moe_ffn(tokens, params[1], params[2], weights, ids, upcast=upcast)
+        loss = ((out.to(weights.dtype) - target.cpu().to(weights.dtype)) ** 2).mean()
+        loss = (loss + 0.01 * reference.load_balancing_loss(logits, ids)
+                + 0.001 * reference.z_loss(torch.logsumexp(logits.to(weights.dtype), dim=-1)))
+        return torch.autograd.grad(loss, params)
+
+    for name, p, same, oracle in zip(("router", "w_gate_up", "w_down"), (layer.router.weight, layer.w_gate_up,
+                                     layer.w_down), reference_grads(torch.bfloat16, False),
+                                     reference_grads(torch.float64, True)):
+        assert p.grad is not None and p.grad.dtype == torch.bfloat16, name
+        assert_parity(p.grad.cpu(), same, oracle, name)
+
+
 def test_moe_learns_a_teacher_moe():
     """A student MoE fits a fixed random teacher MoE (hidden 32, ffn 32, 4 experts, top-2, float32 on
     the CPU) by Adam on 256 fixed tokens: after 30 steps the mean squared error is below 0.3x its first
