@@ -50,6 +50,13 @@ struct Tiling {
   static constexpr SwizzledTile layout() { return SwizzledTile{row_bytes}; }
 };
 
+// The 16-bit GEMM's tilings (gemm_cuda.cu says why these; the LoRA kernels use them too): large
+// 128 x 128 x 32, 8 warps, 4 stages; medium 64 x 64 x 32, 4 warps; small 16 x 32 x 64, 2 warps, 6
+// stages (M <= 16, with split-K).
+using LargeTiling = Tiling<128, 128, 32, 2, 4, 4>;
+using MediumTiling = Tiling<64, 64, 32, 2, 2, 4>;
+using SmallTiling = Tiling<16, 32, 64, 1, 2, 6>;
+
 // One mma step on a 16 x 8 tile: bf16/fp16 (m16n8k16, fp32 accumulators) or int8 (m16n8k32, int32).
 template <typename T, typename Acc>
 LLMK_DEVICE void mma_step(Acc (&acc)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
@@ -218,6 +225,30 @@ struct KMajorTileLoader {
 #pragma unroll
     for (int i = 0; i < Tiling::mma_m; ++i)
       ldmatrix_trans<4>(a[i], tile + tile_layout.offset(row, 2 * (warp_row0 + 16 * i + 8 * (matrix % 2))));
+  }
+};
+
+// Two operands of one layout laid end to end along k: k in [0, split) from `first`, k in [split, ...)
+// from `second` at k - split (split a multiple of every bk the kernel may use). The LoRA kernels read
+// [x | scale s] as A and [W | B] as B: the low-rank expand becomes extra k tiles of the base GEMM.
+template <typename Loader, typename Tiling>
+struct ConcatTileLoader {
+  static constexpr int bytes = Loader::bytes;
+  static constexpr SwizzledTile layout() { return Loader::layout(); }
+  Loader first, second;
+  int64_t split;
+
+  LLMK_DEVICE void load(uint8_t* tile, int64_t row0, int64_t k0, int thread) const {
+    if (k0 < split) first.load(tile, row0, k0, thread);
+    else second.load(tile, row0, k0 - split, thread);
+  }
+  LLMK_DEVICE void a_fragments(uint32_t (&a)[Tiling::mma_m][4], const uint8_t* tile, int kk, int warp_row0,
+                               int lane) const {
+    first.a_fragments(a, tile, kk, warp_row0, lane);   // (one layout: the fragments do not depend on the source)
+  }
+  LLMK_DEVICE void fragments(uint32_t (&b)[Tiling::mma_n][2], const uint8_t* tile, int kk, int warp_col0,
+                             int lane) const {
+    first.fragments(b, tile, kk, warp_col0, lane);
   }
 };
 

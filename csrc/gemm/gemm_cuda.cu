@@ -13,10 +13,6 @@
 namespace llmk::gemm {
 namespace {
 
-using Large = Tiling<128, 128, 32, 2, 4, 4>;
-using Medium = Tiling<64, 64, 32, 2, 2, 4>;
-using Small = Tiling<16, 32, 64, 1, 2, 6>;
-
 template <typename T>
 struct Params : TiledParams {
   const T* a;
@@ -40,7 +36,7 @@ struct KMajorParams : Params<T> {
 
 }  // namespace
 
-static_assert(Small::bn == kSplitTileN && Small::bk == kSplitTileK && Small::bm == kSplitMaxRows,
+static_assert(SmallTiling::bn == kSplitTileN && SmallTiling::bk == kSplitTileK && SmallTiling::bm == kSplitMaxRows,
               "gemm.h's split_k sizes its ranges for the small tiling");
 
 void gemm_device(const Problem& problem, DeviceStream stream) {
@@ -65,9 +61,9 @@ void gemm_device(const Problem& problem, DeviceStream stream) {
     if (problem.b_k_major) {
       KMajorParams<T> k_major;
       static_cast<Params<T>&>(k_major) = params;
-      launch_sized<T, T, float, Small, Medium, Large>("gemm", "gemm split-k reduce", k_major, split, stream);
+      launch_sized<T, T, float, SmallTiling, MediumTiling, LargeTiling>("gemm", "gemm split-k reduce", k_major, split, stream);
     } else {
-      launch_sized<T, T, float, Small, Medium, Large>("gemm", "gemm split-k reduce", params, split, stream);
+      launch_sized<T, T, float, SmallTiling, MediumTiling, LargeTiling>("gemm", "gemm split-k reduce", params, split, stream);
     }
   });
 }

@@ -1,0 +1,73 @@
+// Entry points of the LoRA family (lora.h): every check before any kernel runs.
+#include "lora/lora.h"
+
+#include <cmath>
+#include <vector>
+
+#include "core/errors.h"
+
+namespace llmk::lora {
+
+void lora_linear(const TensorView& x, const TensorView& weight, const TensorView& lora_a, const TensorView& lora_b,
+                 double scale, const TensorView* bias, const TensorView& shrink, const TensorView& out,
+                 const TensorView& workspace, void* stream) {
+  for (const TensorView* t : {&x, &weight, &lora_a, &lora_b, &shrink, &out}) t->check_ndim(2);
+  const Backend backend = select_backend(x);
+  LLMK_CHECK(x.dtype == DType::bf16 || x.dtype == DType::f16 || (x.dtype == DType::f32 && backend == Backend::cpu),
+             TypeError, "x must be bfloat16 or float16 (float32 on the CPU kernel only); got ", dtype_name(x.dtype));
+  for (const TensorView* t : {&weight, &lora_a, &lora_b, &shrink, &out}) t->check_same_dtype(x);
+  for (const TensorView* t : {&weight, &lora_a, &lora_b, &shrink, &out, &workspace, bias})
+    if (t) t->check_same_device(x);
+  const int64_t m = x.shape[0], k = x.shape[1], n = weight.shape[0], r = lora_a.shape[0];
+  LLMK_CHECK(x.strides[1] == 1 || k <= 1, ValueError, "x must have a contiguous last dimension; got strides ",
+             x.strides_str());
+  LLMK_CHECK(k > 0 && k % 8 == 0 && n > 0 && n % 8 == 0, ValueError,
+             "weight must be (N, K) with N and K positive multiples of 8; got ", weight.shape_str());
+  weight.check_shape({n, k});
+  LLMK_CHECK(r >= 1 && r <= 256 && r % 8 == 0, ValueError,
+             "lora_a must have a rank (rows) that is a multiple of 8 in [8, 256] (the Python layer pads it); got ",
+             lora_a.shape_str());
+  lora_a.check_shape({r, k});
+  lora_b.check_shape({n, r});
+  shrink.check_shape({m, padded(r)});
+  out.check_shape({m, n});
+  LLMK_CHECK(std::isfinite(scale), ValueError, "scale must be finite; got ", scale);
+  if (bias) {
+    bias->check_dtype(DType::f32);
+    bias->check_shape({n});
+    bias->check_contiguous();
+  }
+  for (const TensorView* t : {&weight, &lora_a, &lora_b, &shrink, &out}) t->check_contiguous();
+  workspace.check_dtype(DType::f32);
+  workspace.check_contiguous();
+  const int64_t needed = backend == Backend::cpu ? 0 : lora_workspace(m, n, k, r);
+  LLMK_CHECK(workspace.numel() >= needed, ValueError, "workspace must have at least ", needed,
+             " float32 elements (the CUDA kernel's split-K); got ", workspace.numel());
+  std::vector<TensorView> read{extent(x), weight, lora_a, lora_b};
+  if (bias) read.push_back(*bias);
+  check_no_overlap({shrink, out, workspace}, read);
+  if (backend != Backend::cpu)
+    for (const TensorView* t : {&x, &weight, &lora_a, &lora_b, &shrink, &out}) t->check_rows_aligned();
+  Problem p;
+  p.dtype = x.dtype;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.rank = r;
+  p.ldx = m <= 1 ? k : x.strides[0];
+  p.scale = float(scale);
+  p.x = x.ptr;
+  p.weight = weight.ptr;
+  p.lora_a = lora_a.ptr;
+  p.lora_b = lora_b.ptr;
+  p.bias = bias ? bias->data<float>() : nullptr;
+  p.shrink = shrink.ptr;
+  p.out = out.ptr;
+  p.workspace = workspace.numel() ? workspace.data<float>() : nullptr;
+  if (m == 0) return;
+  run_on_backend(x, stream,
+                 Operands().add(x).add(weight).add(lora_a).add(lora_b).add(bias).add(shrink).add(out).add(workspace),
+                 [&] { lora_linear_cpu(p); }, [&](auto device_stream) { lora_linear_device(p, device_stream); });
+}
+
+}  // namespace llmk::lora

@@ -1,0 +1,54 @@
+// LoRA-fused matmul (docs/lora.md; issue 13, in progress): so far one adapter's forward with a 16-bit
+// base weight, no dropout.
+//
+//   out = x Wᵀ + bias + [scale (x Aᵀ)] Bᵀ
+//
+// The bracket is the shrink, s (M, r_pad) rounded to x's dtype (the PEFT composition rounds x Aᵀ
+// too; here the scale is applied before the rounding); its columns past r are zero. The fused kernel
+// is the GEMM core's tiled kernel over [x | s] and [W | B] laid end to end along k (ConcatTileLoader):
+// the expand is rank_tiles(r) more k tiles of the base GEMM, the bias its epilogue, one rounding.
+#pragma once
+#include <cstdint>
+
+#include "core/backend.h"
+#include "core/tensor.h"
+#include "gemm/gemm.h"
+
+namespace llmk::lora {
+
+// k elements are laid out in 64s (a multiple of every tiling's bk): the base's K and the rank each
+// rounded up to it.
+constexpr int64_t kSegment = 64;
+LLMK_HD int64_t padded(int64_t v) { return (v + kSegment - 1) / kSegment * kSegment; }
+
+// x (M, K) bf16/fp16 (fp32 on the CPU kernel) with a contiguous last dimension; weight (N, K), lora_a
+// (r, K), lora_b (N, r) of x's dtype, contiguous; N and K multiples of 8, r a multiple of 8 (the Python
+// layer pads B), 1 <= r <= 256; bias float32 (N) or null; shrink: x's dtype (M, padded(r)), written (the
+// kernel's s, for a backward); out (M, N) x's dtype; workspace float32 with at least
+// lora_workspace(M, N, K, r) elements (the CUDA kernel's split-K at small M).
+void lora_linear(const TensorView& x, const TensorView& weight, const TensorView& lora_a, const TensorView& lora_b,
+                 double scale, const TensorView* bias, const TensorView& shrink, const TensorView& out,
+                 const TensorView& workspace, void* stream);
+
+inline int64_t lora_workspace(int64_t m, int64_t n, int64_t k, int64_t r) {
+  return gemm::split_k_workspace(m, n, padded(k) + padded(r));
+}
+
+struct Problem {
+  DType dtype = DType::bf16;
+  int64_t m = 0, n = 0, k = 0, rank = 0, ldx = 0;
+  float scale = 1.0f;
+  const void* x = nullptr;
+  const void* weight = nullptr;
+  const void* lora_a = nullptr;
+  const void* lora_b = nullptr;
+  const float* bias = nullptr;
+  void* shrink = nullptr;
+  void* out = nullptr;
+  float* workspace = nullptr;
+};
+void lora_linear_cpu(const Problem& problem);
+void lora_linear_device(const Problem& problem, CudaStream stream);
+void lora_linear_device(const Problem& problem, EmuStream stream);
+
+}  // namespace llmk::lora

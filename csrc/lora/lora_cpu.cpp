@@ -1,0 +1,51 @@
+// CPU kernel of the LoRA family (lora.h): the shrink, then the base and expand products through the
+// GEMM core's CPU kernel in float32, added with the bias and rounded once (the CUDA kernel's sums, in
+// another order).
+#include <algorithm>
+#include <vector>
+
+#include "common/float_types.h"
+#include "core/dispatch.h"
+#include "lora/lora.h"
+
+namespace llmk::lora {
+
+void lora_linear_cpu(const Problem& p) {
+  const int64_t r_pad = padded(p.rank);
+  dispatch<float, bf16, f16>(p.dtype, "lora_linear (CPU kernel)", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    auto product = [&](const void* a, int64_t lda, const void* b, int64_t n, int64_t k, std::vector<float>& out) {
+      out.assign(size_t(p.m * n), 0.0f);
+      gemm::Problem g;
+      g.dtype = p.dtype;
+      g.out_dtype = DType::f32;
+      g.m = p.m;
+      g.n = n;
+      g.k = k;
+      g.a = a;
+      g.lda = lda;
+      g.b = b;
+      g.ldb = k;
+      g.out = out.data();
+      g.ldo = n;
+      gemm::gemm_cpu(g);
+    };
+    std::vector<float> s, base, expand;
+    product(p.x, p.ldx, p.lora_a, p.rank, p.k, s);   // x Aᵀ (M, r)
+    T* shrink = static_cast<T*>(p.shrink);
+    for (int64_t i = 0; i < p.m; ++i)
+      for (int64_t j = 0; j < r_pad; ++j)
+        shrink[i * r_pad + j] = j < p.rank ? from_float<T>(p.scale * s[size_t(i * p.rank + j)]) : from_float<T>(0.0f);
+    product(p.x, p.ldx, p.weight, p.n, p.k, base);
+    product(shrink, r_pad, p.lora_b, p.n, p.rank, expand);   // (the rank's columns of s; B's ld is r)
+    T* out = static_cast<T*>(p.out);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < p.m; ++i)
+      for (int64_t j = 0; j < p.n; ++j) {
+        const size_t e = size_t(i * p.n + j);
+        out[e] = from_float<T>(base[e] + expand[e] + (p.bias ? p.bias[j] : 0.0f));
+      }
+  });
+}
+
+}  // namespace llmk::lora

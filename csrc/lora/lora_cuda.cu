@@ -1,0 +1,109 @@
+// CUDA kernels of the LoRA family (lora.h). Compiled by nvcc for the GPU and by the host compiler for
+// the emulator (docs/emulator.md).
+//
+// Two launches of the GEMM core's tiled kernel:
+//   shrink  s = scale (x Aᵀ), (M, padded(r)) in x's dtype: 64 x 32 tiles (the rank is narrow), its
+//           epilogue the scale and the rounding; columns past r come out zero (B's rows there are
+//           zero-filled);
+//   fused   out = [x | s] · [W | B]ᵀ + bias: ConcatTileLoader on both sides, k = padded(K) +
+//           padded(r); the core's tilings and split-K at small M, the core's epilogue (bias).
+#include "core/dispatch.h"
+#include "gemm/core.cuh"
+#include "lora/lora.h"
+
+namespace llmk::lora {
+namespace {
+
+using ShrinkTiling = gemm::Tiling<64, 32, 32, 2, 1, 4>;
+
+template <typename T>
+struct ShrinkParams : gemm::TiledParams {
+  const T* x;
+  int64_t ldx;
+  const T* lora_a;
+  T* shrink;
+  int64_t ld_shrink, rank;
+  float scale;
+  static constexpr bool split_k = false;
+
+  template <typename Tiling>
+  LLMK_DEVICE gemm::RowTileLoader<T, Tiling, Tiling::bm> loader_a() const { return {x, ldx, m, k, nullptr}; }
+  // (n is padded(r): A's rows past r are zero-filled, so those columns of s come out zero)
+  template <typename Tiling>
+  LLMK_DEVICE gemm::RowTileLoader<T, Tiling, Tiling::bn> loader_b() const { return {lora_a, k, rank, k, nullptr}; }
+  template <typename OutT, typename Tiling, typename E>
+  LLMK_DEVICE void store_tile(const gemm::Accumulators<Tiling, E>& acc, int64_t row0, int64_t col0, int64_t) const {
+    epilogue.for_each_pair(acc, row0, col0, [&](int64_t row, int64_t col, float v0, float v1) {
+      store_global(reinterpret_cast<Vec<T, 2>*>(shrink + row * ld_shrink + col),
+                   Vec<T, 2>{{from_float<T>(scale * v0), from_float<T>(scale * v1)}});
+    });
+  }
+};
+
+template <typename T>
+struct FusedParams : gemm::TiledParams {
+  const T* x;
+  int64_t ldx, base_k;
+  const T* weight;
+  const T* shrink;
+  int64_t ld_shrink, rank;
+  const T* lora_b;
+
+  template <typename Tiling>
+  using Loader = gemm::ConcatTileLoader<gemm::RowTileLoader<T, Tiling, Tiling::bm>, Tiling>;
+  template <typename Tiling>
+  using LoaderB = gemm::ConcatTileLoader<gemm::RowTileLoader<T, Tiling, Tiling::bn>, Tiling>;
+  template <typename Tiling>
+  LLMK_DEVICE Loader<Tiling> loader_a() const {
+    return {{x, ldx, m, base_k, nullptr}, {shrink, ld_shrink, m, rank, nullptr}, padded(base_k)};
+  }
+  template <typename Tiling>
+  LLMK_DEVICE LoaderB<Tiling> loader_b() const {
+    return {{weight, base_k, n, base_k, nullptr}, {lora_b, rank, n, rank, nullptr}, padded(base_k)};
+  }
+};
+
+}  // namespace
+
+void lora_linear_device(const Problem& p, DeviceStream stream) {
+  static_assert(kSegment % gemm::LargeTiling::bk == 0 && kSegment % gemm::SmallTiling::bk == 0 &&
+                    kSegment % ShrinkTiling::bk == 0,
+                "the concatenated segments start on a k tile of every tiling");
+  const int64_t r_pad = padded(p.rank), k_total = padded(p.k) + r_pad;
+  const gemm::SplitK split = gemm::split_k(p.m, p.n, k_total);
+  LLMK_CHECK(split.splits == 1 || p.workspace, ValueError, "lora_linear: split-K needs a workspace");
+  dispatch<bf16, f16>(p.dtype, "lora_linear (CUDA kernel)", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    ShrinkParams<T> shrink;
+    static_cast<gemm::TiledParams&>(shrink) = gemm::TiledParams{
+        p.m, r_pad, p.k,
+        gemm::Epilogue{nullptr, r_pad, false, nullptr, nullptr, nullptr, gemm::Activation::none, false, p.m, r_pad},
+        nullptr, 0};
+    shrink.x = static_cast<const T*>(p.x);
+    shrink.ldx = p.ldx;
+    shrink.lora_a = static_cast<const T*>(p.lora_a);
+    shrink.shrink = static_cast<T*>(p.shrink);
+    shrink.ld_shrink = r_pad;
+    shrink.rank = p.rank;
+    shrink.scale = p.scale;
+    gemm::launch_tiled<T, T, ShrinkTiling, float>("lora shrink", "", shrink, gemm::SplitK{}, stream);
+
+    FusedParams<T> fused;
+    static_cast<gemm::TiledParams&>(fused) = gemm::TiledParams{
+        p.m, p.n, k_total,
+        gemm::Epilogue{p.out, p.n, false, p.bias, nullptr, nullptr, gemm::Activation::none, false, p.m, p.n},
+        p.workspace, 0};
+    fused.x = static_cast<const T*>(p.x);
+    fused.ldx = p.ldx;
+    fused.base_k = p.k;
+    fused.weight = static_cast<const T*>(p.weight);
+    fused.shrink = static_cast<const T*>(p.shrink);
+    fused.ld_shrink = r_pad;
+    fused.rank = p.rank;
+    fused.lora_b = static_cast<const T*>(p.lora_b);
+    gemm::launch_sized<T, T, float, gemm::SmallTiling, gemm::MediumTiling, gemm::LargeTiling>(
+        "lora fused", "lora fused split-k reduce", fused, split, stream);
+  });
+}
+
+}  // namespace llmk::lora
