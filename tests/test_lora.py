@@ -52,6 +52,45 @@ def test_lora_linear_float32_on_the_cpu():
     check_lora(*case, 1.5, "float32")
 
 
+def check_lora_grads(x, weight, lora_a, lora_b, bias, scale, name):
+    """Gradients of x, lora_a, lora_b and bias for a random dy against the reference's autograd in
+    float64 (the oracle) and in x's dtype (the PEFT composition: the baseline)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, lora_a, lora_b, bias)]
+    out = lora.lora_linear(leaves[0], weight, leaves[1], leaves[2], scale, bias=leaves[3])
+    dy = randn(out.shape, dtype=out.dtype, seed=out.shape[0] + 50).to(out.device)
+    grads = torch.autograd.grad(out, leaves, dy)
+
+    def reference_grads(dtype, upcast):
+        ref = [t.detach().cpu().to(dtype).requires_grad_() for t in (x, lora_a, lora_b, bias)]
+        y = reference.lora_linear(ref[0], weight.cpu().to(dtype), ref[1], ref[2], scale, bias=ref[3], upcast=upcast)
+        return torch.autograd.grad(y, ref, dy.cpu().to(dtype))
+
+    for label, got, leaf, same, oracle in zip(("dx", "d lora_a", "d lora_b", "d bias"), grads, leaves,
+                                              reference_grads(x.dtype, False), reference_grads(torch.float64, True)):
+        assert got.dtype == leaf.dtype and got.shape == leaf.shape, f"{name} {label}"
+        assert_parity(got.cpu(), same, oracle, f"{name} {label}")
+
+
+@pytest.mark.parametrize("rank", [1, 16, 64])
+@pytest.mark.parametrize("m", [1, 37])
+def test_lora_linear_gradients_match_the_reference(device, rank, m):
+    case = lora_case(m, 40, 72, rank, torch.bfloat16, device, seed=rank + m + 100)
+    check_lora_grads(*case, 2.0 / rank, f"M={m} r={rank}")
+
+
+def test_lora_linear_gradients_of_the_adapter_only(device):
+    """A frozen input (no dx: the shrink of dy alone) and no bias."""
+    x, weight, lora_a, lora_b, _ = lora_case(21, 24, 40, 8, torch.bfloat16, device, seed=9, bias=False)
+    a, b = lora_a.clone().requires_grad_(), lora_b.clone().requires_grad_()
+    out = lora.lora_linear(x, weight, a, b, 0.5)
+    grads = torch.autograd.grad(out.float().sum(), [a, b])
+    ref = [t.detach().cpu().double().requires_grad_() for t in (lora_a, lora_b)]
+    y = reference.lora_linear(x.cpu().double(), weight.cpu().double(), *ref, 0.5)
+    expected = torch.autograd.grad(y.sum(), ref)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got.cpu().double(), want, rtol=2 ** -6, atol=2 ** -6 * float(want.abs().max()))
+
+
 def test_lora_linear_refuses_bad_inputs():
     x, weight, lora_a, lora_b, bias = lora_case(4, 16, 24, 8, torch.bfloat16, "cpu", seed=5)
     with pytest.raises(ValueError, match=r"lora_b must be \(N, r\) = \(16, 8\)"):
@@ -64,8 +103,8 @@ def test_lora_linear_refuses_bad_inputs():
         lora.lora_linear(x, weight, lora_a, lora_b, float("inf"))
     with pytest.raises(ValueError, match=r"bias must be a \(16,\) tensor"):
         lora.lora_linear(x, weight, lora_a, lora_b, 1.0, bias=bias[:8])
-    with pytest.raises(NotImplementedError, match="backward is not written yet"):
-        lora.lora_linear(x, weight, lora_a.requires_grad_(), lora_b, 1.0)
+    with pytest.raises(ValueError, match="weight must not require grad"):
+        lora.lora_linear(x, weight.requires_grad_(), lora_a, lora_b, 1.0)
 
 
 @pytest.mark.emu
@@ -76,10 +115,19 @@ def test_emulated_lora_launches_two_kernels_without_bank_conflicts():
         lora.lora_linear(*case[:4], 0.25, bias=case[4])
     reports = {r["kernel"]: r for r in llmkernels.emulator.report()}
     assert {name: r["launches"] for name, r in reports.items()} == {"lora shrink": 1, "lora fused": 1}
+    leaves = [t.clone().requires_grad_() for t in (case[0], case[2], case[3], case[4])]
+    llmkernels.emulator.reset_report()
+    with llmkernels.emulator.emulate(schedule="shuffled", seed=4):
+        out = lora.lora_linear(leaves[0], case[1], leaves[1], leaves[2], 0.25, bias=leaves[3])
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+    reports = {r["kernel"]: r for r in llmkernels.emulator.report()}
+    assert {name: r["launches"] for name, r in reports.items()} == {"lora shrink": 2, "lora fused": 2}
     for name, r in reports.items():
         assert r["bank_conflicts_by_site"] == {}, name
 
 
 def test_opcheck_lora_linear():
     x, weight, lora_a, lora_b, bias = lora_case(5, 16, 24, 8, torch.bfloat16, "cpu", seed=7)
-    torch.library.opcheck(torch.ops.llmkernels.lora_linear.default, (x, weight, lora_a, lora_b, 0.5, bias.float()))
+    for transposed, first in ((False, x), (True, randn((5, 16), dtype=torch.bfloat16, seed=8))):
+        torch.library.opcheck(torch.ops.llmkernels.lora_linear.default,
+                              (first, weight, lora_a, lora_b, 0.5, None if transposed else bias.float(), transposed))

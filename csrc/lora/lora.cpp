@@ -9,29 +9,33 @@
 namespace llmk::lora {
 
 void lora_linear(const TensorView& x, const TensorView& weight, const TensorView& lora_a, const TensorView& lora_b,
-                 double scale, const TensorView* bias, const TensorView& shrink, const TensorView& out,
-                 const TensorView& workspace, void* stream) {
+                 double scale, const TensorView* bias, bool transposed, const TensorView& shrink,
+                 const TensorView& out, const TensorView& workspace, void* stream) {
   for (const TensorView* t : {&x, &weight, &lora_a, &lora_b, &shrink, &out}) t->check_ndim(2);
   const Backend backend = select_backend(x);
   LLMK_CHECK(x.dtype == DType::bf16 || x.dtype == DType::f16 || (x.dtype == DType::f32 && backend == Backend::cpu),
-             TypeError, "x must be bfloat16 or float16 (float32 on the CPU kernel only); got ", dtype_name(x.dtype));
+             TypeError, x.name, " must be bfloat16 or float16 (float32 on the CPU kernel only); got ",
+             dtype_name(x.dtype));
   for (const TensorView* t : {&weight, &lora_a, &lora_b, &shrink, &out}) t->check_same_dtype(x);
   for (const TensorView* t : {&weight, &lora_a, &lora_b, &shrink, &out, &workspace, bias})
     if (t) t->check_same_device(x);
-  const int64_t m = x.shape[0], k = x.shape[1], n = weight.shape[0], r = lora_a.shape[0];
-  LLMK_CHECK(x.strides[1] == 1 || k <= 1, ValueError, "x must have a contiguous last dimension; got strides ",
-             x.strides_str());
+  const int64_t n = weight.shape[0], k = weight.shape[1], r = lora_a.shape[0], m = x.shape[0];
+  const int64_t in_features = transposed ? n : k, out_features = transposed ? k : n;
+  LLMK_CHECK(x.strides[1] == 1 || x.shape[1] <= 1, ValueError, x.name,
+             " must have a contiguous last dimension; got strides ", x.strides_str());
   LLMK_CHECK(k > 0 && k % 8 == 0 && n > 0 && n % 8 == 0, ValueError,
              "weight must be (N, K) with N and K positive multiples of 8; got ", weight.shape_str());
-  weight.check_shape({n, k});
-  LLMK_CHECK(r >= 1 && r <= 256 && r % 8 == 0, ValueError,
+  LLMK_CHECK(x.shape[1] == in_features, ValueError, x.name, " must have ", in_features, " columns (",
+             transposed ? "weight's rows N" : "weight's columns K", "); got ", x.shape_str());
+  LLMK_CHECK(r >= 8 && r <= 256 && r % 8 == 0, ValueError,
              "lora_a must have a rank (rows) that is a multiple of 8 in [8, 256] (the Python layer pads it); got ",
              lora_a.shape_str());
   lora_a.check_shape({r, k});
   lora_b.check_shape({n, r});
   shrink.check_shape({m, padded(r)});
-  out.check_shape({m, n});
+  out.check_shape({m, out_features});
   LLMK_CHECK(std::isfinite(scale), ValueError, "scale must be finite; got ", scale);
+  LLMK_CHECK(!bias || !transposed, ValueError, "the transposed product (dx) takes no bias");
   if (bias) {
     bias->check_dtype(DType::f32);
     bias->check_shape({n});
@@ -40,7 +44,7 @@ void lora_linear(const TensorView& x, const TensorView& weight, const TensorView
   for (const TensorView* t : {&weight, &lora_a, &lora_b, &shrink, &out}) t->check_contiguous();
   workspace.check_dtype(DType::f32);
   workspace.check_contiguous();
-  const int64_t needed = backend == Backend::cpu ? 0 : lora_workspace(m, n, k, r);
+  const int64_t needed = backend == Backend::cpu ? 0 : lora_workspace(m, out_features, in_features, r);
   LLMK_CHECK(workspace.numel() >= needed, ValueError, "workspace must have at least ", needed,
              " float32 elements (the CUDA kernel's split-K); got ", workspace.numel());
   std::vector<TensorView> read{extent(x), weight, lora_a, lora_b};
@@ -51,10 +55,11 @@ void lora_linear(const TensorView& x, const TensorView& weight, const TensorView
   Problem p;
   p.dtype = x.dtype;
   p.m = m;
-  p.n = n;
-  p.k = k;
+  p.in_features = in_features;
+  p.out_features = out_features;
   p.rank = r;
-  p.ldx = m <= 1 ? k : x.strides[0];
+  p.ldx = m <= 1 ? in_features : x.strides[0];
+  p.transposed = transposed;
   p.scale = float(scale);
   p.x = x.ptr;
   p.weight = weight.ptr;

@@ -1,5 +1,5 @@
-// LoRA-fused matmul (docs/lora.md; issue 13, in progress): so far one adapter's forward with a 16-bit
-// base weight, no dropout.
+// LoRA-fused matmul (docs/lora.md; issue 13, in progress): so far one adapter with a 16-bit base
+// weight and no dropout, forward and the backward's dx.
 //
 //   out = x Wᵀ + bias + [scale (x Aᵀ)] Bᵀ
 //
@@ -23,20 +23,25 @@ LLMK_HD int64_t padded(int64_t v) { return (v + kSegment - 1) / kSegment * kSegm
 
 // x (M, K) bf16/fp16 (fp32 on the CPU kernel) with a contiguous last dimension; weight (N, K), lora_a
 // (r, K), lora_b (N, r) of x's dtype, contiguous; N and K multiples of 8, r a multiple of 8 (the Python
-// layer pads B), 1 <= r <= 256; bias float32 (N) or null; shrink: x's dtype (M, padded(r)), written (the
-// kernel's s, for a backward); out (M, N) x's dtype; workspace float32 with at least
+// layer pads A and B), 8 <= r <= 256; bias float32 (N) or null; shrink: x's dtype (M, padded(r)),
+// written (scale x Aᵀ, for a backward); out (M, N) x's dtype; workspace float32 with at least
 // lora_workspace(M, N, K, r) elements (the CUDA kernel's split-K at small M).
+//
+// transposed (the backward's dx): x is dy (M, N), out (M, K) = dy W + [scale (dy B)] A, shrink = scale
+// dy B; the same two kernels with every weight read k-major (as stored), bias null.
 void lora_linear(const TensorView& x, const TensorView& weight, const TensorView& lora_a, const TensorView& lora_b,
-                 double scale, const TensorView* bias, const TensorView& shrink, const TensorView& out,
-                 const TensorView& workspace, void* stream);
+                 double scale, const TensorView* bias, bool transposed, const TensorView& shrink,
+                 const TensorView& out, const TensorView& workspace, void* stream);
 
-inline int64_t lora_workspace(int64_t m, int64_t n, int64_t k, int64_t r) {
-  return gemm::split_k_workspace(m, n, padded(k) + padded(r));
+inline int64_t lora_workspace(int64_t m, int64_t n_out, int64_t k_in, int64_t r) {
+  return gemm::split_k_workspace(m, n_out, padded(k_in) + padded(r));
 }
 
+// In the kernels' terms: in_features = x's columns (K, or N transposed), out_features = out's (N, or K).
 struct Problem {
   DType dtype = DType::bf16;
-  int64_t m = 0, n = 0, k = 0, rank = 0, ldx = 0;
+  int64_t m = 0, in_features = 0, out_features = 0, rank = 0, ldx = 0;
+  bool transposed = false;
   float scale = 1.0f;
   const void* x = nullptr;
   const void* weight = nullptr;

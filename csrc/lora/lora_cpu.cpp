@@ -11,10 +11,12 @@
 namespace llmk::lora {
 
 void lora_linear_cpu(const Problem& p) {
-  const int64_t r_pad = padded(p.rank);
+  const int64_t r_pad = padded(p.rank), k_in = p.in_features, n_out = p.out_features;
   dispatch<float, bf16, f16>(p.dtype, "lora_linear (CPU kernel)", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    auto product = [&](const void* a, int64_t lda, const void* b, int64_t n, int64_t k, std::vector<float>& out) {
+    // out (M, n) float32 = a · b, b (n, k) row-major, or (k, n) with k_major
+    auto product = [&](const void* a, int64_t lda, const void* b, bool k_major, int64_t n, int64_t k,
+                       std::vector<float>& out) {
       out.assign(size_t(p.m * n), 0.0f);
       gemm::Problem g;
       g.dtype = p.dtype;
@@ -25,24 +27,29 @@ void lora_linear_cpu(const Problem& p) {
       g.a = a;
       g.lda = lda;
       g.b = b;
-      g.ldb = k;
+      g.ldb = k_major ? n : k;
+      g.b_k_major = k_major;
       g.out = out.data();
       g.ldo = n;
       gemm::gemm_cpu(g);
     };
+    // forward: shrink by A (r, K), expand by B (N, r); transposed: shrink by B as (N, r) k-major,
+    // expand by A as (r, K) k-major, the base by W as (N, K) k-major
+    const void* shrink_by = p.transposed ? p.lora_b : p.lora_a;
+    const void* expand_by = p.transposed ? p.lora_a : p.lora_b;
     std::vector<float> s, base, expand;
-    product(p.x, p.ldx, p.lora_a, p.rank, p.k, s);   // x Aᵀ (M, r)
+    product(p.x, p.ldx, shrink_by, p.transposed, p.rank, k_in, s);
     T* shrink = static_cast<T*>(p.shrink);
     for (int64_t i = 0; i < p.m; ++i)
       for (int64_t j = 0; j < r_pad; ++j)
         shrink[i * r_pad + j] = j < p.rank ? from_float<T>(p.scale * s[size_t(i * p.rank + j)]) : from_float<T>(0.0f);
-    product(p.x, p.ldx, p.weight, p.n, p.k, base);
-    product(shrink, r_pad, p.lora_b, p.n, p.rank, expand);   // (the rank's columns of s; B's ld is r)
+    product(p.x, p.ldx, p.weight, p.transposed, n_out, k_in, base);
+    product(shrink, r_pad, expand_by, p.transposed, n_out, p.rank, expand);   // (s's first r columns)
     T* out = static_cast<T*>(p.out);
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < p.m; ++i)
-      for (int64_t j = 0; j < p.n; ++j) {
-        const size_t e = size_t(i * p.n + j);
+      for (int64_t j = 0; j < n_out; ++j) {
+        const size_t e = size_t(i * n_out + j);
         out[e] = from_float<T>(base[e] + expand[e] + (p.bias ? p.bias[j] : 0.0f));
       }
   });
