@@ -131,3 +131,22 @@ def test_opcheck_lora_linear():
     for transposed, first in ((False, x), (True, randn((5, 16), dtype=torch.bfloat16, seed=8))):
         torch.library.opcheck(torch.ops.llmkernels.lora_linear.default,
                               (first, weight, lora_a, lora_b, 0.5, None if transposed else bias.float(), transposed))
+
+
+def test_compile_of_a_training_step():
+    """The forward compiled with no graph break, its backward traced by AOTAutograd: gradients under
+    the parity rule."""
+    x, weight, lora_a, lora_b, bias = lora_case(9, 16, 24, 8, torch.bfloat16, "cpu", seed=10)
+    leaves = [t.clone().requires_grad_() for t in (x, lora_a, lora_b, bias)]
+    loss = torch.compile(lambda x, a, b, c: lora.lora_linear(x, weight, a, b, 0.5, bias=c).float().sum(),
+                         fullgraph=True)(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+
+    def reference_grads(dtype, upcast):
+        ref = [t.detach().to(dtype).requires_grad_() for t in (x, lora_a, lora_b, bias)]
+        y = reference.lora_linear(ref[0], weight.to(dtype), ref[1], ref[2], 0.5, bias=ref[3], upcast=upcast)
+        return torch.autograd.grad(y.sum(), ref)   # (dy = 1 everywhere, as the compiled loss's)
+
+    for label, got, same, oracle in zip(("dx", "d lora_a", "d lora_b", "d bias"), grads,
+                                        reference_grads(torch.bfloat16, False), reference_grads(torch.float64, True)):
+        assert_parity(got, same, oracle, f"compiled {label}")
