@@ -296,17 +296,27 @@ void moe_weight_grad(const py::object& a, const py::object& a_rows, const py::ob
                    stream_pointer(stream));
 }
 
-void lora_linear(const py::object& x, const py::object& weight, const py::object& lora_a, const py::object& lora_b,
-                 double scale, const py::object& bias, bool transposed, const py::object& shrink, const py::object& out,
-                 const py::object& workspace, uintptr_t stream) {
+void lora_linear(const py::object& x, const py::object& x_lora, const py::object& weight, const py::object& lora_a,
+                 const py::object& lora_b, double scale, const py::object& bias, bool transposed,
+                 const py::object& shrink, const py::object& out, const py::object& workspace, uintptr_t stream) {
   const TensorView x_view = tensor(x, "x"), w_view = tensor(weight, "weight");
+  const auto x_lora_view = optional_tensor(x_lora, "x_lora");
   const TensorView a_view = tensor(lora_a, "lora_a"), b_view = tensor(lora_b, "lora_b");
   const TensorView s_view = tensor(shrink, "shrink"), out_view = tensor(out, "out");
   const TensorView work_view = tensor(workspace, "workspace");
   const auto bias_view = optional_tensor(bias, "bias");
   py::gil_scoped_release no_gil;
-  lora::lora_linear(x_view, w_view, a_view, b_view, scale, pointer(bias_view), transposed, s_view, out_view,
-                    work_view, stream_pointer(stream));
+  lora::lora_linear(x_view, pointer(x_lora_view), w_view, a_view, b_view, scale, pointer(bias_view), transposed, s_view,
+                    out_view, work_view, stream_pointer(stream));
+}
+
+void lora_dropout(const py::object& x, int64_t seed, int64_t threshold, double keep_scale, const py::object& out,
+                  uintptr_t stream) {
+  const TensorView x_view = tensor(x, "x"), out_view = tensor(out, "out");
+  LLMK_CHECK(threshold >= 0 && threshold <= int64_t(0xFFFFFFFFu), ValueError, "threshold must be a 32-bit word; got ",
+             threshold);
+  py::gil_scoped_release no_gil;
+  lora::dropout(x_view, uint64_t(seed), uint32_t(threshold), keep_scale, out_view, stream_pointer(stream));
 }
 
 void def_emulator(py::module_& m) {
@@ -550,11 +560,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("moe_weight_grad", &moe_weight_grad, py::arg("a"), py::arg("a_rows"), py::arg("b"), py::arg("b_rows"),
         py::arg("expert_offsets"), py::arg("out_dtype"), py::arg("out"), py::arg("stream"),
         "MoE per-expert weight gradients: out[e] = sum over expert e's rows r of a[r]^T b[r] (csrc/moe/moe.h)");
-  m.def("lora_linear", &lora_linear, py::arg("x"), py::arg("weight"), py::arg("lora_a"), py::arg("lora_b"),
+  m.def("lora_linear", &lora_linear, py::arg("x"), py::arg("x_lora"), py::arg("weight"), py::arg("lora_a"), py::arg("lora_b"),
         py::arg("scale"), py::arg("bias"), py::arg("transposed"), py::arg("shrink"), py::arg("out"),
         py::arg("workspace"), py::arg("stream"),
         "LoRA-fused linear, one adapter: out = x W^T + bias + (scale x A^T) B^T, or transposed (dx): "
         "dy W + (scale dy B) A (csrc/lora/lora.h)");
+  m.def("lora_dropout", &lora_dropout, py::arg("x"), py::arg("seed"), py::arg("threshold"), py::arg("keep_scale"),
+        py::arg("out"), py::arg("stream"),
+        "LoRA's dropout: out = x * keep / (1 - p), the keep mask from the Philox LoRA stream (csrc/lora/lora.h)");
   m.def("lora_segment", [] { return lora::kSegment; }, "the k segment the LoRA kernels pad K and the rank to");
   m.def("lora_workspace", &lora::lora_workspace, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("rank"),
         "float32 elements of the LoRA kernel's split-K workspace");

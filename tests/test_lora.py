@@ -91,6 +91,42 @@ def test_lora_linear_gradients_of_the_adapter_only(device):
         torch.testing.assert_close(got.cpu().double(), want, rtol=2 ** -6, atol=2 ** -6 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5])
+def test_lora_linear_dropout_forward_and_gradients(device, dropout_p):
+    """LoRA's input dropout: the reference's Philox mask for the same seed (a seed past 2^63 included),
+    in the forward and regenerated in the backward (dx's masked u A term and dA), under the parity rule."""
+    x, weight, lora_a, lora_b, bias = lora_case(37, 40, 72, 16, torch.bfloat16, device, seed=11)
+    seed = 2 ** 63 + 12345
+    leaves = [t.detach().clone().requires_grad_() for t in (x, lora_a, lora_b, bias)]
+    out = lora.lora_linear(leaves[0], weight, leaves[1], leaves[2], 0.5, bias=leaves[3], dropout_p=dropout_p,
+                           seed=seed)
+    dy = randn(out.shape, dtype=out.dtype, seed=13).to(out.device)
+    grads = torch.autograd.grad(out, leaves, dy)
+
+    def run(dtype, upcast):
+        ref = [t.detach().cpu().to(dtype).requires_grad_() for t in (x, lora_a, lora_b, bias)]
+        y = reference.lora_linear(ref[0], weight.cpu().to(dtype), ref[1], ref[2], 0.5, bias=ref[3],
+                                  dropout_p=dropout_p, seed=seed, upcast=upcast)
+        return (y,) + torch.autograd.grad(y, ref, dy.cpu().to(dtype))
+
+    for label, got, same, oracle in zip(("out", "dx", "d lora_a", "d lora_b", "d bias"), (out,) + grads,
+                                        run(x.dtype, False), run(torch.float64, True)):
+        assert_parity(got.detach().cpu(), same.detach(), oracle.detach(), f"p={dropout_p} {label}")
+
+
+def test_dropout_kernel_is_the_reference_mask(device):
+    """The dropout op alone: exactly the reference's mask (zeros where dropped), kept values x / (1 - p)
+    rounded once; other seeds give other masks."""
+    x = randn((33, 40), dtype=torch.bfloat16, seed=14).to(device) + 3   # (no zeros in x)
+    p = 0.3
+    threshold = reference.dropout_threshold(p)
+    out = lora._dropout(x, (7, threshold, 1 / (1 - p)))
+    keep = reference.dropout_keep(7, 33, 40, p)
+    assert torch.equal(out.cpu() != 0, keep)
+    assert torch.equal(out.cpu()[keep], (x.cpu().float()[keep] / (1 - p)).bfloat16())
+    assert not torch.equal(lora._dropout(x, (8, threshold, 1 / (1 - p))).cpu() != 0, keep)
+
+
 def test_lora_linear_refuses_bad_inputs():
     x, weight, lora_a, lora_b, bias = lora_case(4, 16, 24, 8, torch.bfloat16, "cpu", seed=5)
     with pytest.raises(ValueError, match=r"lora_b must be \(N, r\) = \(16, 8\)"):
@@ -103,6 +139,10 @@ def test_lora_linear_refuses_bad_inputs():
         lora.lora_linear(x, weight, lora_a, lora_b, float("inf"))
     with pytest.raises(ValueError, match=r"bias must be a \(16,\) tensor"):
         lora.lora_linear(x, weight, lora_a, lora_b, 1.0, bias=bias[:8])
+    with pytest.raises(ValueError, match=r"dropout_p must be a number in \[0, 1\)"):
+        lora.lora_linear(x, weight, lora_a, lora_b, 1.0, dropout_p=1.0)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        lora.lora_linear(x, weight, lora_a, lora_b, 1.0, dropout_p=0.1, seed=1.5)
     with pytest.raises(ValueError, match="weight must not require grad"):
         lora.lora_linear(x, weight.requires_grad_(), lora_a, lora_b, 1.0)
 
@@ -130,7 +170,9 @@ def test_opcheck_lora_linear():
     x, weight, lora_a, lora_b, bias = lora_case(5, 16, 24, 8, torch.bfloat16, "cpu", seed=7)
     for transposed, first in ((False, x), (True, randn((5, 16), dtype=torch.bfloat16, seed=8))):
         torch.library.opcheck(torch.ops.llmkernels.lora_linear.default,
-                              (first, weight, lora_a, lora_b, 0.5, None if transposed else bias.float(), transposed))
+                              (first, None, weight, lora_a, lora_b, 0.5, None if transposed else bias.float(),
+                               transposed))
+    torch.library.opcheck(torch.ops.llmkernels.lora_dropout.default, (x, 3, 2 ** 31, 2.0))
 
 
 def test_compile_of_a_training_step():

@@ -8,18 +8,25 @@
 
 namespace llmk::lora {
 
-void lora_linear(const TensorView& x, const TensorView& weight, const TensorView& lora_a, const TensorView& lora_b,
-                 double scale, const TensorView* bias, bool transposed, const TensorView& shrink,
-                 const TensorView& out, const TensorView& workspace, void* stream) {
+void lora_linear(const TensorView& x, const TensorView* x_lora, const TensorView& weight, const TensorView& lora_a,
+                 const TensorView& lora_b, double scale, const TensorView* bias, bool transposed,
+                 const TensorView& shrink, const TensorView& out, const TensorView& workspace, void* stream) {
   for (const TensorView* t : {&x, &weight, &lora_a, &lora_b, &shrink, &out}) t->check_ndim(2);
   const Backend backend = select_backend(x);
   LLMK_CHECK(x.dtype == DType::bf16 || x.dtype == DType::f16 || (x.dtype == DType::f32 && backend == Backend::cpu),
              TypeError, x.name, " must be bfloat16 or float16 (float32 on the CPU kernel only); got ",
              dtype_name(x.dtype));
   for (const TensorView* t : {&weight, &lora_a, &lora_b, &shrink, &out}) t->check_same_dtype(x);
-  for (const TensorView* t : {&weight, &lora_a, &lora_b, &shrink, &out, &workspace, bias})
+  for (const TensorView* t : {&weight, &lora_a, &lora_b, &shrink, &out, &workspace, bias, x_lora})
     if (t) t->check_same_device(x);
   const int64_t n = weight.shape[0], k = weight.shape[1], r = lora_a.shape[0], m = x.shape[0];
+  if (x_lora) {
+    x_lora->check_same_dtype(x);
+    x_lora->check_shape({m, x.shape[1]});
+    LLMK_CHECK(x_lora->strides[1] == 1 || x.shape[1] <= 1, ValueError, x_lora->name,
+               " must have a contiguous last dimension");
+    if (backend != Backend::cpu) x_lora->check_rows_aligned();
+  }
   const int64_t in_features = transposed ? n : k, out_features = transposed ? k : n;
   LLMK_CHECK(x.strides[1] == 1 || x.shape[1] <= 1, ValueError, x.name,
              " must have a contiguous last dimension; got strides ", x.strides_str());
@@ -49,6 +56,7 @@ void lora_linear(const TensorView& x, const TensorView& weight, const TensorView
              " float32 elements (the CUDA kernel's split-K); got ", workspace.numel());
   std::vector<TensorView> read{extent(x), weight, lora_a, lora_b};
   if (bias) read.push_back(*bias);
+  if (x_lora) read.push_back(extent(*x_lora));
   check_no_overlap({shrink, out, workspace}, read);
   if (backend != Backend::cpu)
     for (const TensorView* t : {&x, &weight, &lora_a, &lora_b, &shrink, &out}) t->check_rows_aligned();
@@ -62,6 +70,8 @@ void lora_linear(const TensorView& x, const TensorView& weight, const TensorView
   p.transposed = transposed;
   p.scale = float(scale);
   p.x = x.ptr;
+  p.x_lora = x_lora ? x_lora->ptr : x.ptr;
+  p.ld_lora = !x_lora ? p.ldx : m <= 1 ? in_features : x_lora->strides[0];
   p.weight = weight.ptr;
   p.lora_a = lora_a.ptr;
   p.lora_b = lora_b.ptr;
@@ -71,8 +81,43 @@ void lora_linear(const TensorView& x, const TensorView& weight, const TensorView
   p.workspace = workspace.numel() ? workspace.data<float>() : nullptr;
   if (m == 0) return;
   run_on_backend(x, stream,
-                 Operands().add(x).add(weight).add(lora_a).add(lora_b).add(bias).add(shrink).add(out).add(workspace),
+                 Operands().add(x).add(x_lora).add(weight).add(lora_a).add(lora_b).add(bias).add(shrink).add(out)
+                     .add(workspace),
                  [&] { lora_linear_cpu(p); }, [&](auto device_stream) { lora_linear_device(p, device_stream); });
+}
+
+void dropout(const TensorView& x, uint64_t seed, uint32_t threshold, double keep_scale, const TensorView& out,
+             void* stream) {
+  x.check_ndim(2);
+  const Backend backend = select_backend(x);
+  LLMK_CHECK(x.dtype == DType::bf16 || x.dtype == DType::f16 || (x.dtype == DType::f32 && backend == Backend::cpu),
+             TypeError, x.name, " must be bfloat16 or float16 (float32 on the CPU kernel only); got ",
+             dtype_name(x.dtype));
+  out.check_same_dtype(x);
+  out.check_same_device(x);
+  const int64_t m = x.shape[0], k = x.shape[1];
+  LLMK_CHECK(k % 8 == 0, ValueError, x.name, " must have a multiple of 8 columns; got ", x.shape_str());
+  LLMK_CHECK(x.strides[1] == 1 || k <= 1, ValueError, x.name, " must have a contiguous last dimension");
+  out.check_shape({m, k});
+  out.check_contiguous();
+  LLMK_CHECK(std::isfinite(keep_scale) && keep_scale >= 1.0, ValueError, "keep_scale must be 1 / (1 - p) >= 1; got ",
+             keep_scale);
+  check_no_overlap({out}, {extent(x)});
+  if (backend != Backend::cpu)
+    for (const TensorView* t : {&x, &out}) t->check_rows_aligned();
+  DropoutProblem p;
+  p.dtype = x.dtype;
+  p.m = m;
+  p.k = k;
+  p.ldx = m <= 1 ? k : x.strides[0];
+  p.seed = seed;
+  p.threshold = threshold;
+  p.keep_scale = float(keep_scale);
+  p.x = x.ptr;
+  p.out = out.ptr;
+  if (m == 0 || k == 0) return;
+  run_on_backend(x, stream, Operands().add(x).add(out), [&] { dropout_cpu(p); },
+                 [&](auto device_stream) { dropout_device(p, device_stream); });
 }
 
 }  // namespace llmk::lora

@@ -10,6 +10,7 @@
 #pragma once
 #include <cstdint>
 
+#include "common/philox.h"
 #include "core/backend.h"
 #include "core/tensor.h"
 #include "gemm/gemm.h"
@@ -29,9 +30,10 @@ LLMK_HD int64_t padded(int64_t v) { return (v + kSegment - 1) / kSegment * kSegm
 //
 // transposed (the backward's dx): x is dy (M, N), out (M, K) = dy W + [scale (dy B)] A, shrink = scale
 // dy B; the same two kernels with every weight read k-major (as stored), bias null.
-void lora_linear(const TensorView& x, const TensorView& weight, const TensorView& lora_a, const TensorView& lora_b,
-                 double scale, const TensorView* bias, bool transposed, const TensorView& shrink,
-                 const TensorView& out, const TensorView& workspace, void* stream);
+// x_lora (optional, like x): the shrink's input instead of x (dropout(x), computed by `dropout`).
+void lora_linear(const TensorView& x, const TensorView* x_lora, const TensorView& weight, const TensorView& lora_a,
+                 const TensorView& lora_b, double scale, const TensorView* bias, bool transposed,
+                 const TensorView& shrink, const TensorView& out, const TensorView& workspace, void* stream);
 
 inline int64_t lora_workspace(int64_t m, int64_t n_out, int64_t k_in, int64_t r) {
   return gemm::split_k_workspace(m, n_out, padded(k_in) + padded(r));
@@ -40,10 +42,11 @@ inline int64_t lora_workspace(int64_t m, int64_t n_out, int64_t k_in, int64_t r)
 // In the kernels' terms: in_features = x's columns (K, or N transposed), out_features = out's (N, or K).
 struct Problem {
   DType dtype = DType::bf16;
-  int64_t m = 0, in_features = 0, out_features = 0, rank = 0, ldx = 0;
+  int64_t m = 0, in_features = 0, out_features = 0, rank = 0, ldx = 0, ld_lora = 0;
   bool transposed = false;
   float scale = 1.0f;
   const void* x = nullptr;
+  const void* x_lora = nullptr;   // the shrink's input (x itself without dropout)
   const void* weight = nullptr;
   const void* lora_a = nullptr;
   const void* lora_b = nullptr;
@@ -52,6 +55,35 @@ struct Problem {
   void* out = nullptr;
   float* workspace = nullptr;
 };
+// dropout: out = x * keep / (1 - p) elementwise, x (M, K) (any row stride, contiguous rows), out (M, K)
+// contiguous of x's dtype; element (m, k), i = m K + k, is kept iff word (i mod 4) of
+// Philox4x32-10(counter (i div 4 low, high, kDropoutStream, 0), key (seed low, high)) >= threshold
+// (llmkernels.reference.lora.dropout_keep; threshold = min(floor(p 2^32), 2^32 - 1) computed in double
+// by the caller, keep_scale = 1 / (1 - p)); the product is in float32, rounded once.
+void dropout(const TensorView& x, uint64_t seed, uint32_t threshold, double keep_scale, const TensorView& out,
+             void* stream);
+
+constexpr uint32_t kDropoutStream = 0x4C6F5241u;   // "LoRA"
+
+struct DropoutProblem {
+  DType dtype = DType::bf16;
+  int64_t m = 0, k = 0, ldx = 0;
+  uint64_t seed = 0;
+  uint32_t threshold = 0;
+  float keep_scale = 1.0f;
+  const void* x = nullptr;
+  void* out = nullptr;
+};
+void dropout_cpu(const DropoutProblem& problem);
+void dropout_device(const DropoutProblem& problem, CudaStream stream);
+void dropout_device(const DropoutProblem& problem, EmuStream stream);
+
+// The four words of group g (indices 4g .. 4g + 3) of the dropout stream.
+LLMK_HD Philox4 dropout_words(uint64_t seed, uint64_t group) {
+  return philox4x32_10(Philox4{{uint32_t(group), uint32_t(group >> 32), kDropoutStream, 0u}}, uint32_t(seed),
+                       uint32_t(seed >> 32));
+}
+
 void lora_linear_cpu(const Problem& problem);
 void lora_linear_device(const Problem& problem, CudaStream stream);
 void lora_linear_device(const Problem& problem, EmuStream stream);

@@ -38,7 +38,7 @@ void lora_linear_cpu(const Problem& p) {
     const void* shrink_by = p.transposed ? p.lora_b : p.lora_a;
     const void* expand_by = p.transposed ? p.lora_a : p.lora_b;
     std::vector<float> s, base, expand;
-    product(p.x, p.ldx, shrink_by, p.transposed, p.rank, k_in, s);
+    product(p.x_lora, p.ld_lora, shrink_by, p.transposed, p.rank, k_in, s);
     T* shrink = static_cast<T*>(p.shrink);
     for (int64_t i = 0; i < p.m; ++i)
       for (int64_t j = 0; j < r_pad; ++j)
@@ -52,6 +52,23 @@ void lora_linear_cpu(const Problem& p) {
         const size_t e = size_t(i * n_out + j);
         out[e] = from_float<T>(base[e] + expand[e] + (p.bias ? p.bias[j] : 0.0f));
       }
+  });
+}
+
+void dropout_cpu(const DropoutProblem& p) {
+  dispatch<float, bf16, f16>(p.dtype, "dropout (CPU kernel)", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* x = static_cast<const T*>(p.x);
+    T* out = static_cast<T*>(p.out);
+#pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < p.m * p.k / 4; ++g) {   // (K % 8 == 0: a group of 4 never straddles rows)
+      const Philox4 words = dropout_words(p.seed, uint64_t(g));
+      const int64_t row = 4 * g / p.k, col = 4 * g % p.k;
+      for (int q = 0; q < 4; ++q) {
+        const float v = to_float(x[row * p.ldx + col + q]);
+        out[4 * g + q] = from_float<T>(words.x[q] >= p.threshold ? v * p.keep_scale : 0.0f);
+      }
+    }
   });
 }
 

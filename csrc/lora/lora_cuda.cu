@@ -81,7 +81,33 @@ struct FusedParams : gemm::TiledParams {
   }
 };
 
+constexpr int kDropoutThreads = 256;
+
+// One thread per group of 4 elements (one Philox call), 8-byte loads and stores.
+template <typename T>
+__global__ void __launch_bounds__(kDropoutThreads) dropout_kernel(const __grid_constant__ DropoutProblem p) {
+  const int64_t g = int64_t(blockIdx.x) * kDropoutThreads + threadIdx.x;
+  if (g >= p.m * p.k / 4) return;
+  const Philox4 words = dropout_words(p.seed, uint64_t(g));
+  const int64_t row = 4 * g / p.k, col = 4 * g % p.k;
+  const Vec<T, 4> x = load_global(reinterpret_cast<const Vec<T, 4>*>(static_cast<const T*>(p.x) + row * p.ldx + col));
+  Vec<T, 4> out;
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    out[q] = from_float<T>(words.x[q] >= p.threshold ? to_float(x[q]) * p.keep_scale : 0.0f);
+  store_global(reinterpret_cast<Vec<T, 4>*>(static_cast<T*>(p.out) + 4 * g), out);
+}
+
 }  // namespace
+
+void dropout_device(const DropoutProblem& p, DeviceStream stream) {
+  const int64_t blocks = (p.m * p.k / 4 + kDropoutThreads - 1) / kDropoutThreads;
+  LLMK_CHECK(blocks < (int64_t(1) << 31), ValueError, "dropout: ", p.m, " x ", p.k, " is too large for one launch");
+  dispatch<bf16, f16>(p.dtype, "dropout (CUDA kernel)", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    launch("lora dropout", dropout_kernel<T>, LaunchShape{dim3(uint32_t(blocks)), dim3(kDropoutThreads)}, stream, p);
+  });
+}
 
 void lora_linear_device(const Problem& p, DeviceStream stream) {
   static_assert(kSegment % gemm::LargeTiling::bk == 0 && kSegment % gemm::SmallTiling::bk == 0 &&
@@ -99,8 +125,8 @@ void lora_linear_device(const Problem& p, DeviceStream stream) {
           p.m, r_pad, p.in_features,
           gemm::Epilogue{nullptr, r_pad, false, nullptr, nullptr, nullptr, gemm::Activation::none, false, p.m, r_pad},
           nullptr, 0};
-      shrink.x = static_cast<const T*>(p.x);
-      shrink.ldx = p.ldx;
+      shrink.x = static_cast<const T*>(p.x_lora);
+      shrink.ldx = p.ld_lora;
       shrink.by = static_cast<const T*>(KMajor ? p.lora_b : p.lora_a);
       shrink.shrink = static_cast<T*>(p.shrink);
       shrink.ld_shrink = r_pad;

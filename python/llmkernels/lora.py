@@ -1,15 +1,30 @@
 """LoRA-fused matmul (csrc/lora/, docs/lora.md): IN PROGRESS (issue 13). So far one adapter with a
-16-bit base weight and no dropout, forward and backward:
+16-bit base weight, forward and backward:
 
-    out = lora_linear(x, weight, lora_a, lora_b, scale, bias=None)
-        = x Wᵀ + bias + scale (x Aᵀ) Bᵀ          (llmkernels.reference.lora.lora_linear's semantics)
+    out = lora_linear(x, weight, lora_a, lora_b, scale, bias=None, dropout_p=0.0, seed=None)
+        = x Wᵀ + bias + scale (dropout(x) Aᵀ) Bᵀ   (llmkernels.reference.lora.lora_linear's semantics)
 
 x (M, K), weight (N, K) frozen, lora_a (r, K) (PEFT's lora_A.weight), lora_b (N, r) (lora_B.weight).
 Two launches: the shrink s = scale x Aᵀ (rounded to x's dtype), then the base GEMM with the expand
 as extra k tiles ([x | s] · [W | B]ᵀ), the bias in its epilogue, one rounding; the backward's dx the
-same kernels transposed. Not yet: dropout, multi-adapter serving, fused-projection slices, int4 base
-weights, LoRALinear.
+same kernels transposed; LoRA's input dropout (the reference's Philox mask, regenerated in the
+backward). Not yet: multi-adapter serving, fused-projection slices, int4 base weights.
+
+The layer (PEFT's LoraLayer for an nn.Linear, one adapter):
+
+    layer = LoRALinear(base, r, alpha, rslora=False)    wraps a frozen nn.Linear; lora_linear in forward
+    layer.merge() / layer.unmerge()                      scale B A into / out of the base weight, in place
+    model = add_lora_(model, ["q_proj", "v_proj"], r, alpha)   wraps the named Linears, freezes the rest
+    peft_state_dict(model) / load_peft_state_dict(model, sd)   to / from PEFT's key names
+
+State-dict keys: a LoRALinear holds base_layer (the nn.Linear), lora_A = nn.Linear(in, r, bias=False)
+and lora_B = nn.Linear(r, out, bias=False), so its keys are base_layer.weight, base_layer.bias,
+lora_A.weight and lora_B.weight: PEFT's saved-adapter keys (adapter_model.safetensors, where PEFT
+strips the adapter name). PEFT's in-memory model names the adapter too (lora_A.default.weight, an
+nn.ModuleDict per adapter) and a PeftModel prefixes base_model.model.; peft_state_dict and
+load_peft_state_dict convert.
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -18,17 +33,18 @@ from . import _validate as check
 from ._ext import C
 from ._ops import native_op
 
-__all__ = ["lora_linear"]
+__all__ = ["lora_linear", "LoRALinear", "add_lora_", "peft_state_dict", "load_peft_state_dict"]
 
 SEGMENT = C.lora_segment()   # K and the rank are laid out in segments of this many k elements
 MAX_RANK = 256
 
 
 @native_op("lora_linear")
-def _lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                 bias: Optional[torch.Tensor], transposed: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lora_linear(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: torch.Tensor, lora_a: torch.Tensor,
+                 lora_b: torch.Tensor, scale: float, bias: Optional[torch.Tensor],
+                 transposed: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """shrink (M, padded rank) and out (M, N) in x's dtype (out (M, K) when transposed: x is then dy
-    (M, N)); the split-K workspace (float32)."""
+    (M, N)); the split-K workspace (float32). x_lora: the shrink's input instead of x (dropout(x))."""
     m = x.shape[0]
     n, k = weight.shape
     rank = lora_a.shape[0]
@@ -40,16 +56,31 @@ def _lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lo
             torch.empty((workspace,), dtype=torch.float32, device=x.device))
 
 
+@native_op("lora_dropout")
+def _dropout_op(x: torch.Tensor, seed: int, threshold: int, keep_scale: float) -> torch.Tensor:
+    """x * keep / (1 - p), the mask of llmkernels.reference.lora.dropout_keep (csrc/lora/lora.h)."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _dropout(x: torch.Tensor, dropout) -> torch.Tensor:
+    """dropout = (seed, threshold, keep_scale)."""
+    return _dropout_op(x, *dropout)
+
+
 class _LoraLinear(torch.autograd.Function):
-    """Forward: the kernels' shrink s = scale x Aᵀ (saved) and out = [x | s]·[W | B]ᵀ + bias. Backward,
-    for dy (M, N): the transposed kernels give u = scale dy B and dx = dy W + u A in one fused product;
-    dA = uᵀ x and dB = dyᵀ s (rank-sized products, torch.matmul), d bias = the column sums of dy."""
+    """Forward: the kernels' shrink s = scale dropout(x) Aᵀ (saved) and out = [x | s]·[W | B]ᵀ + bias.
+    Backward, for dy (M, N): without dropout, the transposed kernels give u = scale dy B and dx = dy W
+    + u A in one fused product; with dropout, dx = dy W + dropout(u A) (the same mask, regenerated).
+    dA = uᵀ dropout(x) (regenerated, never stored) and dB = dyᵀ s (rank-sized products, torch.matmul),
+    d bias = the column sums of dy."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, bias, scale):
-        shrink, out, _ = _lora_linear(x, weight, lora_a, lora_b, scale, None if bias is None else bias.float(), False)
+    def forward(ctx, x, weight, lora_a, lora_b, bias, scale, dropout):
+        x_lora = None if dropout is None else _dropout(x, dropout)
+        shrink, out, _ = _lora_linear(x, x_lora, weight, lora_a, lora_b, scale,
+                                      None if bias is None else bias.float(), False)
         ctx.save_for_backward(x, weight, lora_a, lora_b, shrink)
-        ctx.scale, ctx.bias_dtype = scale, None if bias is None else bias.dtype
+        ctx.scale, ctx.dropout, ctx.bias_dtype = scale, dropout, None if bias is None else bias.dtype
         return out
 
     @staticmethod
@@ -59,27 +90,35 @@ class _LoraLinear(torch.autograd.Function):
         need_x, _, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         dy = check.rows_aligned(dy.to(x.dtype))
         rank = lora_a.shape[0]   # (padded to 8 by lora_linear: the padding's gradients are dropped by its pad)
-        dx = d_a = d_b = d_bias = None
-        if need_x:
-            u, dx, _ = _lora_linear(dy, weight, lora_a, lora_b, ctx.scale, None, True)
+        dx = d_a = d_b = d_bias = u = None
+        if need_x and ctx.dropout is None:
+            u, dx, _ = _lora_linear(dy, None, weight, lora_a, lora_b, ctx.scale, None, True)
             u = u[:, :rank]
-        elif need_a:
-            u = (dy @ lora_b[:, :rank]) * ctx.scale
+        elif need_x or need_a:
+            u = (dy @ lora_b) * ctx.scale
+        if need_x and ctx.dropout is not None:   # the base by the transposed kernels (no expand), plus the masked u A
+            _, dx, _ = _lora_linear(dy, None, weight, lora_a, lora_b, 0.0, None, True)
+            dx = (dx.float() + _dropout(u @ lora_a, ctx.dropout).float()).to(x.dtype)
         if need_a:
-            d_a = (u.T @ x).to(x.dtype)
+            x_lora = x if ctx.dropout is None else _dropout(x, ctx.dropout)
+            d_a = (u.T @ x_lora).to(x.dtype)
         if need_b:
             d_b = (dy.T @ shrink[:, :rank]).to(x.dtype)
         if need_bias:
             d_bias = dy.float().sum(dim=0).to(ctx.bias_dtype)
-        return dx, None, d_a, d_b, d_bias, None
+        return dx, None, d_a, d_b, d_bias, None, None
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, *,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
     """One adapter's LoRA linear: x (M, K) bf16/fp16 (float32 on CPU tensors), weight (N, K) frozen,
     lora_a (r, K), lora_b (N, r) of x's dtype, 1 <= r <= 256, N and K multiples of 8, bias (N)
     optional -> (M, N) in x's dtype. Differentiable with respect to x, lora_a, lora_b and bias
-    (_LoraLinear); the weight must not require grad (it is frozen)."""
+    (_LoraLinear); the weight must not require grad (it is frozen).
+
+    dropout_p in [0, 1): LoRA's input dropout, the mask of llmkernels.reference.lora.dropout_keep for
+    `seed` (an int; drawn from torch's default CPU generator when None: no device synchronization, but a
+    CUDA graph replays the seed it captured). The backward regenerates the mask; nothing is stored."""
     for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor; got {tuple(getattr(t, 'shape', ())) or type(t).__name__}")
@@ -99,9 +138,190 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     scale = check.float32_value(scale, "scale")
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
         raise ValueError(f"bias must be a ({weight.shape[0]},) tensor; got {tuple(getattr(bias, 'shape', ()))}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be a number in [0, 1); got {dropout_p!r}")
+    dropout = None
+    if dropout_p > 0:
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 62, (1,)).item())   # (a CPU tensor: no device synchronization)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int; got {type(seed).__name__}")
+        threshold = min(math.floor(float(dropout_p) * 2 ** 32), 2 ** 32 - 1)
+        dropout = (check.as_int64_pattern(seed % 2 ** 64), threshold, 1.0 / (1.0 - float(dropout_p)))
     if rank % 8:   # the kernels read rows of 8-element chunks: zero rank columns added (they add nothing)
         pad = 8 - rank % 8
         lora_a = torch.cat([lora_a, lora_a.new_zeros(pad, lora_a.shape[1])])
         lora_b = torch.nn.functional.pad(lora_b, (0, pad))
     return _LoraLinear.apply(check.rows_aligned(x), weight.contiguous(), lora_a.contiguous(), lora_b.contiguous(),
-                             bias, scale)
+                             bias, scale, dropout)
+
+
+# -- the layer and the model helper ---------------------------------------------------------------
+
+from .reference import lora as _reference   # noqa: E402  (scaling, and merge/unmerge's arithmetic)
+
+PEFT_PREFIX = "base_model.model."   # what a PeftModel puts before the wrapped model's keys
+
+
+class LoRALinear(torch.nn.Module):
+    """One LoRA adapter on a frozen nn.Linear (PEFT's semantics with bias="none"):
+
+        y = base(x) + scale (x Aᵀ) Bᵀ,   scale = alpha / r, or alpha / sqrt(r) with rslora
+
+    computed by lora_linear (one fused kernel pair). base's weight and bias are frozen
+    (requires_grad False: to train the bias too, call base_layer.bias.requires_grad_() afterwards);
+    lora_A.weight (r, in) is kaiming-uniform (a = sqrt(5)) and lora_B.weight (out, r) zero, so a new
+    layer starts as base. Parameters take base's weight's dtype and device: bfloat16 or
+    float16 (float32 on the CPU), in_features and out_features multiples of 8, 1 <= r <= 256.
+    dropout: LoRA's input dropout in training mode (lora_linear's, a fresh seed each call).
+
+    merge() adds scale B A into base's weight (float32 arithmetic, rounded once); forward is then
+    the base linear alone and the adapter gets no gradient; unmerge() subtracts it again, giving back
+    the weight within one rounding (one unit in the last place of the merged element)."""
+
+    def __init__(self, base: torch.nn.Linear, r: int, alpha: float, *, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        if not isinstance(base, torch.nn.Linear):
+            raise TypeError(f"base must be a torch.nn.Linear; got {type(base).__name__}")
+        if base.in_features % 8 or base.out_features % 8:
+            raise ValueError(f"base must have in_features and out_features multiples of 8; got "
+                             f"in_features={base.in_features}, out_features={base.out_features}")
+        self.r = check.integer(r, "r", 1, MAX_RANK + 1)
+        self.alpha = check.float32_value(alpha, "alpha")
+        dropout = check.real(dropout, "dropout")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        if not isinstance(rslora, bool):
+            raise TypeError(f"rslora must be a bool; got {type(rslora).__name__}")
+        self.dropout, self.rslora = dropout, rslora
+        self.scale = _reference.scaling(self.alpha, self.r, rslora)
+        self.merged = False
+        factory = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.base_layer = base.requires_grad_(False)
+        self.lora_A = torch.nn.Linear(base.in_features, self.r, bias=False, **factory)
+        self.lora_B = torch.nn.Linear(self.r, base.out_features, bias=False, **factory)
+        self.reset_parameters()
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def reset_parameters(self) -> None:
+        """PEFT's init (init_lora_weights=True): A like nn.Linear's weight, B zero."""
+        torch.nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        torch.nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape (..., in_features={self.in_features}); got {tuple(x.shape)}")
+        weight = self.base_layer.weight
+        if x.dtype != weight.dtype:
+            raise TypeError(f"x must have the layer's dtype {weight.dtype}; got {x.dtype}")
+        if self.merged:
+            return self.base_layer(x)
+        out = lora_linear(x.reshape(-1, self.in_features), weight, self.lora_A.weight, self.lora_B.weight,
+                          self.scale, bias=self.base_layer.bias, dropout_p=self.dropout if self.training else 0.0)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def merge(self) -> None:
+        """base weight += scale B A (in place; refuses a second merge)."""
+        if self.merged:
+            raise RuntimeError("LoRALinear.merge: the adapter is already merged (call unmerge() first)")
+        self._set_weight(_reference.merge)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """base weight -= scale B A (in place; only after merge)."""
+        if not self.merged:
+            raise RuntimeError("LoRALinear.unmerge: the adapter is not merged (call merge() first)")
+        self._set_weight(_reference.unmerge)
+        self.merged = False
+
+    def _set_weight(self, combine) -> None:
+        with torch.no_grad():
+            weight = self.base_layer.weight
+            weight.copy_(combine(weight, self.lora_A.weight, self.lora_B.weight, self.scale))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha:g}, scale={self.scale:g}, rslora={self.rslora}, merged={self.merged}")
+
+
+def _is_target(name: str, target_modules) -> bool:
+    """PEFT's rule for a list of names: the qualified name is a target or ends in "." + a target."""
+    return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def add_lora_(model: torch.nn.Module, target_modules, r: int, alpha: float, *, dropout: float = 0.0,
+              rslora: bool = False) -> torch.nn.Module:
+    """Replaces, in place, every nn.Linear of model whose qualified name ends in one of target_modules
+    (PEFT's matching: "q_proj" matches "layers.0.self_attn.q_proj") by a LoRALinear wrapping it, and
+    freezes every other parameter (only the adapters train, PEFT's bias="none"). Returns model.
+    Linears inside an existing LoRALinear are never targets."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if isinstance(target_modules, str) or not all(isinstance(t, str) and t for t in target_modules):
+        raise TypeError(f"target_modules must be a list of non-empty module names (PEFT's regex string form is "
+                        f"not supported); got {target_modules!r}")
+    inside = {f"{name}.{child}" if name else child for name, module in model.named_modules()
+              if isinstance(module, LoRALinear) for child in ("base_layer", "lora_A", "lora_B")}
+    targets = [name for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and name and name not in inside
+               and _is_target(name, target_modules)]
+    if not targets:
+        raise ValueError(f"target_modules {list(target_modules)!r} matched no torch.nn.Linear of the model "
+                         f"(Linears already wrapped by LoRALinear are skipped)")
+    frozen_before = [(p, p.requires_grad) for p in model.parameters()]
+    try:   # every target built before the model changes; a refused one leaves the model as it was
+        wrapped = {name: LoRALinear(model.get_submodule(name), r, alpha, dropout=dropout, rslora=rslora)
+                   for name in targets}
+    except Exception:
+        for p, requires_grad in frozen_before:
+            p.requires_grad_(requires_grad)
+        raise
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in wrapped.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)   # its adapter was not in the model when frozen: it trains
+    return model
+
+
+def _peft_names(model: torch.nn.Module, adapter_name: str):
+    """{our key: PEFT's in-memory key} for the adapters' weights of every LoRALinear in model."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty name without dots; got {adapter_name!r}")
+    names = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            prefix = f"{name}." if name else ""
+            for matrix in ("lora_A", "lora_B"):
+                names[f"{prefix}{matrix}.weight"] = f"{prefix}{matrix}.{adapter_name}.weight"
+    return names
+
+
+def peft_state_dict(model: torch.nn.Module, adapter_name: str = "default"):
+    """model.state_dict() under PEFT's in-memory names: each LoRALinear's lora_A.weight / lora_B.weight
+    become lora_A.<adapter_name>.weight / lora_B.<adapter_name>.weight (base_layer.* and every other
+    key unchanged): the keys of get_peft_model(model).base_model.model.state_dict()."""
+    names = _peft_names(model, adapter_name)
+    return {names.get(key, key): value for key, value in model.state_dict().items()}
+
+
+def load_peft_state_dict(model: torch.nn.Module, state_dict, adapter_name: str = "default", strict: bool = True):
+    """Loads a dict with PEFT's key names into model (its LoRALinears in place): keys may carry the
+    adapter name (lora_A.<adapter_name>.weight, the in-memory form) or not (a saved adapter file), and
+    PeftModel's base_model.model. prefix. A saved adapter holds only the LoRA weights: pass
+    strict=False. Returns torch's load_state_dict result (missing and unexpected keys)."""
+    ours = {peft: key for key, peft in _peft_names(model, adapter_name).items()}
+    converted = {}
+    for key, value in state_dict.items():
+        key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        converted[ours.get(key, key)] = value
+    return model.load_state_dict(converted, strict=strict)
