@@ -62,3 +62,14 @@ def test_bench(benchmark, case, side):
     benchmark.extra_info.update(bytes_moved=case.bytes_moved, anchor=case.anchor_name)
     benchmark.pedantic(synchronized(run, case.device), setup=lambda: ((next(rotation),), {}),
                        rounds=10, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("family", ["mezo", "gemm", "quant", "moe", "lora"])
+def test_cuda_case_list_builds_without_touching_cuda(family):
+    """Building a family's CUDA case list allocates nothing and touches no device: it works with a torch
+    built without CUDA and leaves CUDA uninitialized. (attention's list probes SDPA's backends on the
+    device, so it is not among these.)"""
+    initialized = torch.cuda.is_initialized()
+    cases = core._FAMILIES[family](torch.device("cuda"), False)
+    assert cases and all(case.device.type == "cuda" for case in cases)
+    assert torch.cuda.is_initialized() == initialized

@@ -12,5 +12,6 @@ from . import gemm  # noqa: F401,E402  (registers "gemm")
 from . import attention  # noqa: F401,E402  (registers "attention")
 from . import quant  # noqa: F401,E402  (registers "quant")
 from . import moe  # noqa: F401,E402  (registers "moe")
+from . import lora  # noqa: F401,E402  (registers "lora")
 
 __all__ = ["Case", "Target", "build_cases", "register"]

@@ -271,3 +271,24 @@ def matmul_peak_tflops(device: torch.device, *, repeats: Optional[int] = None) -
     timing = measure(lambda _: torch.matmul(a, b, out=out), [None], device, repeats=repeats,
                      budget_seconds=0.5)
     return 2 * size**3 / (timing.median * 1e-3) / 1e12
+
+
+# -- helpers for the families' checks -----------------------------------------------------------
+
+def poison_next_allocations(shapes: Sequence[Tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> None:
+    """For calls that allocate their outputs: NaN-filled blocks of the outputs' sizes, all alive at
+    once and then freed, are where torch's CUDA caching allocator most likely puts those outputs, so
+    an output the call never writes reads NaN. Only likely (the allocator may split, merge or pick
+    another free block, and the CPU allocator hands freed memory back to malloc); what a check relies
+    on is that its input set is fresh: no earlier correct result for these inputs exists anywhere in
+    memory, so an output the call did not write cannot pass the comparison with an oracle."""
+    poison = [torch.full(tuple(shape), float("nan"), dtype=dtype, device=device) for shape in shapes]
+    del poison
+
+
+def spread_rows(count: int, limit: int, device: torch.device) -> torch.Tensor:
+    """Up to `limit` row indices (int64) spread evenly over [0, count), first and last included: the
+    rows a check compares with its oracle."""
+    if count <= limit:
+        return torch.arange(count, device=device)
+    return torch.linspace(0, count - 1, limit, device=device).round().long().unique()

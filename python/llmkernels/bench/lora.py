@@ -1,0 +1,342 @@
+"""LoRA-fused matmul benchmark cases (issue 13): one adapter on a frozen 16-bit base weight, no bias and
+no dropout (Llama-3's projections have no bias; PEFT's LoraConfig defaults to lora_dropout=0), forward
+and one training step, against what a user would run without us.
+
+    lora.lora_linear          llmkernels.lora.lora_linear(x, W, A, B, scale): the shrink s = scale x Aᵀ,
+                              then the base GEMM with the expand as extra k tiles, [x | s]·[W | B]ᵀ
+        vs  base F.linear     F.linear(x, W): the base layer's GEMM alone (cuBLAS), what the fused layer
+                              costs over a layer without an adapter
+        vs  PEFT composition  F.linear(x, W) + F.linear(F.linear(x, A), B) * scale in x's dtype: PEFT's
+                              lora.Linear.forward (result = base_layer(x); result = result +
+                              lora_B(lora_A(dropout(x))) * scaling, dropout the identity at p = 0), five
+                              kernels (three GEMMs, the scale, the sum); reference.lora_linear(upcast=False)
+                              computes the same values (bitwise on the CPU, checked) but adds its own
+                              validation and a host sync a call
+
+    lora.lora_linear.fwd_bwd  one training step: the forward with x, A and B requiring grad (the weight
+                              frozen), then torch.autograd.grad of the output for a given dy (M, N): dx, dA, dB
+                              (nothing accumulates into .grad; every side is timed the same way, _train_step)
+        vs  base F.linear     the frozen base layer's step: F.linear(x, W) with x requiring grad, then dx
+                              (two GEMMs: the forward and dy W; no dW, the weight is frozen)
+        vs  PEFT composition  the composition above through autograd
+
+x (M, K), W (N, K), A (r, K), B (N, r), dy (M, N), all drawn with torch.randn in the case's dtype on the
+device, the weights scaled like linear layers (W and A by K^-1/2, B by r^-1/2, not PEFT's zero B, so that
+the adapter's term is as large as the base's and a kernel that drops it fails the check), scale =
+alpha / r with alpha = 2r (reference.scaling).
+
+CUDA, bf16, Llama-3-8B's projections (K -> N): qkv 4096 -> 6144, o 4096 -> 4096, gate/up 4096 -> 28672
+(2 x 14336), down 14336 -> 4096; ranks 16 and 64.
+    forward: M in 1, 16, 128, 512, 2048, 8192, each against both anchors: 96 cases.
+    forward+backward: M in 2048 and 8192, each against both anchors: 32 cases.
+    Together 128 cases, roughly 3-5 min on an H100 with setup and checks (an estimate, not measured: about
+        1 s a case of setup, checks and warm-up, plus the timed calls, at most 200 a function).
+    --quick: forward o r=16 M=16 against the base GEMM, qkv r=16 M=2048 against both anchors, forward+
+        backward qkv r=16 M=2048 against the frozen base layer: 4 cases, an estimated 5-10 s on an H100.
+CPU: a scaled-down layer (K = N = 1024, r = 16) against the PEFT composition: the forward in bf16 and in
+float32 at M = 128 and 512, the forward+backward in bf16 at M = 128 (--quick: the bf16 forward at M = 128
+and the forward+backward). Building the CUDA list touches no device (torch without CUDA builds it too).
+
+Throughput: M <= 16 reads the weight once and does little else: effective GB/s (flops=None) of
+bytes_moved (the forward: W, A, B and x read, out written), against the copy bandwidth. Larger M in
+TFLOP/s of our work, 2 M (N K + r (K + N)) for the forward, 4 M N K + 6 M r (K + N) for the training step
+(its forward, dx = dy W + (scale dy B) A, dA, dB), against the bf16 matmul peak. (The training step's
+bytes_moved, which only sizes the input-set rotation: W, A and B read twice, x and dy twice, out and dx
+written, the rest once.)
+
+Targets (printed under the table, not asserted; ratio = the anchor's time / ours):
+    forward, r = 16, M >= 512: within 8% of the base GEMM alone (ratio >= 1/1.08 = 0.926)
+    forward+backward, every case: at most 1.15x the frozen base layer's forward+backward (ratio >= 1/1.15
+        = 0.870)
+    CPU forward, M >= 128: the fused C++ forward at least 0.8x the speed of the PEFT composition (ratio >= 0.8).
+        Measured on a 2-core AVX2 EPYC with one thread (OMP_NUM_THREADS=1, torch.set_num_threads(1); the two
+        alternating, medians of 30 calls each): bf16 2.5x at M = 128 and 2.6x at 512 (13 vs 32 ms, 51 vs
+        131 ms: torch's bf16 CPU matmul is slow without AVX-512 BF16), float32 0.31x and 0.27x (19 vs 5.9 ms,
+        75 vs 21 ms: torch's float32 GEMMs are MKL's, our CPU kernel is the GEMM core's); this runner with
+        OMP_NUM_THREADS=1 measured 2.2x, 1.9x, 0.26x and 0.23x on the same four cases. With two threads
+        while other jobs held the cores the medians swung from 1.2x to 2.3x (bf16) and 0.7x to 2.2x
+        (float32), every case flagged WIDE SPREAD: trust a run on quiet cores only.
+
+Checks (each side on a fresh input set, before anything is timed): every side allocates its outputs, so
+blocks of their sizes are poisoned with NaN first (core.poison_next_allocations; what the check relies on is
+that the input set is fresh). The output must then be finite everywhere and, on up to CHECK_ROWS rows
+spread over M, within TOLERANCE (2^-6) of its scale (max |oracle|) of a float32 oracle: the base layer's
+float32 F.linear, or reference.lora_linear in float32 (upcast=True) for ours and the PEFT composition.
+Training: the output and every gradient must be finite everywhere; the output and dx are compared on the
+CHECK_ROWS rows (the float32 oracle through autograd on those rows), dA and dB in full (sums over all M
+rows: the oracle's gradients summed over chunks of ORACLE_CHUNK_ROWS rows), each within 2^-6 of its own
+scale. Measured on the CPU with check_errors() (bf16, K = N = 1024 at r = 16 and M = 1 and 128, r = 64 and
+M = 512, and K = 520, N = 1032, r = 16, M = 37; the CUDA kernels emulated at K = 264, N = 136, M = 1 and
+37), in units of 2^-6 of each tensor's scale, largest over the output and the gradients: ours 0.28
+(emulated 0.20), the PEFT composition 0.39, the base layer 0.23; float32 cases below 0.001. A side that
+drops the adapter is off by about 0.9 of the output's scale, a scale 5% too large by 3 units, a dA 3%
+too large by 2 units.
+"""
+import dataclasses
+import functools
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import lora
+from ..reference import lora as reference
+from .core import Case, Check, Run, Target, poison_next_allocations, register, spread_rows
+
+MEMORY_BOUND_ROWS = 16       # M <= this: GB/s of bytes_moved; above, TFLOP/s
+CHECK_ROWS = 256             # rows of the output and of dx compared with the float32 oracle
+ORACLE_CHUNK_ROWS = 2048     # rows the oracle differentiates at once for dA and dB (bounds its float32 copies)
+TOLERANCE = 2 ** -6          # of each compared tensor's scale (max |oracle|), for every side
+ALPHA_PER_RANK = 2           # scale = alpha / r = 2
+FORWARD_SLOWDOWN = 1.08      # target: the r=16 forward within 8% of the base GEMM at M >= 512
+TRAIN_SLOWDOWN = 1.15        # target: the training step at most 1.15x the frozen base layer's
+CPU_RATIO = 0.8              # target: the CPU forward at least 0.8x the PEFT composition's speed at M >= 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    label: str
+    out_features: int   # N
+    in_features: int    # K
+
+    def __str__(self) -> str:
+        return f"{self.label} {self.in_features}->{self.out_features}"
+
+
+QKV = Layer("8B qkv", 6144, 4096)
+O_PROJ = Layer("8B o", 4096, 4096)
+GATE_UP = Layer("8B gate/up", 28672, 4096)
+DOWN = Layer("8B down", 4096, 14336)
+CPU_LAYER = Layer("scaled down", 1024, 1024)
+
+Config = Tuple[Layer, int, int, torch.dtype]   # (layer, rank, M, dtype)
+BF16, FP32 = torch.bfloat16, torch.float32
+CUDA_FORWARD = [(layer, rank, m, BF16) for layer in (QKV, O_PROJ, GATE_UP, DOWN) for rank in (16, 64)
+                for m in (1, 16, 128, 512, 2048, 8192)]
+CUDA_TRAIN = [(layer, rank, m, BF16) for layer in (QKV, O_PROJ, GATE_UP, DOWN) for rank in (16, 64)
+              for m in (2048, 8192)]
+CPU_FORWARD = [(CPU_LAYER, 16, m, dtype) for dtype in (BF16, FP32) for m in (128, 512)]
+CPU_TRAIN = [(CPU_LAYER, 16, 128, BF16)]      # --quick too
+QUICK_CPU_FORWARD = CPU_FORWARD[:1]
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LoraInputs:
+    x: torch.Tensor                    # (M, K); requires grad in a training step
+    weight: torch.Tensor               # (N, K), frozen
+    lora_a: torch.Tensor               # (r, K); requires grad in a training step
+    lora_b: torch.Tensor               # (N, r); requires grad in a training step
+    scale: float
+    dy: Optional[torch.Tensor] = None                  # (M, N): the output's gradient in a training step
+    out: Optional[torch.Tensor] = None                 # the last call's output (whichever side ran)
+    grads: Optional[Tuple[torch.Tensor, ...]] = None   # the last step's gradients: (dx, dA, dB), or (dx,)
+
+
+def make_inputs(layer: Layer, rank: int, m: int, dtype: torch.dtype, backward: bool,
+                device: torch.device) -> LoraInputs:
+    """A fresh input set, drawn directly in `dtype` on the device (no float32 copy of the weight); with
+    `backward` the leaves x, A and B require grad and dy is drawn."""
+    n, k = layer.out_features, layer.in_features
+    randn = functools.partial(torch.randn, device=device, dtype=dtype)
+    inputs = LoraInputs(x=randn(m, k), weight=randn(n, k).mul_(k ** -0.5), lora_a=randn(rank, k).mul_(k ** -0.5),
+                        lora_b=randn(n, rank).mul_(rank ** -0.5),
+                        scale=reference.scaling(ALPHA_PER_RANK * rank, rank))
+    if backward:
+        for leaf in (inputs.x, inputs.lora_a, inputs.lora_b):
+            leaf.requires_grad_()
+        inputs.dy = randn(m, n)
+    return inputs
+
+
+# -- the sides: ours and the anchors ---------------------------------------------------------------
+
+def _ours(inputs: LoraInputs) -> torch.Tensor:
+    return lora.lora_linear(inputs.x, inputs.weight, inputs.lora_a, inputs.lora_b, inputs.scale)
+
+
+def _peft(inputs: LoraInputs) -> torch.Tensor:
+    """PEFT's lora.Linear.forward without dropout: the base layer, then the adapter's two linears and the
+    scale, each in x's dtype (one rounding each), added to the base output."""
+    x = inputs.x
+    return F.linear(x, inputs.weight) + F.linear(F.linear(x, inputs.lora_a), inputs.lora_b) * inputs.scale
+
+
+def _base(inputs: LoraInputs) -> torch.Tensor:
+    return F.linear(inputs.x, inputs.weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class Side:
+    name: str
+    forward: Callable[[LoraInputs], torch.Tensor]
+    adapter: bool     # adds the adapter's term (ours, PEFT); False: the base layer alone
+
+    def leaves(self, inputs: LoraInputs) -> Tuple[torch.Tensor, ...]:
+        """What a training step of this side differentiates with respect to, in the order of `grads`."""
+        return (inputs.x, inputs.lora_a, inputs.lora_b) if self.adapter else (inputs.x,)
+
+
+OURS = Side("llmkernels lora_linear", _ours, adapter=True)
+ANCHORS = {"base": Side("base F.linear", _base, adapter=False),
+           "peft": Side("PEFT composition", _peft, adapter=True)}
+GRAD_NAMES = ("dx", "d lora_a", "d lora_b")
+
+
+def _forward(side: Side, inputs: LoraInputs) -> None:
+    inputs.out = None                       # the last call's output is not held through this one
+    inputs.out = side.forward(inputs)
+
+
+def _train_step(side: Side, inputs: LoraInputs) -> None:
+    """One training step: the side's forward through autograd, then the gradients of its leaves for dy.
+    torch.autograd.grad: nothing accumulates into .grad, and the graph is freed with the step."""
+    inputs.out = inputs.grads = None        # the last step's tensors are not held through this one
+    inputs.out = side.forward(inputs)
+    inputs.grads = torch.autograd.grad(inputs.out, side.leaves(inputs), inputs.dy)
+
+
+# -- checks ----------------------------------------------------------------------------------------
+
+def oracle(inputs: LoraInputs, weight: torch.Tensor, rows: torch.Tensor, adapter: bool,
+           with_grad: bool) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """float32 (out on `rows`, gradients): reference.lora_linear in float32 (upcast=True) for a side with the
+    adapter, F.linear in float32 for the base layer alone, on x's `rows`; `weight` is the base weight in
+    float32 (converted once by the caller). With `with_grad`, the gradients of <out, dy[rows]> with respect
+    to x[rows] and, with the adapter, A and B (those two: the rows' share of the sums over M)."""
+    x = inputs.x.detach()[rows].float().requires_grad_(with_grad)
+    leaves: Tuple[torch.Tensor, ...] = (x,)
+    with torch.set_grad_enabled(with_grad):
+        if adapter:
+            a, b = (t.detach().float().requires_grad_(with_grad) for t in (inputs.lora_a, inputs.lora_b))
+            out = reference.lora_linear(x, weight, a, b, inputs.scale, out_dtype=torch.float32)
+            leaves = (x, a, b)
+        else:
+            out = F.linear(x, weight)
+    if not with_grad:
+        return out, ()
+    return out.detach(), torch.autograd.grad(out, leaves, inputs.dy[rows].float())
+
+
+def _compared(side: Side, inputs: LoraInputs, backward: bool) -> List[Tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, got, float32 oracle) of the call just run: the output (and dx) on up to CHECK_ROWS rows; in a
+    training step with the adapter, dA and dB in full (the oracle's summed over chunks of rows)."""
+    m, device = inputs.x.shape[0], inputs.x.device
+    weight = inputs.weight.detach().float()
+    rows = spread_rows(m, CHECK_ROWS, device)
+    out, grads = oracle(inputs, weight, rows, side.adapter, backward)
+    compared = [("out", inputs.out.detach()[rows], out)]
+    if not backward:
+        return compared
+    compared.append(("dx", inputs.grads[0][rows], grads[0]))
+    if side.adapter:
+        totals = [torch.zeros_like(g) for g in grads[1:]]
+        for start in range(0, m, ORACLE_CHUNK_ROWS):
+            chunk = torch.arange(start, min(m, start + ORACLE_CHUNK_ROWS), device=device)
+            for total, grad in zip(totals, oracle(inputs, weight, chunk, True, True)[1][1:]):
+                total += grad
+        compared += [(name, got, expected) for name, got, expected in zip(GRAD_NAMES[1:], inputs.grads[1:], totals)]
+    return compared
+
+
+def check_errors(side: Side, inputs: LoraInputs, backward: bool) -> List[Tuple[str, float]]:
+    """(name, max |got - oracle| / max |oracle|) of every tensor the check compares, for the call just run
+    (the check asserts each is at most TOLERANCE)."""
+    errors = []
+    for name, got, expected in _compared(side, inputs, backward):
+        scale = expected.abs().max().item()
+        errors.append((name, (got.float() - expected).abs().max().item() / scale if scale > 0 else 0.0))
+    return errors
+
+
+def _check(side: Side, backward: bool, inputs: LoraInputs, run: Run) -> None:
+    """The call wrote its output (and, in a training step, its gradients), their sizes poisoned with NaN
+    first: the right shapes and dtype, finite everywhere, and within TOLERANCE of the float32 oracle on the
+    entries _compared() picks."""
+    m, n = inputs.x.shape[0], inputs.weight.shape[0]
+    expected = [("out", (m, n))]
+    if backward:
+        expected += [(name, tuple(leaf.shape)) for name, leaf in zip(GRAD_NAMES, side.leaves(inputs))]
+    poison_next_allocations([shape for _, shape in expected], inputs.x.dtype, inputs.x.device)
+    run(inputs)
+    written = [inputs.out] + list(inputs.grads if backward and inputs.grads is not None else [])
+    assert len(written) == len(expected), f"{side.name} wrote {len(written)} of {len(expected)} tensors"
+    for (name, shape), tensor in zip(expected, written):
+        assert tensor is not None and tuple(tensor.shape) == shape and tensor.dtype == inputs.x.dtype, \
+            f"{side.name}: {name} not written as {inputs.x.dtype} {shape}"
+        assert torch.isfinite(tensor).all(), f"{side.name}: {name} has non-finite values (not written?)"
+    for name, error in check_errors(side, inputs, backward):
+        assert error <= TOLERANCE, \
+            f"{side.name}: {name} is off the float32 oracle by {error:.3g} of its scale (tolerance {TOLERANCE:.3g})"
+
+
+def _side(side: Side, backward: bool) -> Tuple[Run, Check]:
+    """The timed function and its check for a side: the forward alone, or the training step."""
+    run = functools.partial(_train_step if backward else _forward, side)
+    return run, functools.partial(_check, side, backward)
+
+
+# -- cases -----------------------------------------------------------------------------------------
+
+def _targets(device: torch.device, rank: int, m: int, anchor: str, backward: bool) -> List[Target]:
+    if device.type != "cuda":
+        if anchor == "peft" and not backward and m >= 128:
+            return [Target("ratio", CPU_RATIO, f"CPU: the fused C++ forward at least {CPU_RATIO}x the speed of the "
+                                               "unfused PEFT composition at M >= 128")]
+        return []
+    if anchor != "base":
+        return []
+    if backward:
+        return [Target("ratio", 1 / TRAIN_SLOWDOWN,
+                       f"training forward+backward at most {TRAIN_SLOWDOWN}x the frozen base layer's forward+backward "
+                       f"(ratio >= {1 / TRAIN_SLOWDOWN:.3f})")]
+    if rank == 16 and m >= 512:
+        return [Target("ratio", 1 / FORWARD_SLOWDOWN,
+                       f"fused r=16 forward within {FORWARD_SLOWDOWN - 1:.0%} of the base GEMM alone at M >= 512 "
+                       f"(ratio >= {1 / FORWARD_SLOWDOWN:.3f})")]
+    return []
+
+
+def _work(layer: Layer, rank: int, m: int, dtype: torch.dtype, backward: bool) -> Tuple[int, Optional[int]]:
+    """(bytes_moved, flops) of our side (the module docstring says what each counts)."""
+    n, k = layer.out_features, layer.in_features
+    adapter = rank * (k + n)
+    if backward:
+        return dtype.itemsize * (2 * n * k + 3 * adapter + 3 * m * k + 3 * m * n), 4 * m * n * k + 6 * m * adapter
+    flops = 2 * m * (n * k + adapter)
+    return dtype.itemsize * (n * k + adapter + m * k + m * n), None if m <= MEMORY_BOUND_ROWS else flops
+
+
+def _case(config: Config, anchor: str, backward: bool, device: torch.device) -> Case:
+    layer, rank, m, dtype = config
+    run, check = _side(OURS, backward)
+    anchor_run, anchor_check = _side(ANCHORS[anchor], backward)
+    bytes_moved, flops = _work(layer, rank, m, dtype, backward)
+    return Case(name="lora.lora_linear.fwd_bwd" if backward else "lora.lora_linear",
+                description=f"{layer} r={rank} M={m}", dtype=dtype, device=device,
+                setup=functools.partial(make_inputs, layer, rank, m, dtype, backward, device),
+                run=run, check=check, anchor_name=ANCHORS[anchor].name, anchor_run=anchor_run,
+                anchor_check=anchor_check, bytes_moved=bytes_moved, flops=flops,
+                targets=tuple(_targets(device, rank, m, anchor, backward)))
+
+
+def _cases(configs: Sequence[Config], anchors: Sequence[str], device: torch.device, *,
+           backward: bool = False) -> List[Case]:
+    return [_case(config, anchor, backward, device) for config in configs for anchor in anchors]
+
+
+@register("lora")
+def cases(device: torch.device, quick: bool) -> List[Case]:
+    """The lists in the module docstring; building them allocates nothing and touches no device."""
+    if device.type == "cuda":
+        if quick:
+            return (_cases([(O_PROJ, 16, 16, BF16)], ["base"], device)
+                    + _cases([(QKV, 16, 2048, BF16)], ["base", "peft"], device)
+                    + _cases([(QKV, 16, 2048, BF16)], ["base"], device, backward=True))
+        return (_cases(CUDA_FORWARD, ["base", "peft"], device)
+                + _cases(CUDA_TRAIN, ["base", "peft"], device, backward=True))
+    if device.type != "cpu":
+        return []
+    return (_cases(QUICK_CPU_FORWARD if quick else CPU_FORWARD, ["peft"], device)
+            + _cases(CPU_TRAIN, ["peft"], device, backward=True))
