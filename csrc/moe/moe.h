@@ -178,12 +178,7 @@ LLMK_HD ColumnGrad activation_backward(bool swiglu, float a, float u, float dz, 
 }
 
 struct DownBackwardProblem {
-  DType dtype = DType::bf16;
-  int64_t rows = 0, hidden = 0, ffn = 0, experts = 0, ld_dout = 0;
-  const void* dout = nullptr;
-  const int32_t* row_token = nullptr;
-  const void* w_down = nullptr;
-  const int32_t* block_expert = nullptr;
+  GroupedProblem dz;   // dZ = dout[row_token] · W_down k-major: rows R, n = F, k = H; float32, out unset
   const void* pre = nullptr;
   const float* row_weight = nullptr;
   gemm::Activation activation = gemm::Activation::swiglu;

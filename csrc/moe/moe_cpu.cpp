@@ -185,29 +185,16 @@ void grouped_gemm_cpu(const GroupedProblem& p) {
 // dZ by the grouped GEMM's CPU kernel (k-major weights, gathered dout rows) in float32, then the
 // epilogue of the CUDA kernel row by row (moe.h: activation_backward), each part's columns summed in order.
 void down_backward_cpu(const DownBackwardProblem& p) {
-  std::vector<float> dz(size_t(p.rows * p.ffn));
-  GroupedProblem g;
-  g.dtype = p.dtype;
-  g.out_dtype = DType::f32;
-  g.rows = p.rows;
-  g.n = p.ffn;
-  g.k = p.hidden;
-  g.experts = p.experts;
-  g.block = kMoeBlock;
-  g.lda = p.ld_dout;
-  g.a = p.dout;
-  g.a_rows = p.row_token;
-  g.b = p.w_down;
-  g.block_expert = p.block_expert;
-  g.b_k_major = true;
+  std::vector<float> dz(size_t(p.dz.rows * p.dz.n));
+  GroupedProblem g = p.dz;
   g.out = dz.data();
   grouped_gemm_cpu(g);
   const bool swiglu = p.activation == gemm::Activation::swiglu;
-  const int64_t ffn = p.ffn, ld = swiglu ? 2 * ffn : ffn, parts = down_parts(ffn);
-  dispatch<float, bf16, f16>(p.dtype, "down_backward (CPU kernel)", [&](auto tag) {
+  const int64_t ffn = p.dz.n, ld = swiglu ? 2 * ffn : ffn, parts = down_parts(ffn);
+  dispatch<float, bf16, f16>(p.dz.dtype, "down_backward (CPU kernel)", [&](auto tag) {
     using T = typename decltype(tag)::type;
 #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < p.rows; ++r) {
+    for (int64_t r = 0; r < p.dz.rows; ++r) {
       const T* saved = static_cast<const T*>(p.pre) + r * ld;
       T* dpre = static_cast<T*>(p.dpre) + r * ld;
       T* weighted_h = static_cast<T*>(p.weighted_h) + r * ffn;

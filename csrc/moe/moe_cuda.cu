@@ -356,26 +356,32 @@ struct WeightGradParams : gemm::TiledParams {
   LLMK_DEVICE int64_t out_offset() const { return int64_t(blockIdx.z) * m * n; }
 };
 
+// The tiled parameters and operands of a grouped product as p gives them.
+template <typename T, bool KMajorB>
+void set_grouped(GroupedParams<T, KMajorB>& params, const GroupedProblem& p) {
+  const bool swiglu = p.activation == gemm::Activation::swiglu;
+  static_cast<gemm::TiledParams&>(params) =
+      gemm::TiledParams{p.rows, p.n, p.k,
+                        gemm::Epilogue{p.out, swiglu ? p.n / 2 : p.n, p.out_dtype == DType::f32, nullptr, p.row_scale,
+                                       nullptr, p.activation, false, p.rows, p.n},
+                        nullptr, 0};
+  params.a = static_cast<const T*>(p.a);
+  params.lda = p.lda;
+  params.a_rows = p.a_rows;
+  params.b = static_cast<const T*>(p.b);
+  params.block_expert = p.block_expert;
+  params.pair_half = swiglu ? p.n / 2 : 0;
+  params.pre = static_cast<T*>(p.pre);
+}
+
 }  // namespace
 
 void grouped_gemm_device(const GroupedProblem& p, DeviceStream stream) {
   static_assert(MoeTiling::bm == kMoeBlock, "a tile's rows are one permutation block");
-  const bool swiglu = p.activation == gemm::Activation::swiglu;
   dispatch<bf16, f16>(p.dtype, "grouped_gemm (CUDA kernel)", [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto run = [&](auto params) {
-      static_cast<gemm::TiledParams&>(params) =
-          gemm::TiledParams{p.rows, p.n, p.k,
-                            gemm::Epilogue{p.out, swiglu ? p.n / 2 : p.n, p.out_dtype == DType::f32, nullptr,
-                                           p.row_scale, nullptr, p.activation, false, p.rows, p.n},
-                            nullptr, 0};
-      params.a = static_cast<const T*>(p.a);
-      params.lda = p.lda;
-      params.a_rows = p.a_rows;
-      params.b = static_cast<const T*>(p.b);
-      params.block_expert = p.block_expert;
-      params.pair_half = swiglu ? p.n / 2 : 0;
-      params.pre = static_cast<T*>(p.pre);
+      set_grouped(params, p);
       gemm::launch_tiled<T, T, MoeTiling, float>("moe grouped gemm", "", params, gemm::SplitK{}, stream);
     };
     if (p.b_k_major) run(GroupedParams<T, true>{});
@@ -385,20 +391,11 @@ void grouped_gemm_device(const GroupedProblem& p, DeviceStream stream) {
 
 void down_backward_device(const DownBackwardProblem& p, DeviceStream stream) {
   static_assert(MoeTiling::bn == kDownTileColumns && MoeTiling::warps_n == kDownWarpsN, "moe.h's down_parts");
-  dispatch<bf16, f16>(p.dtype, "down_backward (CUDA kernel)", [&](auto tag) {
+  LLMK_CHECK(p.dz.b_k_major && !p.dz.pre, ValueError, "down_backward: dZ reads W_down k-major and saves nothing");
+  dispatch<bf16, f16>(p.dz.dtype, "down_backward (CUDA kernel)", [&](auto tag) {
     using T = typename decltype(tag)::type;
     DownBackwardParams<T> params;
-    static_cast<gemm::TiledParams&>(params) = gemm::TiledParams{
-        p.rows, p.ffn, p.hidden,
-        gemm::Epilogue{nullptr, p.ffn, true, nullptr, nullptr, nullptr, gemm::Activation::none, false, p.rows, p.ffn},
-        nullptr, 0};
-    params.a = static_cast<const T*>(p.dout);
-    params.lda = p.ld_dout;
-    params.a_rows = p.row_token;
-    params.b = static_cast<const T*>(p.w_down);
-    params.block_expert = p.block_expert;
-    params.pair_half = 0;
-    params.pre = nullptr;
+    set_grouped<T, true>(params, p.dz);
     params.saved_pre = static_cast<const T*>(p.pre);
     params.row_weight = p.row_weight;
     params.dpre = static_cast<T*>(p.dpre);
