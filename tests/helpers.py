@@ -32,6 +32,16 @@ FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ODD_SIZES = (1, 3, 5, 6, 42, 63, 65, 123, 431)
 
 
+# A module's tests on tiny tensors run single-threaded: `from helpers import one_thread` (an autouse
+# fixture) makes a module so (intra-op threads only cost there, badly so on a busy 2-core machine).
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # -- inputs --------------------------------------------------------------------------------------
 
 def generator(seed: int) -> torch.Generator:

@@ -22,18 +22,9 @@ import torch.nn.functional as F
 
 from llmkernels.reference import attention as reference
 
-from helpers import assert_parity, randn, randn_list
+from helpers import one_thread, assert_parity, randn, randn_list  # noqa: F401 (one_thread: an autouse fixture)
 
 INF = float("inf")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: intra-op threads only cost (badly so on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- independent oracles -------------------------------------------------------------------------

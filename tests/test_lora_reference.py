@@ -26,19 +26,10 @@ from llmkernels import quant
 from llmkernels._ext import C
 from llmkernels.reference import lora
 
-from helpers import assert_parity, generator, randn, randn_list
+from helpers import one_thread, assert_parity, generator, randn, randn_list  # noqa: F401 (one_thread: an autouse fixture)
 from philox_numpy import philox4x32_10 as numpy_philox
 
 STREAM = 0x4C6F5241     # "LoRA", the contract's c2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: intra-op threads only cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- independent oracles -------------------------------------------------------------------------

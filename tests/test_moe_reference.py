@@ -22,18 +22,9 @@ import torch
 from llmkernels.reference import gemm as gemm_reference
 from llmkernels.reference import moe
 
-from helpers import assert_parity, generator, randn, randn_list
+from helpers import one_thread, assert_parity, generator, randn, randn_list  # noqa: F401 (one_thread: an autouse fixture)
 
 LN3 = math.log(3.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: intra-op threads only cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- independent oracles -------------------------------------------------------------------------
