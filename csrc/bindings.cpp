@@ -297,17 +297,28 @@ void moe_weight_grad(const py::object& a, const py::object& a_rows, const py::ob
 }
 
 void lora_linear(const py::object& x, const py::object& x_lora, const py::object& weight, const py::object& lora_a,
-                 const py::object& lora_b, double scale, const py::object& bias, bool transposed,
-                 const py::object& shrink, const py::object& out, const py::object& workspace, uintptr_t stream) {
+                 const py::object& lora_b, double scale, const py::object& scales, const py::object& bias,
+                 const py::object& adapter_ids, const py::object& ranks, const std::vector<int64_t>& slices,
+                 bool transposed, const py::object& shrink, const py::object& out, const py::object& workspace,
+                 const py::object& tiles, uintptr_t stream) {
   const TensorView x_view = tensor(x, "x"), w_view = tensor(weight, "weight");
   const auto x_lora_view = optional_tensor(x_lora, "x_lora");
   const TensorView a_view = tensor(lora_a, "lora_a"), b_view = tensor(lora_b, "lora_b");
   const TensorView s_view = tensor(shrink, "shrink"), out_view = tensor(out, "out");
-  const TensorView work_view = tensor(workspace, "workspace");
+  const TensorView work_view = tensor(workspace, "workspace"), tiles_view = tensor(tiles, "tiles");
   const auto bias_view = optional_tensor(bias, "bias");
+  const auto scales_view = optional_tensor(scales, "scales");
+  const auto ids_view = optional_tensor(adapter_ids, "adapter_ids");
+  const auto ranks_view = optional_tensor(ranks, "ranks");
+  lora::Extras extras;
+  extras.x_lora = pointer(x_lora_view);
+  extras.bias = pointer(bias_view);
+  extras.adapter_ids = pointer(ids_view);
+  extras.ranks = pointer(ranks_view);
+  extras.scales = pointer(scales_view);
   py::gil_scoped_release no_gil;
-  lora::lora_linear(x_view, pointer(x_lora_view), w_view, a_view, b_view, scale, pointer(bias_view), transposed, s_view,
-                    out_view, work_view, stream_pointer(stream));
+  lora::lora_linear(x_view, w_view, a_view, b_view, scale, extras, slices, transposed, s_view, out_view, work_view,
+                    tiles_view, stream_pointer(stream));
 }
 
 void lora_dropout(const py::object& x, int64_t seed, int64_t threshold, double keep_scale, const py::object& out,
@@ -561,16 +572,20 @@ PYBIND11_MODULE(_C, m) {
         py::arg("expert_offsets"), py::arg("out_dtype"), py::arg("out"), py::arg("stream"),
         "MoE per-expert weight gradients: out[e] = sum over expert e's rows r of a[r]^T b[r] (csrc/moe/moe.h)");
   m.def("lora_linear", &lora_linear, py::arg("x"), py::arg("x_lora"), py::arg("weight"), py::arg("lora_a"), py::arg("lora_b"),
-        py::arg("scale"), py::arg("bias"), py::arg("transposed"), py::arg("shrink"), py::arg("out"),
-        py::arg("workspace"), py::arg("stream"),
-        "LoRA-fused linear, one adapter: out = x W^T + bias + (scale x A^T) B^T, or transposed (dx): "
-        "dy W + (scale dy B) A (csrc/lora/lora.h)");
+        py::arg("scale"), py::arg("scales"), py::arg("bias"), py::arg("adapter_ids"), py::arg("ranks"), py::arg("slices"),
+        py::arg("transposed"), py::arg("shrink"), py::arg("out"), py::arg("workspace"), py::arg("tiles"),
+        py::arg("stream"),
+        "LoRA-fused linear: out = x W^T + bias + per row's adapter and slice (scale x A^T) B^T, or transposed "
+        "(dx, one adapter): dy W + (scale dy B) A (csrc/lora/lora.h)");
   m.def("lora_dropout", &lora_dropout, py::arg("x"), py::arg("seed"), py::arg("threshold"), py::arg("keep_scale"),
         py::arg("out"), py::arg("stream"),
         "LoRA's dropout: out = x * keep / (1 - p), the keep mask from the Philox LoRA stream (csrc/lora/lora.h)");
   m.def("lora_segment", [] { return lora::kSegment; }, "the k segment the LoRA kernels pad K and the rank to");
   m.def("lora_workspace", &lora::lora_workspace, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("rank"),
-        "float32 elements of the LoRA kernel's split-K workspace");
+        py::arg("adapters"), py::arg("slices"), py::arg("multi"),
+        "float32 elements of the LoRA kernels' split-K workspace (an upper bound)");
+  m.def("lora_tiles", &lora::lora_tiles, py::arg("m"), py::arg("adapters"), py::arg("multi"),
+        "int32 elements of the LoRA kernels' per-row-tile adapter lists (an upper bound; 0 without adapter ids)");
   m.def("moe_block", [] { return moe::kMoeBlock; }, "rows of the MoE grouped GEMM's blocks (the permutation's block)");
   m.def("moe_permute_chunk", [] { return moe::kPermuteChunk; },
         "pairs per block of the CUDA permutation (its workspace: (ceil(T k / chunk) + 1) E int32)");

@@ -460,7 +460,9 @@ struct TiledParams {
   template <typename OutT, typename Tiling>
   LLMK_DEVICE void clear_tile(int64_t, int64_t) const {}
   // This block's k tiles, [first, first + count) of the k_tiles of K: blockIdx.z's split-K range (a
-  // family hides this: MoE's weight gradients take expert blockIdx.z's rows).
+  // family hides this: MoE's weight gradients take expert blockIdx.z's rows, LoRA's blocks the k tiles
+  // of the adapters their rows use; count <= 0: none).
+  template <typename Tiling>
   LLMK_DEVICE void k_tile_range(int64_t k_tiles, int64_t& first, int64_t& count) const {
     first = int64_t(blockIdx.z) * tiles_per_split;
     count = first + tiles_per_split < k_tiles ? tiles_per_split : k_tiles - first;
@@ -498,7 +500,7 @@ __global__ void __launch_bounds__(Tiling::threads, 1) tiled_kernel(const __grid_
   const auto a = p.template loader_a<Tiling>();
   const auto b = p.template loader_b<Tiling>();
   int64_t first_tile, tiles;
-  p.k_tile_range((p.k + Tiling::bk - 1) / Tiling::bk, first_tile, tiles);
+  p.template k_tile_range<Tiling>((p.k + Tiling::bk - 1) / Tiling::bk, first_tile, tiles);
   Accumulators<Tiling, E> acc;
   main_loop<T, Tiling>(acc, a, b, row0, col0, first_tile, tiles);
   if constexpr (std::is_same_v<OutT, E>) {
@@ -559,11 +561,23 @@ void launch_tiled(const char* name, const char* reduce_name, Params params, Spli
 // it gives at least one tile per SM, Medium otherwise.
 constexpr int64_t kGpuSms = 132;  // H100 SXM; only the tiling choice depends on it
 
+struct SizedTiling {
+  int which;    // 0 small, 1 medium, 2 large
+  int64_t bm;   // its rows per tile
+};
+template <typename Small, typename Medium, typename Large>
+SizedTiling sized_tiling(int64_t m, int64_t n) {
+  const int64_t large_tiles = ((m + Large::bm - 1) / Large::bm) * ((n + Large::bn - 1) / Large::bn);
+  if (m <= Small::bm) return {0, Small::bm};
+  if (large_tiles >= kGpuSms) return {2, Large::bm};
+  return {1, Medium::bm};
+}
+
 template <typename T, typename OutT, typename E, typename Small, typename Medium, typename Large, typename Params>
 void launch_sized(const char* name, const char* reduce_name, const Params& params, SplitK split, DeviceStream stream) {
-  const int64_t large_tiles = ((params.m + Large::bm - 1) / Large::bm) * ((params.n + Large::bn - 1) / Large::bn);
-  if (params.m <= Small::bm) launch_tiled<T, OutT, Small, E>(name, reduce_name, params, split, stream);
-  else if (large_tiles >= kGpuSms) launch_tiled<T, OutT, Large, E>(name, reduce_name, params, SplitK{}, stream);
+  const int which = sized_tiling<Small, Medium, Large>(params.m, params.n).which;
+  if (which == 0) launch_tiled<T, OutT, Small, E>(name, reduce_name, params, split, stream);
+  else if (which == 2) launch_tiled<T, OutT, Large, E>(name, reduce_name, params, SplitK{}, stream);
   else launch_tiled<T, OutT, Medium, E>(name, reduce_name, params, SplitK{}, stream);
 }
 

@@ -8,18 +8,25 @@
 
 namespace llmk::lora {
 
-void lora_linear(const TensorView& x, const TensorView* x_lora, const TensorView& weight, const TensorView& lora_a,
-                 const TensorView& lora_b, double scale, const TensorView* bias, bool transposed,
-                 const TensorView& shrink, const TensorView& out, const TensorView& workspace, void* stream) {
-  for (const TensorView* t : {&x, &weight, &lora_a, &lora_b, &shrink, &out}) t->check_ndim(2);
+void lora_linear(const TensorView& x, const TensorView& weight, const TensorView& lora_a, const TensorView& lora_b,
+                 double scale, const Extras& optional, const std::vector<int64_t>& slices, bool transposed,
+                 const TensorView& shrink, const TensorView& out, const TensorView& workspace,
+                 const TensorView& tiles, void* stream) {
+  const TensorView *x_lora = optional.x_lora, *bias = optional.bias, *ids = optional.adapter_ids,
+                   *ranks = optional.ranks, *scales = optional.scales;
+  for (const TensorView* t : {&x, &weight, &shrink, &out}) t->check_ndim(2);
+  lora_a.check_ndim(4);
+  lora_b.check_ndim(3);
   const Backend backend = select_backend(x);
   LLMK_CHECK(x.dtype == DType::bf16 || x.dtype == DType::f16 || (x.dtype == DType::f32 && backend == Backend::cpu),
              TypeError, x.name, " must be bfloat16 or float16 (float32 on the CPU kernel only); got ",
              dtype_name(x.dtype));
   for (const TensorView* t : {&weight, &lora_a, &lora_b, &shrink, &out}) t->check_same_dtype(x);
-  for (const TensorView* t : {&weight, &lora_a, &lora_b, &shrink, &out, &workspace, bias, x_lora})
+  for (const TensorView* t : {&weight, &lora_a, &lora_b, &shrink, &out, &workspace, &tiles, bias, x_lora, ids, ranks,
+                              scales})
     if (t) t->check_same_device(x);
-  const int64_t n = weight.shape[0], k = weight.shape[1], r = lora_a.shape[0], m = x.shape[0];
+  const int64_t n = weight.shape[0], k = weight.shape[1], m = x.shape[0];
+  const int64_t adapters = lora_a.shape[0], s_count = lora_a.shape[1], r = lora_a.shape[2];
   if (x_lora) {
     x_lora->check_same_dtype(x);
     x_lora->check_shape({m, x.shape[1]});
@@ -35,14 +42,47 @@ void lora_linear(const TensorView& x, const TensorView* x_lora, const TensorView
   LLMK_CHECK(x.shape[1] == in_features, ValueError, x.name, " must have ", in_features, " columns (",
              transposed ? "weight's rows N" : "weight's columns K", "); got ", x.shape_str());
   LLMK_CHECK(r >= 8 && r <= 256 && r % 8 == 0, ValueError,
-             "lora_a must have a rank (rows) that is a multiple of 8 in [8, 256] (the Python layer pads it); got ",
+             "lora_a must have a rank (dimension 2) that is a multiple of 8 in [8, 256] (the Python layer pads it); got ",
              lora_a.shape_str());
-  lora_a.check_shape({r, k});
-  lora_b.check_shape({n, r});
-  shrink.check_shape({m, padded(r)});
+  LLMK_CHECK(adapters >= 1 && adapters <= (int64_t(1) << 24), ValueError,
+             "lora_a must hold 1 to 2^24 adapters (dimension 0); got ", lora_a.shape_str());
+  LLMK_CHECK(s_count == int64_t(slices.size()) && s_count >= 1 && s_count <= kMaxSlices, ValueError,
+             "lora_a must have one slice (dimension 1) per entry of slices, at most ", kMaxSlices, "; got ",
+             lora_a.shape_str(), " and ", slices.size(), " slices");
+  lora_a.check_shape({adapters, s_count, r, k});
+  lora_b.check_shape({adapters, n, r});
+  int64_t offsets[kMaxSlices + 1] = {};
+  for (int64_t s = 0; s < s_count; ++s) {
+    LLMK_CHECK(slices[size_t(s)] > 0 && slices[size_t(s)] % 8 == 0, ValueError,
+               "slices must be positive multiples of 8; got ", slices[size_t(s)], " at ", s);
+    offsets[s + 1] = offsets[s] + slices[size_t(s)];
+  }
+  LLMK_CHECK(offsets[s_count] == n, ValueError, "slices must sum to the weight's rows N = ", n, "; got ",
+             offsets[s_count]);
+  if (transposed)
+    LLMK_CHECK(adapters == 1 && s_count == 1 && !ids && !ranks && !scales && !bias, ValueError,
+               "the transposed product (dx) takes one adapter and one slice, without adapter_ids, ranks, scales "
+               "or bias");
+  LLMK_CHECK(ids || adapters == 1, ValueError, "lora_a holds ", adapters, " adapters: adapter_ids must say which "
+             "each row uses");
+  if (ids) {
+    ids->check_dtype(DType::i32);
+    ids->check_shape({m});
+    ids->check_contiguous();
+  }
+  if (ranks) {
+    ranks->check_dtype(DType::i32);
+    ranks->check_shape({adapters});
+    ranks->check_contiguous();
+  }
+  if (scales) {
+    scales->check_dtype(DType::f32);
+    scales->check_shape({adapters, s_count});
+    scales->check_contiguous();
+  }
+  shrink.check_shape({m, s_count * r});
   out.check_shape({m, out_features});
   LLMK_CHECK(std::isfinite(scale), ValueError, "scale must be finite; got ", scale);
-  LLMK_CHECK(!bias || !transposed, ValueError, "the transposed product (dx) takes no bias");
   if (bias) {
     bias->check_dtype(DType::f32);
     bias->check_shape({n});
@@ -51,14 +91,21 @@ void lora_linear(const TensorView& x, const TensorView* x_lora, const TensorView
   for (const TensorView* t : {&weight, &lora_a, &lora_b, &shrink, &out}) t->check_contiguous();
   workspace.check_dtype(DType::f32);
   workspace.check_contiguous();
-  const int64_t needed = backend == Backend::cpu ? 0 : lora_workspace(m, out_features, in_features, r);
+  tiles.check_dtype(DType::i32);
+  tiles.check_contiguous();
+  const bool device = backend != Backend::cpu;
+  const int64_t needed = device ? lora_workspace(m, out_features, in_features, r, adapters, s_count, ids) : 0;
   LLMK_CHECK(workspace.numel() >= needed, ValueError, "workspace must have at least ", needed,
              " float32 elements (the CUDA kernel's split-K); got ", workspace.numel());
+  const int64_t tiles_needed = device ? lora_tiles(m, adapters, ids) : 0;
+  LLMK_CHECK(tiles.numel() >= tiles_needed, ValueError, "tiles must have at least ", tiles_needed,
+             " int32 elements (the CUDA kernel's adapter lists); got ", tiles.numel());
   std::vector<TensorView> read{extent(x), weight, lora_a, lora_b};
-  if (bias) read.push_back(*bias);
+  for (const TensorView* t : {bias, ids, ranks, scales})
+    if (t) read.push_back(*t);
   if (x_lora) read.push_back(extent(*x_lora));
-  check_no_overlap({shrink, out, workspace}, read);
-  if (backend != Backend::cpu)
+  check_no_overlap({shrink, out, workspace, tiles}, read);
+  if (device)
     for (const TensorView* t : {&x, &weight, &lora_a, &lora_b, &shrink, &out}) t->check_rows_aligned();
   Problem p;
   p.dtype = x.dtype;
@@ -66,6 +113,9 @@ void lora_linear(const TensorView& x, const TensorView* x_lora, const TensorView
   p.in_features = in_features;
   p.out_features = out_features;
   p.rank = r;
+  p.adapters = adapters;
+  p.slices = s_count;
+  for (int64_t s = 0; s <= s_count; ++s) p.slice_offsets[s] = offsets[s];
   p.ldx = m <= 1 ? in_features : x.strides[0];
   p.transposed = transposed;
   p.scale = float(scale);
@@ -76,13 +126,17 @@ void lora_linear(const TensorView& x, const TensorView* x_lora, const TensorView
   p.lora_a = lora_a.ptr;
   p.lora_b = lora_b.ptr;
   p.bias = bias ? bias->data<float>() : nullptr;
+  p.adapter_ids = ids ? ids->data<int32_t>() : nullptr;
+  p.ranks = ranks ? ranks->data<int32_t>() : nullptr;
+  p.scales = scales ? scales->data<float>() : nullptr;
   p.shrink = shrink.ptr;
   p.out = out.ptr;
   p.workspace = workspace.numel() ? workspace.data<float>() : nullptr;
+  p.tiles = tiles.numel() ? tiles.data<int32_t>() : nullptr;
   if (m == 0) return;
   run_on_backend(x, stream,
-                 Operands().add(x).add(x_lora).add(weight).add(lora_a).add(lora_b).add(bias).add(shrink).add(out)
-                     .add(workspace),
+                 Operands().add(x).add(x_lora).add(weight).add(lora_a).add(lora_b).add(bias).add(ids).add(ranks)
+                     .add(scales).add(shrink).add(out).add(workspace).add(tiles),
                  [&] { lora_linear_cpu(p); }, [&](auto device_stream) { lora_linear_device(p, device_stream); });
 }
 

@@ -9,6 +9,7 @@
 // the expand is rank_tiles(r) more k tiles of the base GEMM, the bias its epilogue, one rounding.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "common/philox.h"
 #include "core/backend.h"
@@ -22,27 +23,75 @@ namespace llmk::lora {
 constexpr int64_t kSegment = 64;
 LLMK_HD int64_t padded(int64_t v) { return (v + kSegment - 1) / kSegment * kSegment; }
 
-// x (M, K) bf16/fp16 (fp32 on the CPU kernel) with a contiguous last dimension; weight (N, K), lora_a
-// (r, K), lora_b (N, r) of x's dtype, contiguous; N and K multiples of 8, r a multiple of 8 (the Python
-// layer pads A and B), 8 <= r <= 256; bias float32 (N) or null; shrink: x's dtype (M, padded(r)),
-// written (scale x Aᵀ, for a backward); out (M, N) x's dtype; workspace float32 with at least
-// lora_workspace(M, N, K, r) elements (the CUDA kernel's split-K at small M).
+// x (M, K) bf16/fp16 (fp32 on the CPU kernel) with a contiguous last dimension; weight (N, K); lora_a
+// (L, S, r, K) and lora_b (L, N, r) of x's dtype, contiguous: L adapters, S slices (fused projections:
+// slice s owns output columns [slice_offsets[s], slice_offsets[s + 1]), each a multiple of 8, and has its
+// own lora_a[:, s]; lora_b stacks the slices' B along N like weight); N and K multiples of 8, r a
+// multiple of 8 (the Python layer pads A and B), 8 <= r <= 256, S <= kMaxSlices.
 //
-// transposed (the backward's dx): x is dy (M, N), out (M, K) = dy W + [scale (dy B)] A, shrink = scale
-// dy B; the same two kernels with every weight read k-major (as stored), bias null.
+// adapter_ids (M) int32 or null: row m uses adapter adapter_ids[m], -1 (or any id outside [0, L), which
+// the Python layer refuses before the call) none; null: adapter 0 for every row (L must be 1).
+// ranks (L) int32 or null: adapter l reads only lora_a[l, :, :ranks[l]] and lora_b[l, :, :ranks[l]]
+// (ranks in [0, r]; null: r for all); scales (L, S) float32 or null: the scale of (adapter, slice)
+// (null: `scale` for all). bias float32 (N) or null.
+//
+// shrink (M, S r) x's dtype: written, row m's slice s columns = scale (x_lora[m] A[l, s]ᵀ) for its adapter
+// l (zero past ranks[l], zero for rows without an adapter), kept for a backward; out (M, N) x's dtype;
+// workspace float32 with at least lora_workspace(...) elements (split-K at small M), tiles int32 with at
+// least lora_tiles(...) (the blocks' adapter lists; CUDA only).
+//
+// transposed (the backward's dx, one adapter and one slice, no ids, ranks or scales): x is dy (M, N),
+// out (M, K) = dy W + [scale (dy B)] A, shrink (M, r) = scale dy B; every weight read k-major (as
+// stored), bias null.
 // x_lora (optional, like x): the shrink's input instead of x (dropout(x), computed by `dropout`).
-void lora_linear(const TensorView& x, const TensorView* x_lora, const TensorView& weight, const TensorView& lora_a,
-                 const TensorView& lora_b, double scale, const TensorView* bias, bool transposed,
-                 const TensorView& shrink, const TensorView& out, const TensorView& workspace, void* stream);
+struct Extras {   // the optional inputs (null: absent)
+  const TensorView* x_lora = nullptr;
+  const TensorView* bias = nullptr;
+  const TensorView* adapter_ids = nullptr;
+  const TensorView* ranks = nullptr;
+  const TensorView* scales = nullptr;
+};
+constexpr int kMaxSlices = 8;
+void lora_linear(const TensorView& x, const TensorView& weight, const TensorView& lora_a, const TensorView& lora_b,
+                 double scale, const Extras& optional, const std::vector<int64_t>& slices, bool transposed,
+                 const TensorView& shrink, const TensorView& out, const TensorView& workspace,
+                 const TensorView& tiles, void* stream);
 
-inline int64_t lora_workspace(int64_t m, int64_t n_out, int64_t k_in, int64_t r) {
-  return gemm::split_k_workspace(m, n_out, padded(k_in) + padded(r));
+// The k of the fused product's split-K plan: an upper bound of a block's k (the base, then the groups of
+// the adapters its rows use: at most min(M, L), each with its slices' ranks); multi: adapter ids given.
+LLMK_HD int64_t fused_k_bound(int64_t m, int64_t k_in, int64_t r, int64_t adapters, int64_t slices, bool multi) {
+  return padded(k_in) + (multi ? (m < adapters ? m : adapters) : 1) * slices * padded(r);
+}
+LLMK_HD int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+// Rows per tile of the shrink's tiling and of the fused product's three (lora_cuda.cu checks them):
+// the adapter lists are kept per row tile.
+constexpr int64_t kShrinkTileRows = 64;
+constexpr int64_t kFusedTileRows[3] = {16, 64, 128};
+LLMK_HD int64_t tiles_size(int64_t m, int64_t rows, int64_t adapters) {   // [count, list of min(rows, L)] per tile
+  return (m + rows - 1) / rows * ((rows < adapters ? rows : adapters) + 1);
+}
+
+// Upper bounds the Python layer allocates (shapes it can compute while torch.compile traces): the
+// split-K partial sums (float32) and the adapter lists (int32) for M rows, N outputs, K inputs, rank r,
+// L adapters (ids given: multi) and S slices.
+inline int64_t lora_workspace(int64_t m, int64_t n_out, int64_t k_in, int64_t r, int64_t adapters, int64_t slices,
+                              bool multi) {
+  return gemm::split_k_workspace(m, n_out, fused_k_bound(m, k_in, r, adapters, slices, multi));
+}
+inline int64_t lora_tiles(int64_t m, int64_t adapters, bool multi) {
+  if (!multi) return 0;
+  int64_t fused = 0;
+  for (int64_t rows : kFusedTileRows) fused = tiles_size(m, rows, adapters) > fused ? tiles_size(m, rows, adapters) : fused;
+  return tiles_size(m, kShrinkTileRows, adapters) + fused;
 }
 
 // In the kernels' terms: in_features = x's columns (K, or N transposed), out_features = out's (N, or K).
 struct Problem {
   DType dtype = DType::bf16;
   int64_t m = 0, in_features = 0, out_features = 0, rank = 0, ldx = 0, ld_lora = 0;
+  int64_t adapters = 1, slices = 1;
+  int64_t slice_offsets[kMaxSlices + 1] = {};
   bool transposed = false;
   float scale = 1.0f;
   const void* x = nullptr;
@@ -51,9 +100,23 @@ struct Problem {
   const void* lora_a = nullptr;
   const void* lora_b = nullptr;
   const float* bias = nullptr;
+  const int32_t* adapter_ids = nullptr;
+  const int32_t* ranks = nullptr;
+  const float* scales = nullptr;
   void* shrink = nullptr;
   void* out = nullptr;
   float* workspace = nullptr;
+  int32_t* tiles = nullptr;
+
+  LLMK_HD int32_t rank_of(int32_t adapter) const { return ranks ? ranks[adapter] : int32_t(rank); }
+  LLMK_HD float scale_of(int32_t adapter, int64_t slice) const {
+    return scales ? scales[adapter * slices + slice] : scale;
+  }
+  LLMK_HD int64_t slice_of(int64_t column) const {
+    int64_t s = 0;
+    while (s + 1 < slices && slice_offsets[s + 1] <= column) ++s;
+    return s;
+  }
 };
 // dropout: out = x * keep / (1 - p) elementwise, x (M, K) (any row stride, contiguous rows), out (M, K)
 // contiguous of x's dtype; element (m, k), i = m K + k, is kept iff word (i mod 4) of

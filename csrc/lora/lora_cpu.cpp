@@ -1,5 +1,5 @@
 // CPU kernel of the LoRA family (lora.h): the shrink, then the base and expand products through the
-// GEMM core's CPU kernel in float32, added with the bias and rounded once (the CUDA kernel's sums, in
+// GEMM core's CPU kernel in float32, added with the bias and rounded once (the CUDA kernels' sums, in
 // another order).
 #include <algorithm>
 #include <vector>
@@ -10,48 +10,105 @@
 
 namespace llmk::lora {
 
+namespace {
+
+// out (m, n) float32 = a · b for a (m, k) of T with row stride lda, b (n, k) row-major with row stride
+// ldb, or (k, n) with k_major (row stride ldb), through the GEMM core's CPU kernel.
+void product(DType dtype, int64_t m, const void* a, int64_t lda, const void* b, int64_t ldb, bool k_major, int64_t n,
+             int64_t k, std::vector<float>& out) {
+  out.assign(size_t(m * n), 0.0f);
+  if (m == 0 || n == 0) return;
+  gemm::Problem g;
+  g.dtype = dtype;
+  g.out_dtype = DType::f32;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.a = a;
+  g.lda = lda;
+  g.b = b;
+  g.ldb = ldb;
+  g.b_k_major = k_major;
+  g.out = out.data();
+  g.ldo = n;
+  gemm::gemm_cpu(g);
+}
+
+// The transposed product (one adapter): u = scale dy B into shrink (M, r), out = dy W + u A.
+template <typename T>
+void transposed(const Problem& p, std::vector<float>& acc) {
+  std::vector<float> u, expand;
+  product(p.dtype, p.m, p.x, p.ldx, p.lora_b, p.rank, true, p.rank, p.in_features, u);
+  T* shrink = static_cast<T*>(p.shrink);
+  for (size_t e = 0; e < u.size(); ++e) shrink[e] = from_float<T>(p.scale * u[e]);
+  product(p.dtype, p.m, p.x, p.ldx, p.weight, p.out_features, true, p.out_features, p.in_features, acc);
+  product(p.dtype, p.m, shrink, p.rank, p.lora_a, p.out_features, true, p.out_features, p.rank, expand);
+  for (size_t e = 0; e < acc.size(); ++e) acc[e] += expand[e];
+}
+
+// The forward: per adapter (the rows using it, gathered when rows pick adapters) and slice, the
+// shrink s = scale x_lora A[l, s, :rank]ᵀ rounded into shrink, then its expand s B[l, slice rows,
+// :rank]ᵀ added to the base product x Wᵀ.
+template <typename T>
+void forward(const Problem& p, std::vector<float>& acc) {
+  const int64_t k = p.in_features, n = p.out_features, columns = p.slices * p.rank;
+  T* shrink = static_cast<T*>(p.shrink);
+  std::fill(shrink, shrink + p.m * columns, from_float<T>(0.0f));
+  product(p.dtype, p.m, p.x, p.ldx, p.weight, k, false, n, k, acc);
+  std::vector<std::vector<int64_t>> rows(size_t(p.adapters));
+  for (int64_t i = 0; i < p.m; ++i) {
+    const int32_t adapter = p.adapter_ids ? p.adapter_ids[i] : 0;
+    if (adapter >= 0 && adapter < p.adapters) rows[size_t(adapter)].push_back(i);
+  }
+  std::vector<T> gathered, s_rows;
+  std::vector<float> s, expand;
+  for (int64_t l = 0; l < p.adapters; ++l) {
+    const std::vector<int64_t>& mine = rows[size_t(l)];
+    const int64_t count = int64_t(mine.size()), rank = p.rank_of(int32_t(l));
+    if (count == 0 || rank == 0) continue;
+    const T* x = static_cast<const T*>(p.x_lora);
+    int64_t ldx = p.ld_lora;
+    if (p.adapter_ids) {   // (one adapter for all rows: x_lora as it is)
+      gathered.resize(size_t(count * k));
+      for (int64_t i = 0; i < count; ++i)
+        std::copy(x + mine[size_t(i)] * ldx, x + mine[size_t(i)] * ldx + k, gathered.begin() + i * k);
+      x = gathered.data();
+      ldx = k;
+    }
+    s_rows.resize(size_t(count * rank));
+    for (int64_t slice = 0; slice < p.slices; ++slice) {
+      const T* a = static_cast<const T*>(p.lora_a) + (l * p.slices + slice) * p.rank * k;
+      product(p.dtype, count, x, ldx, a, k, false, rank, k, s);
+      const float scale = p.scale_of(int32_t(l), slice);
+      for (int64_t i = 0; i < count; ++i)
+        for (int64_t j = 0; j < rank; ++j) {
+          const T v = from_float<T>(scale * s[size_t(i * rank + j)]);
+          shrink[mine[size_t(i)] * columns + slice * p.rank + j] = v;
+          s_rows[size_t(i * rank + j)] = v;
+        }
+      const int64_t lo = p.slice_offsets[slice], width = p.slice_offsets[slice + 1] - lo;
+      const T* b = static_cast<const T*>(p.lora_b) + (l * n + lo) * p.rank;
+      product(p.dtype, count, s_rows.data(), rank, b, p.rank, false, width, rank, expand);
+      for (int64_t i = 0; i < count; ++i)
+        for (int64_t j = 0; j < width; ++j) acc[size_t(mine[size_t(i)] * n + lo + j)] += expand[size_t(i * width + j)];
+    }
+  }
+}
+
+}  // namespace
+
+// The CUDA kernels' sums in float32 (in another order), with the bias, rounded once.
 void lora_linear_cpu(const Problem& p) {
-  const int64_t r_pad = padded(p.rank), k_in = p.in_features, n_out = p.out_features;
   dispatch<float, bf16, f16>(p.dtype, "lora_linear (CPU kernel)", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    // out (M, n) float32 = a · b, b (n, k) row-major, or (k, n) with k_major
-    auto product = [&](const void* a, int64_t lda, const void* b, bool k_major, int64_t n, int64_t k,
-                       std::vector<float>& out) {
-      out.assign(size_t(p.m * n), 0.0f);
-      gemm::Problem g;
-      g.dtype = p.dtype;
-      g.out_dtype = DType::f32;
-      g.m = p.m;
-      g.n = n;
-      g.k = k;
-      g.a = a;
-      g.lda = lda;
-      g.b = b;
-      g.ldb = k_major ? n : k;
-      g.b_k_major = k_major;
-      g.out = out.data();
-      g.ldo = n;
-      gemm::gemm_cpu(g);
-    };
-    // forward: shrink by A (r, K), expand by B (N, r); transposed: shrink by B as (N, r) k-major,
-    // expand by A as (r, K) k-major, the base by W as (N, K) k-major
-    const void* shrink_by = p.transposed ? p.lora_b : p.lora_a;
-    const void* expand_by = p.transposed ? p.lora_a : p.lora_b;
-    std::vector<float> s, base, expand;
-    product(p.x_lora, p.ld_lora, shrink_by, p.transposed, p.rank, k_in, s);
-    T* shrink = static_cast<T*>(p.shrink);
-    for (int64_t i = 0; i < p.m; ++i)
-      for (int64_t j = 0; j < r_pad; ++j)
-        shrink[i * r_pad + j] = j < p.rank ? from_float<T>(p.scale * s[size_t(i * p.rank + j)]) : from_float<T>(0.0f);
-    product(p.x, p.ldx, p.weight, p.transposed, n_out, k_in, base);
-    product(shrink, r_pad, expand_by, p.transposed, n_out, p.rank, expand);   // (s's first r columns)
+    std::vector<float> acc;
+    if (p.transposed) transposed<T>(p, acc);
+    else forward<T>(p, acc);
     T* out = static_cast<T*>(p.out);
+    const int64_t n = p.out_features;
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < p.m; ++i)
-      for (int64_t j = 0; j < n_out; ++j) {
-        const size_t e = size_t(i * n_out + j);
-        out[e] = from_float<T>(base[e] + expand[e] + (p.bias ? p.bias[j] : 0.0f));
-      }
+      for (int64_t j = 0; j < n; ++j) out[i * n + j] = from_float<T>(acc[size_t(i * n + j)] + (p.bias ? p.bias[j] : 0.0f));
   });
 }
 

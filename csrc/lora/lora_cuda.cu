@@ -1,13 +1,19 @@
 // CUDA kernels of the LoRA family (lora.h). Compiled by nvcc for the GPU and by the host compiler for
 // the emulator (docs/emulator.md).
 //
-// Two launches of the GEMM core's tiled kernel:
-//   shrink  s = scale (x Aᵀ), (M, padded(r)) in x's dtype: 64 x 32 tiles (the rank is narrow), its
-//           epilogue the scale and the rounding; columns past r come out zero (A's rows there are
-//           zero-filled);
-//   fused   out = [x | s] · [W | B]ᵀ + bias: ConcatTileLoader on both sides, k = padded(K) +
-//           padded(r); the core's tilings and split-K at small M, the core's epilogue (bias).
-// Transposed (dx = dy W + (scale dy B) A): the same with the weights read k-major.
+// Forward (any adapters and slices), two launches of the GEMM core's tiled kernel, after a small one
+// that lists each row tile's adapters when rows pick them (adapter_ids):
+//   shrink  s (M, S r) = scale (x_lora Aᵀ) per row's adapter: 64 x 32 tiles; a block's k loop runs K
+//           once per adapter its rows use, reading only those rows of x (the others zero-filled) and
+//           that adapter's A; its epilogue the (adapter, slice) scale and the rounding;
+//   fused   out = x Wᵀ + Σ over the block's (adapter, slice) groups of s_group B_groupᵀ + bias: the base
+//           GEMM's k tiles, then ceil(r / bk) more per group, whose A tile is s's slice columns on the
+//           group adapter's rows and whose B tile is that adapter's B on the slice's output rows
+//           (columns past the adapter's rank zero-filled, never read). At decode a block's rows use a
+//           few adapters (BGMV-like: each adapter's B is read once per column tile); rows sorted by
+//           adapter make it segment-like at large M. The core's tilings, split-K at small M, bias.
+// Transposed (dx = dy W + (scale dy B) A, one adapter): the same two kernels with every weight read
+// k-major, the expand laid after the base k tiles (ConcatTileLoader).
 #include <type_traits>
 
 #include "core/dispatch.h"
@@ -19,65 +25,314 @@ namespace {
 
 using ShrinkTiling = gemm::Tiling<64, 32, 32, 2, 1, 4>;
 
-// The weights as the B operand: (n, k) row-major, or k-major (k, n) for the transposed product.
-template <typename T, typename Tiling, int Rows, bool KMajor>
-using WeightLoader = std::conditional_t<KMajor, gemm::KMajorTileLoader<T, Tiling, Rows>, gemm::RowTileLoader<T, Tiling, Rows>>;
-
-template <typename T, typename Tiling, int Rows, bool KMajor>
-LLMK_DEVICE WeightLoader<T, Tiling, Rows, KMajor> weight_loader(const T* base, int64_t n, int64_t k) {
-  if constexpr (KMajor) return {base, n, n, k};   // (k, n) row-major: rows of n
-  else return {base, k, n, k, nullptr};
+// Copies columns [k0, k0 + bk) of Rows rows of a row-major matrix into a swizzled tile (Tiling's row
+// layout): tile row r is matrix row row_of(r) (negative: zeros); columns at or past k_end are zeros (a
+// chunk across k_end copies only what is before it: ranks that are not multiples of 8; nothing past
+// k_end is read).
+template <typename T, typename Tiling, int Rows, typename RowOf>
+LLMK_DEVICE void load_rows(uint8_t* tile, const T* base, int64_t ld, int64_t k0, int64_t k_end, const RowOf& row_of,
+                           int thread) {
+  constexpr int chunks_per_row = Tiling::row_bytes / 16;
+  constexpr int chunks = Rows * chunks_per_row;
+  static_assert(chunks % Tiling::threads == 0, "every thread copies the same number of chunks");
+  constexpr SwizzledTile layout = Tiling::layout();
+#pragma unroll
+  for (int c = thread; c < chunks; c += Tiling::threads) {
+    const int r = c / chunks_per_row, chunk = c % chunks_per_row;
+    const int64_t column = k0 + 8 * chunk, left = k_end - column;
+    const int64_t row = left > 0 ? row_of(r) : -1;
+    const int bytes = row < 0 ? 0 : left >= 8 ? 16 : int(2 * left);
+    cp_async<16>(tile + layout.offset(r, 16 * chunk), bytes ? base + row * ld + column : base, bytes);
+  }
 }
 
-template <typename T, bool KMajor>
-struct ShrinkParams : gemm::TiledParams {
-  const T* x;
-  int64_t ldx;
-  const T* by;   // A (r, K), or B (N, r) k-major
-  T* shrink;
-  int64_t ld_shrink, rank;
-  float scale;
-  static constexpr bool split_k = false;
+// The adapters of a block's row tile: adapter_tiles_kernel's list (ascending, distinct), or adapter 0
+// for every row without adapter ids.
+struct BlockAdapters {
+  const int32_t* ids;    // (M), or null
+  const int32_t* list;
+  int64_t count;
+  LLMK_DEVICE int32_t adapter(int64_t i) const { return ids ? load_global(list + i) : 0; }
+  LLMK_DEVICE bool uses(int64_t row, int32_t adapter) const { return !ids || load_global(ids + row) == adapter; }
+};
 
+// The tile lists (lora.h: tiles_size): for row tiles of R rows, tile t's record is [count, adapters...]
+// of cap + 1 int32 at t (cap + 1), cap = min(R, L). Two layouts one after the other: the shrink's (R =
+// ShrinkTiling::bm) and the fused kernel's (R = its tiling's bm).
+LLMK_HD int64_t tile_cap(int64_t rows, int64_t adapters) { return rows < adapters ? rows : adapters; }
+static_assert(kShrinkTileRows == ShrinkTiling::bm && kFusedTileRows[0] == gemm::SmallTiling::bm &&
+                  kFusedTileRows[1] == gemm::MediumTiling::bm && kFusedTileRows[2] == gemm::LargeTiling::bm,
+              "lora.h's tile rows are the tilings'");
+
+LLMK_DEVICE BlockAdapters block_adapters(const Problem& p, const int32_t* layout, int64_t rows) {
+  if (!p.adapter_ids) return {nullptr, nullptr, 1};
+  const int32_t* record = layout + int64_t(blockIdx.y) * (tile_cap(rows, p.adapters) + 1);
+  return {p.adapter_ids, record + 1, int64_t(load_global(record))};
+}
+
+constexpr int kTileThreads = 128;   // >= every tiling's bm
+
+struct TilesParams {
+  const int32_t* ids;
+  int64_t m, adapters;
+  int64_t rows[2], tiles[2];
+  int32_t* out[2];
+};
+
+// One block per row tile of either layout: the distinct adapter ids in [0, L) of its rows, ascending.
+__global__ void __launch_bounds__(kTileThreads) adapter_tiles_kernel(const __grid_constant__ TilesParams p) {
+  const int layout = int64_t(blockIdx.x) < p.tiles[0] ? 0 : 1;
+  const int64_t tile = int64_t(blockIdx.x) - (layout ? p.tiles[0] : 0), rows = p.rows[layout];
+  int32_t* ids = reinterpret_cast<int32_t*>(dynamic_shared_memory());
+  int32_t* first = ids + kTileThreads;
+  const int i = int(threadIdx.x);
+  const int64_t row = tile * rows + i;
+  int32_t id = i < rows && row < p.m ? load_global(p.ids + row) : -1;
+  if (id < 0 || id >= p.adapters) id = -1;
+  ids[i] = id;
+  __syncthreads();
+  bool is_first = id >= 0;
+  for (int j = 0; j < i; ++j) is_first = is_first && ids[j] != id;
+  first[i] = is_first;
+  __syncthreads();
+  int32_t* record = p.out[layout] + tile * (tile_cap(rows, p.adapters) + 1);
+  if (is_first) {
+    int position = 0;
+    for (int j = 0; j < kTileThreads; ++j) position += first[j] && ids[j] < id;
+    store_global(record + 1 + position, id);
+  }
+  if (i == 0) {
+    int32_t count = 0;
+    for (int j = 0; j < kTileThreads; ++j) count += first[j];
+    store_global(record, count);
+  }
+}
+
+// -- the forward ----------------------------------------------------------------------------------
+
+template <typename T>
+struct LoraParams : gemm::TiledParams {
+  Problem lora;
+  const int32_t* tiles;   // this kernel's layout of the adapter lists
+};
+
+// The shrink's A: x_lora's rows of k tile k0's adapter (K once per adapter of the block).
+template <typename T, typename Tiling>
+struct ShrinkLoaderA : gemm::RowTileLoader<T, Tiling, Tiling::bm> {
+  const T* x;
+  int64_t ldx, m, k, k_padded;
+  BlockAdapters adapters;
+  LLMK_DEVICE void load(uint8_t* tile, int64_t row0, int64_t k0, int thread) const {
+    const int64_t group = k0 / k_padded;
+    const int32_t adapter = adapters.adapter(group);
+    load_rows<T, Tiling, Tiling::bm>(tile, x, ldx, k0 - group * k_padded, k, [&](int r) {
+      const int64_t row = row0 + r;
+      return row < m && adapters.uses(row, adapter) ? row : int64_t(-1);
+    }, thread);
+  }
+};
+
+// The shrink's B: output column c = (slice c / r, j = c % r) is A[adapter, slice, j], zero past the
+// adapter's rank.
+template <typename T, typename Tiling>
+struct ShrinkLoaderB : gemm::RowTileLoader<T, Tiling, Tiling::bn> {
+  const Problem* lora;
+  int64_t k_padded;
+  BlockAdapters adapters;
+  LLMK_DEVICE void load(uint8_t* tile, int64_t col0, int64_t k0, int thread) const {
+    const Problem& p = *lora;
+    const int64_t group = k0 / k_padded, columns = p.slices * p.rank;
+    const int32_t adapter = adapters.adapter(group), rank = p.rank_of(adapter);
+    load_rows<T, Tiling, Tiling::bn>(tile, static_cast<const T*>(p.lora_a), p.in_features, k0 - group * k_padded,
+                                     p.in_features, [&](int r) {
+      const int64_t c = col0 + r;
+      return c < columns && c % p.rank < rank ? adapter * columns + c : int64_t(-1);
+    }, thread);
+  }
+};
+
+template <typename T>
+struct ShrinkParams : LoraParams<T> {
+  static constexpr bool split_k = false;
   template <typename Tiling>
-  LLMK_DEVICE gemm::RowTileLoader<T, Tiling, Tiling::bm> loader_a() const { return {x, ldx, m, k, nullptr}; }
-  // (n is padded(r): the weight's columns past r are zero-filled, so those columns of s come out zero;
-  // its row stride is r)
+  LLMK_DEVICE ShrinkLoaderA<T, Tiling> loader_a() const {
+    const Problem& p = this->lora;
+    ShrinkLoaderA<T, Tiling> loader{};
+    loader.x = static_cast<const T*>(p.x_lora);
+    loader.ldx = p.ld_lora;
+    loader.m = p.m;
+    loader.k = p.in_features;
+    loader.k_padded = round_up(p.in_features, int64_t(Tiling::bk));
+    loader.adapters = block_adapters(p, this->tiles, Tiling::bm);
+    return loader;
+  }
   template <typename Tiling>
-  LLMK_DEVICE WeightLoader<T, Tiling, Tiling::bn, KMajor> loader_b() const {
-    if constexpr (KMajor) return {by, rank, rank, k};
-    else return {by, k, rank, k, nullptr};
+  LLMK_DEVICE ShrinkLoaderB<T, Tiling> loader_b() const {
+    ShrinkLoaderB<T, Tiling> loader{};
+    loader.lora = &this->lora;
+    loader.k_padded = round_up(this->lora.in_features, int64_t(Tiling::bk));
+    loader.adapters = block_adapters(this->lora, this->tiles, Tiling::bm);
+    return loader;
+  }
+  // K's tiles once per adapter of the block's rows.
+  template <typename Tiling>
+  LLMK_DEVICE void k_tile_range(int64_t k_tiles, int64_t& first, int64_t& count) const {
+    first = 0;
+    count = k_tiles * block_adapters(this->lora, this->tiles, Tiling::bm).count;
   }
   template <typename OutT, typename Tiling, typename E>
   LLMK_DEVICE void store_tile(const gemm::Accumulators<Tiling, E>& acc, int64_t row0, int64_t col0, int64_t) const {
-    epilogue.for_each_pair(acc, row0, col0, [&](int64_t row, int64_t col, float v0, float v1) {
-      store_global(reinterpret_cast<Vec<T, 2>*>(shrink + row * ld_shrink + col),
+    const Problem& p = this->lora;
+    const int64_t ld = p.slices * p.rank;
+    this->epilogue.for_each_pair(acc, row0, col0, [&](int64_t row, int64_t col, float v0, float v1) {
+      const int32_t adapter = p.adapter_ids ? load_global(p.adapter_ids + row) : 0;
+      const float scale = adapter >= 0 && adapter < p.adapters ? p.scale_of(adapter, col / p.rank) : 0.0f;
+      store_global(reinterpret_cast<Vec<T, 2>*>(static_cast<T*>(p.shrink) + row * ld + col),
                    Vec<T, 2>{{from_float<T>(scale * v0), from_float<T>(scale * v1)}});
     });
   }
 };
 
-template <typename T, bool KMajor>
-struct FusedParams : gemm::TiledParams {
-  const T* x;
-  int64_t ldx, in_features;
+// The block's expand groups: (its adapters) x (the slices its columns meet), ceil(r / bk) k tiles each.
+struct Groups {
+  BlockAdapters adapters;
+  int64_t first_slice, slices, k_padded, group_k;   // group_k: r rounded up to bk
+  LLMK_DEVICE int64_t count() const { return adapters.count * slices; }
+};
+
+template <typename Tiling>
+LLMK_DEVICE Groups block_groups(const Problem& p, const int32_t* tiles) {
+  const int64_t col0 = int64_t(blockIdx.x) * Tiling::bn;
+  const int64_t last = (col0 + Tiling::bn < p.out_features ? col0 + Tiling::bn : p.out_features) - 1;
+  const int64_t first_slice = p.slice_of(col0);
+  return {block_adapters(p, tiles, Tiling::bm), first_slice, p.slice_of(last) - first_slice + 1,
+          round_up(p.in_features, int64_t(Tiling::bk)), round_up(p.rank, int64_t(Tiling::bk))};
+}
+
+// The fused kernel's A: x for the base k tiles, then per group s's slice columns on the group
+// adapter's rows.
+template <typename T, typename Tiling>
+struct FusedLoaderA : gemm::RowTileLoader<T, Tiling, Tiling::bm> {
+  const Problem* lora;
+  Groups groups;
+  LLMK_DEVICE void load(uint8_t* tile, int64_t row0, int64_t k0, int thread) const {
+    const Problem& p = *lora;
+    if (k0 < groups.k_padded) {
+      load_rows<T, Tiling, Tiling::bm>(tile, static_cast<const T*>(p.x), p.ldx, k0, p.in_features, [&](int r) {
+        return row0 + r < p.m ? row0 + r : int64_t(-1);
+      }, thread);
+      return;
+    }
+    const int64_t e = k0 - groups.k_padded, group = e / groups.group_k;
+    const int64_t i = group / groups.slices, slice = groups.first_slice + group % groups.slices;
+    const int32_t adapter = groups.adapters.adapter(i);
+    load_rows<T, Tiling, Tiling::bm>(tile, static_cast<const T*>(p.shrink) + slice * p.rank, p.slices * p.rank,
+                                     e - group * groups.group_k, p.rank, [&](int r) {
+      const int64_t row = row0 + r;
+      return row < p.m && groups.adapters.uses(row, adapter) ? row : int64_t(-1);
+    }, thread);
+  }
+};
+
+// The fused kernel's B: W's rows (Base: a 16-bit row loader), then per group the adapter's B on the
+// slice's output rows, its columns up to the adapter's rank.
+template <typename T, typename Tiling>
+struct FusedLoaderB : gemm::RowTileLoader<T, Tiling, Tiling::bn> {
+  const Problem* lora;
+  Groups groups;
+  LLMK_DEVICE void load(uint8_t* tile, int64_t col0, int64_t k0, int thread) const {
+    const Problem& p = *lora;
+    if (k0 < groups.k_padded) {
+      load_rows<T, Tiling, Tiling::bn>(tile, static_cast<const T*>(p.weight), p.in_features, k0, p.in_features,
+                                       [&](int r) { return col0 + r < p.out_features ? col0 + r : int64_t(-1); },
+                                       thread);
+      return;
+    }
+    const int64_t e = k0 - groups.k_padded, group = e / groups.group_k;
+    const int64_t i = group / groups.slices, slice = groups.first_slice + group % groups.slices;
+    const int32_t adapter = groups.adapters.adapter(i);
+    const int64_t lo = p.slice_offsets[slice], hi = p.slice_offsets[slice + 1];
+    load_rows<T, Tiling, Tiling::bn>(tile, static_cast<const T*>(p.lora_b) + adapter * p.out_features * p.rank,
+                                     p.rank, e - group * groups.group_k, p.rank_of(adapter), [&](int r) {
+      const int64_t n = col0 + r;
+      return n >= lo && n < hi ? n : int64_t(-1);
+    }, thread);
+  }
+};
+
+template <typename T>
+struct FusedParams : LoraParams<T> {
+  template <typename Tiling>
+  LLMK_DEVICE FusedLoaderA<T, Tiling> loader_a() const {
+    FusedLoaderA<T, Tiling> loader{};
+    loader.lora = &this->lora;
+    loader.groups = block_groups<Tiling>(this->lora, this->tiles);
+    return loader;
+  }
+  template <typename Tiling>
+  LLMK_DEVICE FusedLoaderB<T, Tiling> loader_b() const {
+    FusedLoaderB<T, Tiling> loader{};
+    loader.lora = &this->lora;
+    loader.groups = block_groups<Tiling>(this->lora, this->tiles);
+    return loader;
+  }
+  // The base's k tiles and the block's groups', split into blockIdx.z's range (split-K plans over an
+  // upper bound of the groups: a range past this block's tiles runs none and stores zeros).
+  template <typename Tiling>
+  LLMK_DEVICE void k_tile_range(int64_t, int64_t& first, int64_t& count) const {
+    const Groups groups = block_groups<Tiling>(this->lora, this->tiles);
+    const int64_t total = (groups.k_padded + groups.count() * groups.group_k) / Tiling::bk;
+    first = int64_t(blockIdx.z) * this->tiles_per_split;
+    count = (first + this->tiles_per_split < total ? first + this->tiles_per_split : total) - first;
+  }
+};
+
+// -- the transposed product (the backward's dx, one adapter) -------------------------------------
+
+template <typename T, typename Tiling, int Cols>
+using KMajor = gemm::KMajorTileLoader<T, Tiling, Cols>;
+
+template <typename T>
+struct TransposedShrinkParams : gemm::TiledParams {   // u = scale dy B, (M, r)
+  const T* dy;
+  int64_t ldy;
+  const T* lora_b;   // (N, r): k-major for the product over N
+  T* shrink;
+  int64_t rank;
+  float scale;
+  static constexpr bool split_k = false;
+  template <typename Tiling>
+  LLMK_DEVICE gemm::RowTileLoader<T, Tiling, Tiling::bm> loader_a() const { return {dy, ldy, m, k, nullptr}; }
+  template <typename Tiling>
+  LLMK_DEVICE KMajor<T, Tiling, Tiling::bn> loader_b() const { return {lora_b, rank, rank, k}; }
+  template <typename OutT, typename Tiling, typename E>
+  LLMK_DEVICE void store_tile(const gemm::Accumulators<Tiling, E>& acc, int64_t row0, int64_t col0, int64_t) const {
+    epilogue.for_each_pair(acc, row0, col0, [&](int64_t row, int64_t col, float v0, float v1) {
+      store_global(reinterpret_cast<Vec<T, 2>*>(shrink + row * rank + col),
+                   Vec<T, 2>{{from_float<T>(scale * v0), from_float<T>(scale * v1)}});
+    });
+  }
+};
+
+template <typename T>
+struct TransposedFusedParams : gemm::TiledParams {   // dx = [dy | u] · [W ; A] (k-major)
+  const T* dy;
+  int64_t ldy, in_features;   // N
   const T* weight;
   const T* shrink;
-  int64_t ld_shrink, rank;
-  const T* expand_by;   // B (N, r), or A (r, K) k-major
-
+  int64_t rank;
+  const T* lora_a;
   template <typename Tiling>
   using LoaderA = gemm::ConcatTileLoader<gemm::RowTileLoader<T, Tiling, Tiling::bm>, Tiling>;
   template <typename Tiling>
-  using LoaderB = gemm::ConcatTileLoader<WeightLoader<T, Tiling, Tiling::bn, KMajor>, Tiling>;
+  using LoaderB = gemm::ConcatTileLoader<KMajor<T, Tiling, Tiling::bn>, Tiling>;
   template <typename Tiling>
   LLMK_DEVICE LoaderA<Tiling> loader_a() const {
-    return {{x, ldx, m, in_features, nullptr}, {shrink, ld_shrink, m, rank, nullptr}, padded(in_features)};
+    return {{dy, ldy, m, in_features, nullptr}, {shrink, rank, m, rank, nullptr}, padded(in_features)};
   }
   template <typename Tiling>
   LLMK_DEVICE LoaderB<Tiling> loader_b() const {
-    return {weight_loader<T, Tiling, Tiling::bn, KMajor>(weight, n, in_features),
-            weight_loader<T, Tiling, Tiling::bn, KMajor>(expand_by, n, rank), padded(in_features)};
+    return {{weight, n, n, in_features}, {lora_a, n, n, rank}, padded(in_features)};
   }
 };
 
@@ -98,6 +353,73 @@ __global__ void __launch_bounds__(kDropoutThreads) dropout_kernel(const __grid_c
   store_global(reinterpret_cast<Vec<T, 4>*>(static_cast<T*>(p.out) + 4 * g), out);
 }
 
+gemm::Epilogue plain_epilogue(void* out, int64_t m, int64_t n, const float* bias) {
+  return gemm::Epilogue{out, n, false, bias, nullptr, nullptr, gemm::Activation::none, false, m, n};
+}
+
+template <typename T>
+void forward(const Problem& p, DeviceStream stream) {
+  int32_t* fused_tiles = nullptr;
+  if (p.adapter_ids) {
+    TilesParams tiles{p.adapter_ids, p.m, p.adapters, {ShrinkTiling::bm, gemm::sized_tiling<gemm::SmallTiling, gemm::MediumTiling, gemm::LargeTiling>(p.m, p.out_features).bm}, {},
+                      {p.tiles, nullptr}};
+    for (int l = 0; l < 2; ++l) tiles.tiles[l] = (p.m + tiles.rows[l] - 1) / tiles.rows[l];
+    fused_tiles = tiles.out[1] = p.tiles + tiles_size(p.m, tiles.rows[0], p.adapters);
+    launch("lora adapter tiles", adapter_tiles_kernel,
+           LaunchShape{dim3(uint32_t(tiles.tiles[0] + tiles.tiles[1])), dim3(kTileThreads),
+                       2 * kTileThreads * sizeof(int32_t)},
+           stream, tiles);
+  }
+  ShrinkParams<T> shrink{};
+  static_cast<gemm::TiledParams&>(shrink) = gemm::TiledParams{
+      p.m, p.slices * p.rank, p.in_features, plain_epilogue(p.shrink, p.m, p.slices * p.rank, nullptr), nullptr, 0};
+  shrink.lora = p;
+  shrink.tiles = p.tiles;
+  gemm::launch_tiled<T, T, ShrinkTiling, float>("lora shrink", "", shrink, gemm::SplitK{}, stream);
+
+  // (k: an upper bound of a block's tiles, for split-K's plan: the base and min(M, L) adapters' groups)
+  const int64_t k_bound = fused_k_bound(p.m, p.in_features, p.rank, p.adapters, p.slices, p.adapter_ids != nullptr);
+  const gemm::SplitK split = gemm::split_k(p.m, p.out_features, k_bound);
+  LLMK_CHECK(split.splits == 1 || p.workspace, ValueError, "lora_linear: split-K needs a workspace");
+  FusedParams<T> fused{};
+  static_cast<gemm::TiledParams&>(fused) = gemm::TiledParams{
+      p.m, p.out_features, k_bound, plain_epilogue(p.out, p.m, p.out_features, p.bias), p.workspace, 0};
+  fused.lora = p;
+  fused.tiles = fused_tiles;
+  gemm::launch_sized<T, T, float, gemm::SmallTiling, gemm::MediumTiling, gemm::LargeTiling>(
+      "lora fused", "lora fused split-k reduce", fused, split, stream);
+}
+
+template <typename T>
+void transposed(const Problem& p, DeviceStream stream) {
+  TransposedShrinkParams<T> shrink{};
+  static_cast<gemm::TiledParams&>(shrink) = gemm::TiledParams{
+      p.m, p.rank, p.in_features, plain_epilogue(p.shrink, p.m, p.rank, nullptr), nullptr, 0};
+  shrink.dy = static_cast<const T*>(p.x);
+  shrink.ldy = p.ldx;
+  shrink.lora_b = static_cast<const T*>(p.lora_b);
+  shrink.shrink = static_cast<T*>(p.shrink);
+  shrink.rank = p.rank;
+  shrink.scale = p.scale;
+  gemm::launch_tiled<T, T, ShrinkTiling, float>("lora shrink (transposed)", "", shrink, gemm::SplitK{}, stream);
+
+  const int64_t k_total = padded(p.in_features) + p.rank;   // (split-K plans over lora_workspace's bound)
+  const gemm::SplitK split = gemm::split_k(p.m, p.out_features, fused_k_bound(p.m, p.in_features, p.rank, 1, 1, false));
+  LLMK_CHECK(split.splits == 1 || p.workspace, ValueError, "lora_linear: split-K needs a workspace");
+  TransposedFusedParams<T> fused{};
+  static_cast<gemm::TiledParams&>(fused) = gemm::TiledParams{
+      p.m, p.out_features, k_total, plain_epilogue(p.out, p.m, p.out_features, nullptr), p.workspace, 0};
+  fused.dy = static_cast<const T*>(p.x);
+  fused.ldy = p.ldx;
+  fused.in_features = p.in_features;
+  fused.weight = static_cast<const T*>(p.weight);
+  fused.shrink = static_cast<const T*>(p.shrink);
+  fused.rank = p.rank;
+  fused.lora_a = static_cast<const T*>(p.lora_a);
+  gemm::launch_sized<T, T, float, gemm::SmallTiling, gemm::MediumTiling, gemm::LargeTiling>(
+      "lora fused (transposed)", "lora fused (transposed) split-k reduce", fused, split, stream);
+}
+
 }  // namespace
 
 void dropout_device(const DropoutProblem& p, DeviceStream stream) {
@@ -112,47 +434,11 @@ void dropout_device(const DropoutProblem& p, DeviceStream stream) {
 void lora_linear_device(const Problem& p, DeviceStream stream) {
   static_assert(kSegment % gemm::LargeTiling::bk == 0 && kSegment % gemm::SmallTiling::bk == 0 &&
                     kSegment % ShrinkTiling::bk == 0,
-                "the concatenated segments start on a k tile of every tiling");
-  const int64_t r_pad = padded(p.rank), k_total = padded(p.in_features) + r_pad;
-  const gemm::SplitK split = gemm::split_k(p.m, p.out_features, k_total);
-  LLMK_CHECK(split.splits == 1 || p.workspace, ValueError, "lora_linear: split-K needs a workspace");
+                "the transposed product's expand starts on a k tile of every tiling");
   dispatch<bf16, f16>(p.dtype, "lora_linear (CUDA kernel)", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    auto run = [&](auto transposed) {
-      constexpr bool KMajor = decltype(transposed)::value;
-      ShrinkParams<T, KMajor> shrink;
-      static_cast<gemm::TiledParams&>(shrink) = gemm::TiledParams{
-          p.m, r_pad, p.in_features,
-          gemm::Epilogue{nullptr, r_pad, false, nullptr, nullptr, nullptr, gemm::Activation::none, false, p.m, r_pad},
-          nullptr, 0};
-      shrink.x = static_cast<const T*>(p.x_lora);
-      shrink.ldx = p.ld_lora;
-      shrink.by = static_cast<const T*>(KMajor ? p.lora_b : p.lora_a);
-      shrink.shrink = static_cast<T*>(p.shrink);
-      shrink.ld_shrink = r_pad;
-      shrink.rank = p.rank;
-      shrink.scale = p.scale;
-      gemm::launch_tiled<T, T, ShrinkTiling, float>("lora shrink", "", shrink, gemm::SplitK{}, stream);
-
-      FusedParams<T, KMajor> fused;
-      static_cast<gemm::TiledParams&>(fused) = gemm::TiledParams{
-          p.m, p.out_features, k_total,
-          gemm::Epilogue{p.out, p.out_features, false, p.bias, nullptr, nullptr, gemm::Activation::none, false, p.m,
-                         p.out_features},
-          p.workspace, 0};
-      fused.x = static_cast<const T*>(p.x);
-      fused.ldx = p.ldx;
-      fused.in_features = p.in_features;
-      fused.weight = static_cast<const T*>(p.weight);
-      fused.shrink = static_cast<const T*>(p.shrink);
-      fused.ld_shrink = r_pad;
-      fused.rank = p.rank;
-      fused.expand_by = static_cast<const T*>(KMajor ? p.lora_a : p.lora_b);
-      gemm::launch_sized<T, T, float, gemm::SmallTiling, gemm::MediumTiling, gemm::LargeTiling>(
-          "lora fused", "lora fused split-k reduce", fused, split, stream);
-    };
-    if (p.transposed) run(std::true_type{});
-    else run(std::false_type{});
+    if (p.transposed) transposed<T>(p, stream);
+    else forward<T>(p, stream);
   });
 }
 

@@ -348,6 +348,7 @@ struct WeightGradParams : gemm::TiledParams {
   LLMK_DEVICE gemm::KMajorTileLoader<T, Tiling, Tiling::bm> loader_a() const { return {a, lda, m, k, a_rows}; }
   template <typename Tiling>
   LLMK_DEVICE gemm::KMajorTileLoader<T, Tiling, Tiling::bn> loader_b() const { return {b, ldb, n, k, b_rows}; }
+  template <typename Tiling>
   LLMK_DEVICE void k_tile_range(int64_t, int64_t& first, int64_t& count) const {
     const int64_t begin = load_global(expert_offsets + blockIdx.z), end = load_global(expert_offsets + blockIdx.z + 1);
     first = begin / WeightGradTiling::bk;

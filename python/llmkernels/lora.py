@@ -25,7 +25,7 @@ nn.ModuleDict per adapter) and a PeftModel prefixes base_model.model.; peft_stat
 load_peft_state_dict convert.
 """
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,25 +35,30 @@ from ._ops import native_op
 
 __all__ = ["lora_linear", "LoRALinear", "add_lora_", "peft_state_dict", "load_peft_state_dict"]
 
-SEGMENT = C.lora_segment()   # K and the rank are laid out in segments of this many k elements
 MAX_RANK = 256
+MAX_SLICES = 8
 
 
 @native_op("lora_linear")
 def _lora_linear(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: torch.Tensor, lora_a: torch.Tensor,
-                 lora_b: torch.Tensor, scale: float, bias: Optional[torch.Tensor],
-                 transposed: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """shrink (M, padded rank) and out (M, N) in x's dtype (out (M, K) when transposed: x is then dy
-    (M, N)); the split-K workspace (float32). x_lora: the shrink's input instead of x (dropout(x))."""
+                 lora_b: torch.Tensor, scale: float, scales: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                 adapter_ids: Optional[torch.Tensor], ranks: Optional[torch.Tensor], slices: List[int],
+                 transposed: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """lora_a (L, S, r, K), lora_b (L, N, r) -> shrink (M, S r) and out (M, N) in x's dtype (out (M, K)
+    when transposed: x is then dy (M, N)); the split-K workspace (float32) and the adapter lists
+    (int32) of the CUDA kernels. x_lora: the shrink's input instead of x (dropout(x))."""
     m = x.shape[0]
     n, k = weight.shape
-    rank = lora_a.shape[0]
+    adapters, n_slices, rank = lora_a.shape[:3]
     in_features, out_features = (n, k) if transposed else (k, n)
-    padded = (rank + SEGMENT - 1) // SEGMENT * SEGMENT
-    workspace = C.lora_workspace(m, out_features, in_features, rank) if check.device_kernels(x) else 0
-    return (torch.empty((m, padded), dtype=x.dtype, device=x.device),
+    multi = adapter_ids is not None
+    device = check.device_kernels(x)
+    workspace = C.lora_workspace(m, out_features, in_features, rank, adapters, n_slices, multi) if device else 0
+    tiles = C.lora_tiles(m, adapters, multi) if device else 0
+    return (torch.empty((m, n_slices * rank), dtype=x.dtype, device=x.device),
             torch.empty((m, out_features), dtype=x.dtype, device=x.device),
-            torch.empty((workspace,), dtype=torch.float32, device=x.device))
+            torch.empty((workspace,), dtype=torch.float32, device=x.device),
+            torch.empty((tiles,), dtype=torch.int32, device=x.device))
 
 
 @native_op("lora_dropout")
@@ -68,78 +73,206 @@ def _dropout(x: torch.Tensor, dropout) -> torch.Tensor:
 
 
 class _LoraLinear(torch.autograd.Function):
-    """Forward: the kernels' shrink s = scale dropout(x) Aᵀ (saved) and out = [x | s]·[W | B]ᵀ + bias.
-    Backward, for dy (M, N): without dropout, the transposed kernels give u = scale dy B and dx = dy W
-    + u A in one fused product; with dropout, dx = dy W + dropout(u A) (the same mask, regenerated).
-    dA = uᵀ dropout(x) (regenerated, never stored) and dB = dyᵀ s (rank-sized products, torch.matmul),
-    d bias = the column sums of dy."""
+    """One adapter, S >= 1 slices: lora_a (1, S, r, K), lora_b (1, N, r), scales (1, S) float32 or None
+    (then `scale` for every slice).
+
+    Forward: the kernels' shrink s = scale dropout(x) Aᵀ (saved) and out = x Wᵀ + s Bᵀ + bias (slice
+    by slice). Backward, for dy (M, N): with one slice and no dropout, the transposed kernels give u =
+    scale dy B and dx = dy W + u A in one fused product; otherwise the transposed kernels give dy W and
+    u (M, S r) = the slices' scale dy[:, slice] B[slice] are added as dropout(u A) (the same mask,
+    regenerated). dA = uᵀ dropout(x) (regenerated, never stored) and dB = dy[:, slice]ᵀ s[:, slice]
+    (rank-sized products, torch.matmul), d bias the column sums of dy."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, bias, scale, dropout):
+    def forward(ctx, x, weight, lora_a, lora_b, bias, scale, scales, slices, dropout):
         x_lora = None if dropout is None else _dropout(x, dropout)
-        shrink, out, _ = _lora_linear(x, x_lora, weight, lora_a, lora_b, scale,
-                                      None if bias is None else bias.float(), False)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, shrink)
-        ctx.scale, ctx.dropout, ctx.bias_dtype = scale, dropout, None if bias is None else bias.dtype
+        shrink, out, _, _ = _lora_linear(x, x_lora, weight, lora_a, lora_b, scale, scales,
+                                         None if bias is None else bias.float(), None, None, slices, False)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, shrink, scales)
+        ctx.scale, ctx.slices, ctx.dropout = scale, slices, dropout
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, weight, lora_a, lora_b, shrink = ctx.saved_tensors
+        x, weight, lora_a, lora_b, shrink, scales = ctx.saved_tensors
         need_x, _, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         dy = check.rows_aligned(dy.to(x.dtype))
-        rank = lora_a.shape[0]   # (padded to 8 by lora_linear: the padding's gradients are dropped by its pad)
+        _, n_slices, rank, k = lora_a.shape   # (rank padded to 8 by lora_linear: its pad drops the padding's gradients)
+        fused = n_slices == 1 and ctx.dropout is None and scales is None
         dx = d_a = d_b = d_bias = u = None
-        if need_x and ctx.dropout is None:
-            u, dx, _ = _lora_linear(dy, None, weight, lora_a, lora_b, ctx.scale, None, True)
-            u = u[:, :rank]
-        elif need_x or need_a:
-            u = (dy @ lora_b) * ctx.scale
-        if need_x and ctx.dropout is not None:   # the base by the transposed kernels (no expand), plus the masked u A
-            _, dx, _ = _lora_linear(dy, None, weight, lora_a, lora_b, 0.0, None, True)
-            dx = (dx.float() + _dropout(u @ lora_a, ctx.dropout).float()).to(x.dtype)
+        if need_x and fused:
+            u, dx, _, _ = _lora_linear(dy, None, weight, lora_a, lora_b, ctx.scale, None, None, None, None,
+                                       [weight.shape[0]], True)
+        elif need_x or need_a:   # u (M, S r): the slices' scale dy[:, slice] B[slice rows]
+            parts, start = [], 0
+            for s, width in enumerate(ctx.slices):
+                part = dy[:, start:start + width] @ lora_b[0, start:start + width]
+                parts.append(part * (ctx.scale if scales is None else scales[0, s].to(part.dtype)))
+                start += width
+            u = torch.cat(parts, dim=1)
+        if need_x and not fused:   # dy W by the transposed kernels (scale 0: no expand), plus u A
+            _, dx, _, _ = _lora_linear(dy, None, weight, lora_a[:, :1], lora_b, 0.0, None, None, None, None,
+                                       [weight.shape[0]], True)
+            expand = u @ lora_a.reshape(n_slices * rank, k)
+            if ctx.dropout is not None:
+                expand = _dropout(expand, ctx.dropout)
+            dx = (dx.float() + expand.float()).to(x.dtype)
         if need_a:
             x_lora = x if ctx.dropout is None else _dropout(x, ctx.dropout)
-            d_a = (u.T @ x_lora).to(x.dtype)
+            d_a = (u.T @ x_lora).reshape(lora_a.shape).to(x.dtype)
         if need_b:
-            d_b = (dy.T @ shrink[:, :rank]).to(x.dtype)
+            parts, start = [], 0
+            for s, width in enumerate(ctx.slices):
+                parts.append(dy[:, start:start + width].T @ shrink[:, s * rank:(s + 1) * rank])
+                start += width
+            d_b = torch.cat(parts).reshape(lora_b.shape).to(x.dtype)
         if need_bias:
             d_bias = dy.float().sum(dim=0).to(ctx.bias_dtype)
-        return dx, None, d_a, d_b, d_bias, None, None
+        return dx, None, d_a, d_b, d_bias, None, None, None, None
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, *,
-                bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0, seed: Optional[int] = None) -> torch.Tensor:
-    """One adapter's LoRA linear: x (M, K) bf16/fp16 (float32 on CPU tensors), weight (N, K) frozen,
-    lora_a (r, K), lora_b (N, r) of x's dtype, 1 <= r <= 256, N and K multiples of 8, bias (N)
-    optional -> (M, N) in x's dtype. Differentiable with respect to x, lora_a, lora_b and bias
-    (_LoraLinear); the weight must not require grad (it is frozen).
+def _scale_table(scale, adapters: int, n_slices: int, multi: bool, sliced: bool, device):
+    """(scale as a float, scales (L, S) float32 on device or None): a number or 0-d tensor is one
+    scale for all; a tensor of shape (L,), (S,) or (L, S) (as adapter_ids and slices say) is expanded."""
+    if isinstance(scale, torch.Tensor):
+        if not scale.is_floating_point():
+            raise TypeError(f"scale must be a number or a float tensor; got {scale.dtype}")
+        if scale.dim() == 0:
+            return check.float32_value(float(scale), "scale"), None
+        expected = (adapters,) * multi + (n_slices,) * sliced
+        if tuple(scale.shape) != expected:
+            raise ValueError(f"scale must be a number, a 0-d tensor or a tensor of shape {expected} (one per "
+                             f"{' and '.join(['adapter'] * multi + ['slice'] * sliced) or 'call'}); got shape "
+                             f"{tuple(scale.shape)}")
+        check.check_same_device(scale, "scale", device, "x")
+        table = scale.detach().to(torch.float32).reshape((adapters if multi else 1), (n_slices if sliced else 1))
+        return 1.0, table.expand(adapters, n_slices).contiguous()
+    return check.float32_value(scale, "scale"), None
 
-    dropout_p in [0, 1): LoRA's input dropout, the mask of llmkernels.reference.lora.dropout_keep for
-    `seed` (an int; drawn from torch's default CPU generator when None: no device synchronization, but a
-    CUDA graph replays the seed it captured). The backward regenerates the mask; nothing is stored."""
+
+def _checking_values(t: torch.Tensor) -> bool:
+    """Whether the values of t can be read for a check here: not while torch.compile traces, nor while
+    a CUDA graph captures (a read would synchronize)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale, *,
+                bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0, seed: Optional[int] = None,
+                adapter_ids: Optional[torch.Tensor] = None, ranks=None, slices: Optional[Sequence[int]] = None,
+                check_ids: bool = True) -> torch.Tensor:
+    """LoRA linear, llmkernels.reference.lora.lora_linear's semantics: x (M, K) bf16/fp16 (float32 on
+    CPU tensors), weight (N, K) frozen, N and K multiples of 8, bias (N) optional -> (M, N) in x's
+    dtype. lora_a, lora_b (x's dtype) and scale by case (r <= 256: the rank, padded with zeros to a
+    multiple of 8 when it is not one, a copy):
+
+        adapter_ids  slices   lora_a         lora_b       scale
+        None         None     (r, K)         (N, r)       number
+        (M,)         None     (L, r, K)      (L, N, r)    number or (L,)
+        None         (n_s)    (S, r, K)      (N, r)       number or (S,)
+        (M,)         (n_s)    (L, S, r, K)   (L, N, r)    number or (L, S)
+
+    adapter_ids (multi-adapter serving): int32/int64 (M,), row m uses adapter adapter_ids[m], -1 none;
+    rows need no sorting (rows sorted by adapter run fewer k tiles per block at large M). ranks: L ints
+    in [0, r] (a list, or an int32 tensor on x's device), adapter l reading only its first ranks[l]
+    rows of A and columns of B. The ids (and a ranks tensor) are checked to lie in range with one
+    device read, unless check_ids=False, a CUDA graph is being captured or torch.compile traces: then
+    an id outside [-1, L) is read as -1 (no adapter), a rank outside [0, r] is not caught (the rank is
+    read as given: keep ranks in range). Multi-adapter calls are forward-only (serving): with autograd
+    recording and an input that requires grad they raise.
+    slices (fused projections, e.g. [q, k, v] rows of a stacked QKV weight): S <= 8 positive multiples
+    of 8 summing to N; slice s's output columns get their own adapter lora_a[s] and scale.
+
+    Differentiable (one adapter) with respect to x, lora_a, lora_b and bias (_LoraLinear); the weight
+    must not require grad (it is frozen). dropout_p in [0, 1): LoRA's input dropout, the mask of
+    llmkernels.reference.lora.dropout_keep for `seed` (an int; drawn from torch's default CPU generator
+    when None: no device synchronization, but a CUDA graph replays the seed it captured). The backward
+    regenerates the mask; nothing is stored."""
     for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor; got {tuple(getattr(t, 'shape', ())) or type(t).__name__}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
         if t.dtype != x.dtype:
             raise TypeError(f"{name} must have x's dtype {x.dtype}; got {t.dtype}")
+    multi, sliced = adapter_ids is not None, slices is not None
+    for name, t, dims in (("x", x, 2), ("weight", weight, 2), ("lora_a", lora_a, 2 + multi + sliced),
+                          ("lora_b", lora_b, 2 + multi)):
+        if t.dim() != dims:
+            raise ValueError(f"{name} must have {dims} dimensions here (adapter_ids {'given' if multi else 'None'}, "
+                             f"slices {'given' if sliced else 'None'}); got shape {tuple(t.shape)}")
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight must not require grad: LoRA's base weight is frozen (weight.requires_grad_(False))")
-    rank = lora_a.shape[0]
+    n, k = weight.shape
+    if x.shape[1] != k:
+        raise ValueError(f"weight must be (N, K) with x's K = {x.shape[1]} columns; got {tuple(weight.shape)}")
+    adapters = lora_a.shape[0] if multi else 1
+    n_slices = lora_a.shape[-3] if sliced else 1
+    rank = lora_a.shape[-2]
     if not 1 <= rank <= MAX_RANK:
-        raise ValueError(f"lora_a must have 1 to {MAX_RANK} rows (the rank); got {tuple(lora_a.shape)}")
-    if lora_a.shape[1] != x.shape[1] or tuple(weight.shape[1:]) != (x.shape[1],):
-        raise ValueError(f"weight (N, K) and lora_a (r, K) must have x's K = {x.shape[1]} columns; got "
-                         f"{tuple(weight.shape)} and {tuple(lora_a.shape)}")
-    if tuple(lora_b.shape) != (weight.shape[0], rank):
-        raise ValueError(f"lora_b must be (N, r) = ({weight.shape[0]}, {rank}) (weight's rows, lora_a's rank); got "
+        raise ValueError(f"lora_a must have a rank (dimension -2) of 1 to {MAX_RANK}; got {tuple(lora_a.shape)}")
+    if lora_a.shape[-1] != k:
+        raise ValueError(f"lora_a must end in (r, K = {k}) (x's columns); got {tuple(lora_a.shape)}")
+    expected_b = (adapters,) * multi + (n, rank)
+    if tuple(lora_b.shape) != expected_b:
+        raise ValueError(f"lora_b must be {expected_b} (adapters, weight's rows N, lora_a's rank r); got "
                          f"{tuple(lora_b.shape)}")
-    scale = check.float32_value(scale, "scale")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
-        raise ValueError(f"bias must be a ({weight.shape[0]},) tensor; got {tuple(getattr(bias, 'shape', ()))}")
+    if multi and adapters < 1:
+        raise ValueError(f"lora_a must hold at least one adapter; got {tuple(lora_a.shape)}")
+    if sliced:
+        slices = list(slices)
+        if not 1 <= len(slices) <= MAX_SLICES or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 or v % 8
+                                                      for v in slices) or sum(slices) != n:
+            raise ValueError(f"slices must be 1 to {MAX_SLICES} positive multiples of 8 summing to N = {n}; got "
+                             f"{slices!r}")
+        if n_slices != len(slices):
+            raise ValueError(f"lora_a must have {len(slices)} slices (len(slices)) in dimension {int(multi)}; got "
+                             f"shape {tuple(lora_a.shape)}")
+    else:
+        slices = [n]
+    scale, scales = _scale_table(scale, adapters, n_slices, multi, sliced, x.device)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,)):
+        raise ValueError(f"bias must be a ({n},) tensor; got {tuple(getattr(bias, 'shape', ()))}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must be a number in [0, 1); got {dropout_p!r}")
+    ids = rank_table = None
+    if multi:
+        if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dtype not in (torch.int32, torch.int64):
+            got = adapter_ids.dtype if isinstance(adapter_ids, torch.Tensor) else type(adapter_ids).__name__
+            raise TypeError(f"adapter_ids must be an int32 or int64 tensor; got {got}")
+        if tuple(adapter_ids.shape) != (x.shape[0],):
+            raise ValueError(f"adapter_ids must have shape ({x.shape[0]},) (one per row of x); got "
+                             f"{tuple(adapter_ids.shape)}")
+        check.check_same_device(adapter_ids, "adapter_ids", x.device, "x")
+        ids = adapter_ids.to(torch.int32).contiguous()
+        if check_ids and ids.numel() and _checking_values(ids):
+            low, high = torch.aminmax(ids)
+            low, high = int(low), int(high)
+            if low < -1 or high >= adapters:
+                raise ValueError(f"adapter_ids must lie in [-1, {adapters}) (L = {adapters} adapters, -1 = none); "
+                                 f"got values from {low} to {high}")
+        if ranks is not None:
+            if isinstance(ranks, torch.Tensor):
+                if ranks.dtype != torch.int32 or tuple(ranks.shape) != (adapters,):
+                    raise ValueError(f"ranks must be an int32 tensor of shape ({adapters},) or a list of ints; got "
+                                     f"{ranks.dtype} {tuple(ranks.shape)}")
+                check.check_same_device(ranks, "ranks", x.device, "x")
+                rank_table = ranks.contiguous()
+                values = rank_table.tolist() if check_ids and _checking_values(rank_table) else None
+            else:
+                values = list(ranks)
+                if len(values) != adapters or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+                    raise ValueError(f"ranks must be {adapters} ints (one per adapter); got {ranks!r}")
+                rank_table = torch.tensor(values, dtype=torch.int32).to(x.device, non_blocking=True)
+            if values is not None and any(not 0 <= v <= rank for v in values):
+                raise ValueError(f"ranks must lie in [0, {rank}] (lora_a's rank r); got {values}")
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in (x, lora_a, lora_b, bias)):
+            raise ValueError("multi-adapter lora_linear (adapter_ids) is forward-only, for serving: call it under "
+                             "torch.no_grad() or torch.inference_mode(), or train one adapter at a time")
+    elif ranks is not None:
+        raise ValueError("ranks needs adapter_ids (a single adapter uses all of lora_a's rows)")
     dropout = None
     if dropout_p > 0:
         if seed is None:
@@ -148,12 +281,18 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
             raise TypeError(f"seed must be an int; got {type(seed).__name__}")
         threshold = min(math.floor(float(dropout_p) * 2 ** 32), 2 ** 32 - 1)
         dropout = (check.as_int64_pattern(seed % 2 ** 64), threshold, 1.0 / (1.0 - float(dropout_p)))
+    lora_a = lora_a.reshape(adapters, n_slices, rank, k)
+    lora_b = lora_b.reshape(adapters, n, rank)
     if rank % 8:   # the kernels read rows of 8-element chunks: zero rank columns added (they add nothing)
         pad = 8 - rank % 8
-        lora_a = torch.cat([lora_a, lora_a.new_zeros(pad, lora_a.shape[1])])
+        lora_a = torch.nn.functional.pad(lora_a, (0, 0, 0, pad))
         lora_b = torch.nn.functional.pad(lora_b, (0, pad))
-    return _LoraLinear.apply(check.rows_aligned(x), weight.contiguous(), lora_a.contiguous(), lora_b.contiguous(),
-                             bias, scale, dropout)
+    x, lora_a, lora_b = check.rows_aligned(x), lora_a.contiguous(), lora_b.contiguous()
+    if multi:
+        x_lora = None if dropout is None else _dropout(x, dropout)
+        return _lora_linear(x, x_lora, weight.contiguous(), lora_a, lora_b, scale, scales,
+                            None if bias is None else bias.float(), ids, rank_table, slices, False)[1]
+    return _LoraLinear.apply(x, weight.contiguous(), lora_a, lora_b, bias, scale, scales, slices, dropout)
 
 
 # -- the layer and the model helper ---------------------------------------------------------------
