@@ -194,3 +194,195 @@ def test_compile_of_a_training_step():
     for label, got, same, oracle in zip(("dx", "d lora_a", "d lora_b", "d bias"), grads,
                                         reference_grads(torch.bfloat16, False), reference_grads(torch.float64, True)):
         assert_parity(got, same, oracle, f"compiled {label}")
+
+
+# -- multi-adapter serving and fused-projection slices ---------------------------------------------
+
+def adapters_case(m, n, k, rank, adapters, n_slices, device, seed, dtype=torch.bfloat16):
+    """x, weight, lora_a (L, S, r, K) (S dropped when n_slices is None), lora_b (L, N, r), bias."""
+    g = generator(seed)
+    x = randn((m, k), dtype=dtype, seed=seed)
+    weight = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
+    shape_a = (adapters,) + ((n_slices,) if n_slices else ()) + (rank, k)
+    lora_a = (torch.randn(shape_a, generator=g) * k ** -0.5).to(dtype)
+    lora_b = (torch.randn(adapters, n, rank, generator=g) * rank ** -0.5).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    return [t.to(device) for t in (x, weight, lora_a, lora_b, bias)]
+
+
+def check_multi(x, weight, lora_a, lora_b, scale, name, **kwargs):
+    """lora_linear against the reference (float64 oracle, the PEFT composition in x's dtype as the
+    baseline) with the same keyword arguments (adapter_ids, ranks, slices, bias, dropout)."""
+    with torch.no_grad():
+        out = lora.lora_linear(x, weight, lora_a, lora_b, scale, **kwargs)
+    cpu = {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()}
+    args = [t.cpu() for t in (x, weight, lora_a, lora_b)]
+    scale = scale.cpu() if isinstance(scale, torch.Tensor) else scale
+    oracle = reference.lora_linear(*args, scale, compute_dtype=torch.float64, out_dtype=torch.float64, **cpu)
+    same = reference.lora_linear(*args, scale, upcast=False, **cpu)
+    assert out.dtype == x.dtype and out.shape == (x.shape[0], weight.shape[0]), name
+    assert_parity(out.cpu(), same, oracle, name)
+    return out
+
+
+def unsorted_ids(m, adapters, seed, none_every=5):
+    """Row m's adapter: a seeded permutation of the adapters repeated, every none_every-th row -1."""
+    ids = torch.randint(0, adapters, (m,), generator=generator(seed), dtype=torch.int32)
+    ids[::none_every] = -1
+    return ids
+
+
+@pytest.mark.parametrize("m", [1, 13, 37, 130])
+def test_multi_adapter_rows_pick_their_adapter(device, m):
+    """Unsorted adapter ids with -1 rows; M = 1 and 13 (the small tiling with split-K on CUDA), 37 and
+    130 (medium tiles, several row tiles, each with several adapters); per-adapter scales."""
+    x, weight, lora_a, lora_b, bias = adapters_case(m, 40, 72, 16, 5, None, device, seed=m + 200)
+    ids = unsorted_ids(m, 5, seed=m).to(device)
+    scale = torch.tensor([0.5, 1.0, 0.25, 2.0, 0.125], device=device)
+    out = check_multi(x, weight, lora_a, lora_b, scale, f"M={m}", adapter_ids=ids, bias=bias)
+    if m > 1:   # a -1 row is the base layer alone; a row's output depends only on its own adapter
+        none = ids.cpu() == -1
+        base = torch.nn.functional.linear(x.cpu().float(), weight.cpu().float(), bias.cpu().float())
+        torch.testing.assert_close(out.cpu()[none].float(), base[none], rtol=2 ** -7, atol=2 ** -7)
+
+
+def test_multi_adapter_large_tiles(device):
+    """N = 16896 (132 column tiles of 128): the CUDA kernel's large tiling, its adapter lists per 128
+    rows (two row tiles)."""
+    x, weight, lora_a, lora_b, bias = adapters_case(150, 16896, 16, 8, 3, None, device, seed=24)
+    check_multi(x, weight, lora_a, lora_b, 0.5, "large tiles", adapter_ids=unsorted_ids(150, 3, 25).to(device),
+                bias=bias)
+
+
+def test_multi_adapter_mixed_ranks_never_read_the_padding(device):
+    """ranks [16, 5, 0, 12] of a padded r = 16 (5 and 12: chunks across the rank's end; 0: the base
+    alone), NaN in every padded row of A and column of B: nothing past an adapter's rank is read."""
+    x, weight, lora_a, lora_b, bias = adapters_case(37, 48, 40, 16, 4, None, device, seed=21)
+    ranks = [16, 5, 0, 12]
+    for adapter, r in enumerate(ranks):
+        lora_a[adapter, r:] = float("nan")
+        lora_b[adapter, :, r:] = float("nan")
+    ids = unsorted_ids(37, 4, seed=22).to(device)
+    out = check_multi(x, weight, lora_a, lora_b, 0.5, "mixed ranks", adapter_ids=ids, ranks=ranks)
+    assert torch.isfinite(out).all()
+    # the same ranks as an int32 tensor on the device (what a CUDA graph captures)
+    check_multi(x, weight, lora_a, lora_b, 0.5, "ranks tensor", adapter_ids=ids,
+                ranks=torch.tensor(ranks, dtype=torch.int32, device=device))
+
+
+def test_multi_adapter_with_one_adapter_and_int64_ids(device):
+    """L = 1 through adapter_ids (int64, every row 0 but one -1) equals the single-adapter call."""
+    x, weight, lora_a, lora_b, bias = adapters_case(19, 24, 32, 8, 1, None, device, seed=23)
+    ids = torch.zeros(19, dtype=torch.int64, device=device)
+    ids[7] = -1
+    check_multi(x, weight, lora_a, lora_b, 0.75, "L=1", adapter_ids=ids, bias=bias)
+
+
+@pytest.mark.parametrize("m", [1, 37])
+def test_slices_forward_and_gradients(device, m):
+    """Fused QKV-style slices [16, 24, 8] (a slice boundary inside a column tile), one adapter per
+    slice with its own scale, rank 8 and 3 (padded): forward and dx, d lora_a, d lora_b, d bias under
+    the parity rule; with dropout too."""
+    for rank, dropout_p in ((8, 0.0), (3, 0.3)):
+        x, weight, lora_a, lora_b, bias = adapters_case(m, 48, 40, rank, 3, None, device, seed=m + rank)
+        lora_b = lora_b[0]   # (N, r): the slices' B stacked along N
+        scale = torch.tensor([0.5, 2.0, 1.0], device=device)
+        kwargs = dict(bias=bias, slices=[16, 24, 8], dropout_p=dropout_p, seed=99)
+        leaves = [t.detach().clone().requires_grad_() for t in (x, lora_a, lora_b, bias)]
+        out = lora.lora_linear(leaves[0], weight, leaves[1], leaves[2], scale,
+                               **{**kwargs, "bias": leaves[3]})
+        dy = randn(out.shape, dtype=out.dtype, seed=m + 7).to(out.device)
+        grads = torch.autograd.grad(out, leaves, dy)
+
+        def run(dtype, upcast):
+            ref = [t.detach().cpu().to(dtype).requires_grad_() for t in (x, lora_a, lora_b, bias)]
+            y = reference.lora_linear(ref[0], weight.cpu().to(dtype), ref[1], ref[2], scale.cpu(),
+                                      **{**kwargs, "bias": ref[3]}, upcast=upcast)
+            return (y,) + torch.autograd.grad(y, ref, dy.cpu().to(dtype))
+
+        for label, got, same, oracle in zip(("out", "dx", "d lora_a", "d lora_b", "d bias"), (out,) + grads,
+                                            run(x.dtype, False), run(torch.float64, True)):
+            assert got.shape == same.shape, label
+            assert_parity(got.detach().cpu(), same.detach(), oracle.detach(), f"M={m} r={rank} {label}")
+
+
+def test_multi_adapter_with_slices_and_dropout(device):
+    """Both: lora_a (L, S, r, K), scale (L, S), ranks, -1 rows, and LoRA's input dropout."""
+    x, weight, lora_a, lora_b, bias = adapters_case(37, 48, 40, 16, 3, 2, device, seed=31)
+    scale = torch.tensor([[0.5, 1.0], [2.0, 0.25], [1.0, 1.5]], device=device)
+    check_multi(x, weight, lora_a, lora_b, scale, "adapters x slices", adapter_ids=unsorted_ids(37, 3, 32).to(device),
+                ranks=[16, 8, 11], slices=[32, 16], bias=bias, dropout_p=0.2, seed=5)
+
+
+def test_multi_adapter_refuses_bad_inputs():
+    x, weight, lora_a, lora_b, bias = adapters_case(6, 16, 24, 8, 3, None, "cpu", seed=33)
+    ids = torch.tensor([0, 1, 2, -1, 0, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"adapter_ids must lie in \[-1, 3\)"):
+        lora.lora_linear(x, weight, lora_a, lora_b, 1.0, adapter_ids=torch.tensor([0, 1, 3, 0, 0, 0]))
+    with pytest.raises(ValueError, match=r"adapter_ids must lie in \[-1, 3\)"):
+        lora.lora_linear(x, weight, lora_a, lora_b, 1.0, adapter_ids=torch.tensor([0, -2, 0, 0, 0, 0]))
+    with pytest.raises(ValueError, match=r"adapter_ids must have shape \(6,\)"):
+        lora.lora_linear(x, weight, lora_a, lora_b, 1.0, adapter_ids=ids[:5])
+    with pytest.raises(TypeError, match="adapter_ids must be an int32 or int64 tensor"):
+        lora.lora_linear(x, weight, lora_a, lora_b, 1.0, adapter_ids=ids.float())
+    with pytest.raises(ValueError, match=r"lora_b must be \(3, 16, 8\)"):
+        lora.lora_linear(x, weight, lora_a, lora_b[:2], 1.0, adapter_ids=ids)
+    with pytest.raises(ValueError, match=r"lora_b must be \(3, 16, 8\)"):
+        lora.lora_linear(x, weight, lora_a, lora_b[:, :, :4], 1.0, adapter_ids=ids)
+    with pytest.raises(ValueError, match="lora_a must have 3 dimensions"):
+        lora.lora_linear(x, weight, lora_a[0], lora_b, 1.0, adapter_ids=ids)
+    with pytest.raises(ValueError, match=r"ranks must lie in \[0, 8\]"):
+        lora.lora_linear(x, weight, lora_a, lora_b, 1.0, adapter_ids=ids, ranks=[8, 9, 1])
+    with pytest.raises(ValueError, match="ranks must be 3 ints"):
+        lora.lora_linear(x, weight, lora_a, lora_b, 1.0, adapter_ids=ids, ranks=[8, 8])
+    with pytest.raises(ValueError, match="ranks needs adapter_ids"):
+        lora.lora_linear(x, weight, lora_a[0], lora_b[0], 1.0, ranks=[8])
+    with pytest.raises(ValueError, match=r"scale must be a number, a 0-d tensor or a tensor of shape \(3,\)"):
+        lora.lora_linear(x, weight, lora_a, lora_b, torch.ones(2), adapter_ids=ids)
+    with pytest.raises(ValueError, match="multi-adapter lora_linear .* is forward-only"):
+        lora.lora_linear(x.requires_grad_(), weight, lora_a, lora_b, 1.0, adapter_ids=ids)
+    x = x.detach()
+    with pytest.raises(ValueError, match="slices must be 1 to 8 positive multiples of 8 summing to N = 16"):
+        lora.lora_linear(x, weight, lora_a, lora_b[0], 1.0, slices=[8, 4, 4])
+    with pytest.raises(ValueError, match=r"lora_a must have 2 slices \(len\(slices\)\)"):
+        lora.lora_linear(x, weight, lora_a, lora_b[0], 1.0, slices=[8, 8])
+    # an id out of range with check_ids=False is read as -1 (the base alone), never out of bounds
+    with torch.no_grad():
+        out = lora.lora_linear(x, weight, lora_a, lora_b, 1.0, adapter_ids=torch.tensor([0, 1, 7, -1, 0, 1]),
+                               check_ids=False)
+        base = lora.lora_linear(x, weight, lora_a, lora_b, 1.0, adapter_ids=torch.tensor([0, 1, -1, -1, 0, 1]))
+    assert torch.equal(out, base)
+
+
+@pytest.mark.emu
+def test_emulated_multi_adapter_kernels_without_bank_conflicts():
+    x, weight, lora_a, lora_b, bias = adapters_case(37, 40, 72, 16, 4, None, "cpu", seed=41)
+    llmkernels.emulator.reset_report()
+    with llmkernels.emulator.emulate(schedule="shuffled", seed=5), torch.no_grad():
+        lora.lora_linear(x, weight, lora_a, lora_b, 0.5, adapter_ids=unsorted_ids(37, 4, 42), bias=bias)
+    reports = {r["kernel"]: r for r in llmkernels.emulator.report()}
+    assert {name: r["launches"] for name, r in reports.items()} == {
+        "lora adapter tiles": 1, "lora shrink": 1, "lora fused": 1}
+    for name, r in reports.items():
+        assert r["bank_conflicts_by_site"] == {}, name
+
+
+@pytest.mark.cuda
+def test_multi_adapter_cuda_graph_capture():
+    """Captured once with device-side ids, ranks and scales; replays follow new ids written in place."""
+    x, weight, lora_a, lora_b, bias = adapters_case(16, 256, 512, 16, 8, None, "cuda", seed=43)
+    ids = unsorted_ids(16, 8, 44).cuda()
+    ranks = torch.tensor([16, 8, 16, 4, 16, 0, 16, 12], dtype=torch.int32, device="cuda")
+    scale = torch.linspace(0.5, 2.0, 8, device="cuda")
+    call = lambda: lora.lora_linear(x, weight, lora_a, lora_b, scale, adapter_ids=ids, ranks=ranks, bias=bias)
+    with torch.no_grad():
+        call()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call()
+        for seed in (45, 46):
+            ids.copy_(unsorted_ids(16, 8, seed).cuda())
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, call()), seed
