@@ -299,6 +299,7 @@ void moe_weight_grad(const py::object& a, const py::object& a_rows, const py::ob
 void lora_linear(const py::object& x, const py::object& x_lora, const py::object& weight, const py::object& lora_a,
                  const py::object& lora_b, double scale, const py::object& scales, const py::object& bias,
                  const py::object& adapter_ids, const py::object& ranks, const std::vector<int64_t>& slices,
+                 const py::object& w_scales, const py::object& w_zeros, int64_t group_size,
                  bool transposed, const py::object& shrink, const py::object& out, const py::object& workspace,
                  const py::object& tiles, uintptr_t stream) {
   const TensorView x_view = tensor(x, "x"), w_view = tensor(weight, "weight");
@@ -310,7 +311,10 @@ void lora_linear(const py::object& x, const py::object& x_lora, const py::object
   const auto scales_view = optional_tensor(scales, "scales");
   const auto ids_view = optional_tensor(adapter_ids, "adapter_ids");
   const auto ranks_view = optional_tensor(ranks, "ranks");
+  const auto w_scales_view = optional_tensor(w_scales, "weight.scales");
+  const auto w_zeros_view = optional_tensor(w_zeros, "weight.zeros");
   lora::Extras extras;
+  extras.int4 = {pointer(w_scales_view), pointer(w_zeros_view), group_size};
   extras.x_lora = pointer(x_lora_view);
   extras.bias = pointer(bias_view);
   extras.adapter_ids = pointer(ids_view);
@@ -573,7 +577,7 @@ PYBIND11_MODULE(_C, m) {
         "MoE per-expert weight gradients: out[e] = sum over expert e's rows r of a[r]^T b[r] (csrc/moe/moe.h)");
   m.def("lora_linear", &lora_linear, py::arg("x"), py::arg("x_lora"), py::arg("weight"), py::arg("lora_a"), py::arg("lora_b"),
         py::arg("scale"), py::arg("scales"), py::arg("bias"), py::arg("adapter_ids"), py::arg("ranks"), py::arg("slices"),
-        py::arg("transposed"), py::arg("shrink"), py::arg("out"), py::arg("workspace"), py::arg("tiles"),
+        py::arg("w_scales"), py::arg("w_zeros"), py::arg("group_size"), py::arg("transposed"), py::arg("shrink"), py::arg("out"), py::arg("workspace"), py::arg("tiles"),
         py::arg("stream"),
         "LoRA-fused linear: out = x W^T + bias + per row's adapter and slice (scale x A^T) B^T, or transposed "
         "(dx, one adapter): dy W + (scale dy B) A (csrc/lora/lora.h)");

@@ -1,11 +1,13 @@
 """LoRA-fused matmul (issue 13, in progress): one adapter's forward (CPU, the CUDA kernels emulated,
 CUDA) against llmkernels.reference.lora.lora_linear under the parity rule (the float64 reference as
 the oracle, the PEFT composition in x's dtype as the baseline)."""
+import dataclasses
+
 import pytest
 import torch
 
 import llmkernels
-from llmkernels import lora
+from llmkernels import lora, quant
 from llmkernels.reference import lora as reference
 
 from helpers import assert_parity, generator, randn
@@ -173,7 +175,7 @@ def test_opcheck_lora_linear():
     for transposed, first in ((False, x), (True, randn((5, 16), dtype=torch.bfloat16, seed=8))):
         torch.library.opcheck(torch.ops.llmkernels.lora_linear.default,
                               (first, None, weight, lora_a, lora_b, 0.5, None, None if transposed else bias.float(),
-                               None, None, [16], transposed))
+                               None, None, [16], None, None, 0, transposed))
     torch.library.opcheck(torch.ops.llmkernels.lora_dropout.default, (x, 3, 2 ** 31, 2.0))
 
 
@@ -216,7 +218,7 @@ def check_multi(x, weight, lora_a, lora_b, scale, name, **kwargs):
     with torch.no_grad():
         out = lora.lora_linear(x, weight, lora_a, lora_b, scale, **kwargs)
     cpu = {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()}
-    args = [t.cpu() for t in (x, weight, lora_a, lora_b)]
+    args = [t.to("cpu") for t in (x, weight, lora_a, lora_b)]   # (an Int4Weight has .to too)
     scale = scale.cpu() if isinstance(scale, torch.Tensor) else scale
     oracle = reference.lora_linear(*args, scale, compute_dtype=torch.float64, out_dtype=torch.float64, **cpu)
     same = reference.lora_linear(*args, scale, upcast=False, **cpu)
@@ -386,3 +388,58 @@ def test_multi_adapter_cuda_graph_capture():
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(out, call()), seed
+
+
+# -- the int4 base (QLoRA) -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m", [1, 13, 70])
+def test_int4_base_forward_and_gradients(device, m):
+    """An Int4Weight base (group 32, K = 96 not a multiple of the int4 kernel's 64-k tiles): the fused
+    kernel dequantizes it in its main loop; forward and gradients (dx through the dequantized weight)
+    under the parity rule against the reference, which takes the Int4Weight itself."""
+    x, weight, lora_a, lora_b, bias = lora_case(m, 40, 96, 16, torch.bfloat16, "cpu", seed=m + 300)
+    w4 = quant.quantize_int4(weight, group_size=32)
+    leaves = [t.to(device).requires_grad_() for t in (x, lora_a, lora_b, bias)]
+    out = lora.lora_linear(leaves[0], w4.to(device), leaves[1], leaves[2], 0.5, bias=leaves[3])
+    dy = randn(out.shape, dtype=out.dtype, seed=m + 301).to(out.device)
+    grads = torch.autograd.grad(out, leaves, dy)
+
+    def run(dtype, upcast):
+        ref = [t.detach().to(dtype).requires_grad_() for t in (x, lora_a, lora_b, bias)]
+        y = reference.lora_linear(ref[0], w4, ref[1], ref[2], 0.5, bias=ref[3], upcast=upcast)
+        return (y,) + torch.autograd.grad(y, ref, dy.cpu().to(dtype))
+
+    # (the baseline in bf16 dequantizes W to bf16 first, as the kernel does)
+    for label, got, same, oracle in zip(("out", "dx", "d lora_a", "d lora_b", "d bias"), (out,) + grads,
+                                        run(torch.bfloat16, False), run(torch.float64, True)):
+        assert_parity(got.detach().cpu(), same.detach(), oracle.detach(), f"int4 M={m} {label}")
+
+
+def test_int4_base_with_adapters_and_slices(device):
+    x, weight, lora_a, lora_b, bias = adapters_case(37, 48, 64, 8, 3, 2, device, seed=51)
+    w4 = quant.quantize_int4(weight.cpu(), group_size=-1, symmetric=True).to(device)
+    check_multi(x, w4, lora_a, lora_b, 0.5, "int4 + adapters + slices",
+                adapter_ids=unsorted_ids(37, 3, 52).to(device), slices=[16, 32], bias=bias)
+
+
+def test_int4_base_refuses_mismatched_scales():
+    x, weight, lora_a, lora_b, _ = lora_case(4, 16, 64, 8, torch.bfloat16, "cpu", seed=53)
+    w4 = quant.quantize_int4(weight, group_size=32)
+    with pytest.raises(ValueError, match=r"weight must be \(N, K\) with x's K = 32"):
+        lora.lora_linear(x[:, :32], w4, lora_a[:, :32], lora_b, 1.0)
+    bad = dataclasses.replace(w4, zeros=w4.zeros[:1])
+    with pytest.raises(ValueError, match="zeros"):
+        lora.lora_linear(x, bad, lora_a, lora_b, 1.0)
+
+
+@pytest.mark.emu
+def test_emulated_int4_base_kernels_without_bank_conflicts():
+    x, weight, lora_a, lora_b, bias = lora_case(37, 64, 128, 16, torch.bfloat16, "cpu", seed=54)
+    w4 = quant.quantize_int4(weight, group_size=64)
+    llmkernels.emulator.reset_report()
+    with llmkernels.emulator.emulate(schedule="shuffled", seed=6), torch.no_grad():
+        lora.lora_linear(x, w4, lora_a, lora_b, 0.5, bias=bias)
+    reports = {r["kernel"]: r for r in llmkernels.emulator.report()}
+    assert {name: r["launches"] for name, r in reports.items()} == {"lora shrink": 1, "lora fused (int4 base)": 1}
+    for name, r in reports.items():
+        assert r["bank_conflicts_by_site"] == {}, name

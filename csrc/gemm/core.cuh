@@ -277,6 +277,15 @@ LLMK_DEVICE void multiply_tile(Accumulators<Tiling, E>& acc, const uint8_t* a_ti
   }
 }
 
+// A B loader whose k range holds two tile layouts (LoRA's int4 base weight, then its 16-bit adapter)
+// declares `segmented = true`, `split` (the first k of the second layout) and the loaders whose
+// fragments read each layout, `first` and `second`; the main loop picks one per k tile (uniform
+// over the block).
+template <typename Loader, typename = void>
+struct is_segmented : std::false_type {};
+template <typename Loader>
+struct is_segmented<Loader, std::void_t<decltype(Loader::segmented)>> : std::bool_constant<Loader::segmented> {};
+
 // A stage of the ring: the A tile, then the B tile (each a multiple of 16 bytes).
 template <typename LoaderA, typename LoaderB>
 constexpr int stage_bytes_of() {
@@ -321,7 +330,14 @@ LLMK_DEVICE void main_loop(Accumulators<Tiling, E>& acc, const LoaderA& a, const
     if (kt + Tiling::stages - 1 < k_tiles) load(write_stage, kt + Tiling::stages - 1);
     cp_async_commit();
     const uint8_t* current = stage(read_stage);
-    multiply_tile<T, Tiling>(acc, current, current + LoaderA::bytes, a, b, warp_row0, warp_col0, lane);
+    if constexpr (is_segmented<LoaderB>::value) {
+      if ((first_tile + kt) * Tiling::bk < b.split)
+        multiply_tile<T, Tiling>(acc, current, current + LoaderA::bytes, a, b.first, warp_row0, warp_col0, lane);
+      else
+        multiply_tile<T, Tiling>(acc, current, current + LoaderA::bytes, a, b.second, warp_row0, warp_col0, lane);
+    } else {
+      multiply_tile<T, Tiling>(acc, current, current + LoaderA::bytes, a, b, warp_row0, warp_col0, lane);
+    }
     read_stage = read_stage + 1 == Tiling::stages ? 0 : read_stage + 1;
     write_stage = write_stage + 1 == Tiling::stages ? 0 : write_stage + 1;
   }

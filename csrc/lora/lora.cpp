@@ -4,7 +4,9 @@
 #include <cmath>
 #include <vector>
 
+#include "common/quant_format.h"
 #include "core/errors.h"
+#include "quant/quant.h"
 
 namespace llmk::lora {
 
@@ -14,18 +16,24 @@ void lora_linear(const TensorView& x, const TensorView& weight, const TensorView
                  const TensorView& tiles, void* stream) {
   const TensorView *x_lora = optional.x_lora, *bias = optional.bias, *ids = optional.adapter_ids,
                    *ranks = optional.ranks, *scales = optional.scales;
-  for (const TensorView* t : {&x, &weight, &shrink, &out}) t->check_ndim(2);
+  const bool int4 = optional.int4.scales != nullptr;
+  for (const TensorView* t : {&x, &shrink, &out}) t->check_ndim(2);
+  weight.check_ndim(int4 ? 3 : 2);
   lora_a.check_ndim(4);
   lora_b.check_ndim(3);
   const Backend backend = select_backend(x);
   LLMK_CHECK(x.dtype == DType::bf16 || x.dtype == DType::f16 || (x.dtype == DType::f32 && backend == Backend::cpu),
              TypeError, x.name, " must be bfloat16 or float16 (float32 on the CPU kernel only); got ",
              dtype_name(x.dtype));
-  for (const TensorView* t : {&weight, &lora_a, &lora_b, &shrink, &out}) t->check_same_dtype(x);
+  for (const TensorView* t : {&lora_a, &lora_b, &shrink, &out}) t->check_same_dtype(x);
+  if (int4) weight.check_dtype(DType::i32);
+  else weight.check_same_dtype(x);
   for (const TensorView* t : {&weight, &lora_a, &lora_b, &shrink, &out, &workspace, &tiles, bias, x_lora, ids, ranks,
                               scales})
     if (t) t->check_same_device(x);
-  const int64_t n = weight.shape[0], k = weight.shape[1], m = x.shape[0];
+  // (int4: weight is the packed codes (N / 8, ceil(K / 32), 32), K from x)
+  const int64_t n = int4 ? weight.shape[0] * quant::kInt4BlockN : weight.shape[0];
+  const int64_t k = int4 ? x.shape[1] : weight.shape[1], m = x.shape[0];
   const int64_t adapters = lora_a.shape[0], s_count = lora_a.shape[1], r = lora_a.shape[2];
   if (x_lora) {
     x_lora->check_same_dtype(x);
@@ -59,6 +67,21 @@ void lora_linear(const TensorView& x, const TensorView& weight, const TensorView
   }
   LLMK_CHECK(offsets[s_count] == n, ValueError, "slices must sum to the weight's rows N = ", n, "; got ",
              offsets[s_count]);
+  int64_t group_size = 0;
+  if (int4) {
+    LLMK_CHECK(optional.int4.zeros, ValueError, "an int4 weight needs its zeros beside its scales");
+    LLMK_CHECK(!transposed, ValueError, "the transposed product (dx) takes a 16-bit weight (dequantize the int4 one)");
+    weight.check_shape({n / quant::kInt4BlockN, quant::int4_k_blocks(k), 32});
+    group_size = quant::check_int4_groups(n, k, optional.int4.group_size, *optional.int4.scales,
+                                          *optional.int4.zeros, x);
+    if (backend != Backend::cpu) {
+      LLMK_CHECK(optional.int4.scales->dtype == x.dtype, TypeError, "the int4 weight's scales must have x's dtype (",
+                 dtype_name(x.dtype), ") for the CUDA kernel, which dequantizes in it; got ",
+                 dtype_name(optional.int4.scales->dtype));
+      optional.int4.scales->check_rows_aligned();
+      optional.int4.zeros->check_aligned(8);
+    }
+  }
   if (transposed)
     LLMK_CHECK(adapters == 1 && s_count == 1 && !ids && !ranks && !scales && !bias, ValueError,
                "the transposed product (dx) takes one adapter and one slice, without adapter_ids, ranks, scales "
@@ -101,7 +124,7 @@ void lora_linear(const TensorView& x, const TensorView& weight, const TensorView
   LLMK_CHECK(tiles.numel() >= tiles_needed, ValueError, "tiles must have at least ", tiles_needed,
              " int32 elements (the CUDA kernel's adapter lists); got ", tiles.numel());
   std::vector<TensorView> read{extent(x), weight, lora_a, lora_b};
-  for (const TensorView* t : {bias, ids, ranks, scales})
+  for (const TensorView* t : {bias, ids, ranks, scales, optional.int4.scales, optional.int4.zeros})
     if (t) read.push_back(*t);
   if (x_lora) read.push_back(extent(*x_lora));
   check_no_overlap({shrink, out, workspace, tiles}, read);
@@ -123,6 +146,13 @@ void lora_linear(const TensorView& x, const TensorView& weight, const TensorView
   p.x_lora = x_lora ? x_lora->ptr : x.ptr;
   p.ld_lora = !x_lora ? p.ldx : m <= 1 ? in_features : x_lora->strides[0];
   p.weight = weight.ptr;
+  p.int4 = int4;
+  if (int4) {
+    p.w_scales = optional.int4.scales->ptr;
+    p.w_scale_dtype = optional.int4.scales->dtype;
+    p.w_zeros = optional.int4.zeros->data<uint8_t>();
+    p.group_size = group_size;
+  }
   p.lora_a = lora_a.ptr;
   p.lora_b = lora_b.ptr;
   p.bias = bias ? bias->data<float>() : nullptr;
@@ -136,7 +166,7 @@ void lora_linear(const TensorView& x, const TensorView& weight, const TensorView
   if (m == 0) return;
   run_on_backend(x, stream,
                  Operands().add(x).add(x_lora).add(weight).add(lora_a).add(lora_b).add(bias).add(ids).add(ranks)
-                     .add(scales).add(shrink).add(out).add(workspace).add(tiles),
+                     .add(scales).add(optional.int4.scales).add(optional.int4.zeros).add(shrink).add(out).add(workspace).add(tiles),
                  [&] { lora_linear_cpu(p); }, [&](auto device_stream) { lora_linear_device(p, device_stream); });
 }
 

@@ -44,12 +44,20 @@ LLMK_HD int64_t padded(int64_t v) { return (v + kSegment - 1) / kSegment * kSegm
 // out (M, K) = dy W + [scale (dy B)] A, shrink (M, r) = scale dy B; every weight read k-major (as
 // stored), bias null.
 // x_lora (optional, like x): the shrink's input instead of x (dropout(x), computed by `dropout`).
+// int4 base (extras.int4, forward only): weight is quantize_int4's packed codes, N = 8 * its first
+// dimension and K = x's columns; the fused kernel dequantizes it in its main loop (quant/int4_loader.cuh).
+struct Int4Base {   // an int4 base weight (llmkernels.quant.quantize_int4; quant.h's format)
+  const TensorView* scales = nullptr;   // (groups, N) of x's dtype
+  const TensorView* zeros = nullptr;    // (groups, N) uint8
+  int64_t group_size = 0;               // 32, 64, 128, or K (one group per row)
+};
 struct Extras {   // the optional inputs (null: absent)
   const TensorView* x_lora = nullptr;
   const TensorView* bias = nullptr;
   const TensorView* adapter_ids = nullptr;
   const TensorView* ranks = nullptr;
   const TensorView* scales = nullptr;
+  Int4Base int4;   // with scales set, weight is the packed codes int32 (N / 8, ceil(K / 32), 32)
 };
 constexpr int kMaxSlices = 8;
 void lora_linear(const TensorView& x, const TensorView& weight, const TensorView& lora_a, const TensorView& lora_b,
@@ -96,7 +104,12 @@ struct Problem {
   float scale = 1.0f;
   const void* x = nullptr;
   const void* x_lora = nullptr;   // the shrink's input (x itself without dropout)
-  const void* weight = nullptr;
+  const void* weight = nullptr;   // (N, K) x's dtype, or with int4: the packed codes (quant.h)
+  bool int4 = false;              // an int4 base weight (forward only): weight packed, w_scales, w_zeros
+  const void* w_scales = nullptr; // (groups, N) bf16/fp16: x's dtype on CUDA
+  DType w_scale_dtype = DType::bf16;
+  const uint8_t* w_zeros = nullptr;
+  int64_t group_size = 0;         // K for one group per row
   const void* lora_a = nullptr;
   const void* lora_b = nullptr;
   const float* bias = nullptr;

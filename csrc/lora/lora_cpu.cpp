@@ -7,6 +7,7 @@
 #include "common/float_types.h"
 #include "core/dispatch.h"
 #include "lora/lora.h"
+#include "quant/quant.h"
 
 namespace llmk::lora {
 
@@ -54,7 +55,26 @@ void forward(const Problem& p, std::vector<float>& acc) {
   const int64_t k = p.in_features, n = p.out_features, columns = p.slices * p.rank;
   T* shrink = static_cast<T*>(p.shrink);
   std::fill(shrink, shrink + p.m * columns, from_float<T>(0.0f));
-  product(p.dtype, p.m, p.x, p.ldx, p.weight, k, false, n, k, acc);
+  if (p.int4) {   // the quantized GEMM's CPU kernel, into float32
+    acc.assign(size_t(p.m * n), 0.0f);
+    quant::Int4Problem q;
+    q.x_dtype = p.dtype;
+    q.scale_dtype = p.w_scale_dtype;
+    q.m = p.m;
+    q.n = n;
+    q.k = k;
+    q.group_size = p.group_size;
+    q.x = p.x;
+    q.ldx = p.ldx;
+    q.packed = static_cast<const int32_t*>(p.weight);
+    q.scales = p.w_scales;
+    q.zeros = p.w_zeros;
+    q.out = acc.data();
+    q.out_f32 = true;
+    quant::int4_linear_cpu(q);
+  } else {
+    product(p.dtype, p.m, p.x, p.ldx, p.weight, k, false, n, k, acc);
+  }
   std::vector<std::vector<int64_t>> rows(size_t(p.adapters));
   for (int64_t i = 0; i < p.m; ++i) {
     const int32_t adapter = p.adapter_ids ? p.adapter_ids[i] : 0;

@@ -19,6 +19,7 @@
 #include "core/dispatch.h"
 #include "gemm/core.cuh"
 #include "lora/lora.h"
+#include "quant/int4_loader.cuh"
 
 namespace llmk::lora {
 namespace {
@@ -61,8 +62,10 @@ struct BlockAdapters {
 // ShrinkTiling::bm) and the fused kernel's (R = its tiling's bm).
 LLMK_HD int64_t tile_cap(int64_t rows, int64_t adapters) { return rows < adapters ? rows : adapters; }
 static_assert(kShrinkTileRows == ShrinkTiling::bm && kFusedTileRows[0] == gemm::SmallTiling::bm &&
-                  kFusedTileRows[1] == gemm::MediumTiling::bm && kFusedTileRows[2] == gemm::LargeTiling::bm,
-              "lora.h's tile rows are the tilings'");
+                  kFusedTileRows[1] == gemm::MediumTiling::bm && kFusedTileRows[2] == gemm::LargeTiling::bm &&
+                  quant::Int4Small::bm == gemm::SmallTiling::bm && quant::Int4Medium::bm == gemm::MediumTiling::bm &&
+                  quant::Int4Large::bm == gemm::LargeTiling::bm && quant::Int4Small::bk == gemm::kSplitTileK,
+              "lora.h's tile rows are the tilings' (the int4 base's too), split-K's tiles the small ones'");
 
 LLMK_DEVICE BlockAdapters block_adapters(const Problem& p, const int32_t* layout, int64_t rows) {
   if (!p.adapter_ids) return {nullptr, nullptr, 1};
@@ -260,7 +263,26 @@ struct FusedLoaderB : gemm::RowTileLoader<T, Tiling, Tiling::bn> {
   }
 };
 
-template <typename T>
+// With an int4 base weight: the quantized GEMM's dequantizing loader for the base k tiles, 16-bit rows
+// for the groups'; two tile layouts, so the main loop takes each k tile's fragments from `first`
+// (int4) or `second` (rows) (core.cuh: is_segmented).
+template <typename T, typename Tiling>
+struct FusedInt4LoaderB {
+  using Rows = gemm::RowTileLoader<T, Tiling, Tiling::bn>;
+  using Int4 = quant::Int4TileLoader<T, Tiling>;
+  static constexpr bool segmented = true;
+  static constexpr int bytes = Int4::bytes > Rows::bytes ? Int4::bytes : Rows::bytes;
+  Int4 first;
+  Rows second;   // (its fragments only)
+  int64_t split;
+  FusedLoaderB<T, Tiling> adapters;
+  LLMK_DEVICE void load(uint8_t* tile, int64_t col0, int64_t k0, int thread) const {
+    if (k0 < split) first.load(tile, col0, k0, thread);
+    else adapters.load(tile, col0, k0, thread);
+  }
+};
+
+template <typename T, bool Int4>
 struct FusedParams : LoraParams<T> {
   template <typename Tiling>
   LLMK_DEVICE FusedLoaderA<T, Tiling> loader_a() const {
@@ -270,11 +292,23 @@ struct FusedParams : LoraParams<T> {
     return loader;
   }
   template <typename Tiling>
-  LLMK_DEVICE FusedLoaderB<T, Tiling> loader_b() const {
+  using LoaderB = std::conditional_t<Int4, FusedInt4LoaderB<T, Tiling>, FusedLoaderB<T, Tiling>>;
+  template <typename Tiling>
+  LLMK_DEVICE LoaderB<Tiling> loader_b() const {
     FusedLoaderB<T, Tiling> loader{};
     loader.lora = &this->lora;
     loader.groups = block_groups<Tiling>(this->lora, this->tiles);
-    return loader;
+    if constexpr (Int4) {
+      const Problem& p = this->lora;
+      FusedInt4LoaderB<T, Tiling> int4{};
+      int4.first = {static_cast<const int32_t*>(p.weight), static_cast<const T*>(p.w_scales), p.w_zeros,
+                    p.out_features, quant::int4_k_blocks(p.in_features), p.group_size};
+      int4.split = loader.groups.k_padded;
+      int4.adapters = loader;
+      return int4;
+    } else {
+      return loader;
+    }
   }
   // The base's k tiles and the block's groups', split into blockIdx.z's range (split-K plans over an
   // upper bound of the groups: a range past this block's tiles runs none and stores zeros).
@@ -361,7 +395,8 @@ template <typename T>
 void forward(const Problem& p, DeviceStream stream) {
   int32_t* fused_tiles = nullptr;
   if (p.adapter_ids) {
-    TilesParams tiles{p.adapter_ids, p.m, p.adapters, {ShrinkTiling::bm, gemm::sized_tiling<gemm::SmallTiling, gemm::MediumTiling, gemm::LargeTiling>(p.m, p.out_features).bm}, {},
+    TilesParams tiles{p.adapter_ids, p.m, p.adapters, {ShrinkTiling::bm, p.int4 ? gemm::sized_tiling<quant::Int4Small, quant::Int4Medium, quant::Int4Large>(p.m, p.out_features).bm
+                                  : gemm::sized_tiling<gemm::SmallTiling, gemm::MediumTiling, gemm::LargeTiling>(p.m, p.out_features).bm}, {},
                       {p.tiles, nullptr}};
     for (int l = 0; l < 2; ++l) tiles.tiles[l] = (p.m + tiles.rows[l] - 1) / tiles.rows[l];
     fused_tiles = tiles.out[1] = p.tiles + tiles_size(p.m, tiles.rows[0], p.adapters);
@@ -381,13 +416,21 @@ void forward(const Problem& p, DeviceStream stream) {
   const int64_t k_bound = fused_k_bound(p.m, p.in_features, p.rank, p.adapters, p.slices, p.adapter_ids != nullptr);
   const gemm::SplitK split = gemm::split_k(p.m, p.out_features, k_bound);
   LLMK_CHECK(split.splits == 1 || p.workspace, ValueError, "lora_linear: split-K needs a workspace");
-  FusedParams<T> fused{};
-  static_cast<gemm::TiledParams&>(fused) = gemm::TiledParams{
-      p.m, p.out_features, k_bound, plain_epilogue(p.out, p.m, p.out_features, p.bias), p.workspace, 0};
-  fused.lora = p;
-  fused.tiles = fused_tiles;
-  gemm::launch_sized<T, T, float, gemm::SmallTiling, gemm::MediumTiling, gemm::LargeTiling>(
-      "lora fused", "lora fused split-k reduce", fused, split, stream);
+  auto run = [&](auto int4) {
+    FusedParams<T, decltype(int4)::value> fused{};
+    static_cast<gemm::TiledParams&>(fused) = gemm::TiledParams{
+        p.m, p.out_features, k_bound, plain_epilogue(p.out, p.m, p.out_features, p.bias), p.workspace, 0};
+    fused.lora = p;
+    fused.tiles = fused_tiles;
+    if constexpr (decltype(int4)::value)
+      gemm::launch_sized<T, T, float, quant::Int4Small, quant::Int4Medium, quant::Int4Large>(
+          "lora fused (int4 base)", "lora fused (int4 base) split-k reduce", fused, split, stream);
+    else
+      gemm::launch_sized<T, T, float, gemm::SmallTiling, gemm::MediumTiling, gemm::LargeTiling>(
+          "lora fused", "lora fused split-k reduce", fused, split, stream);
+  };
+  if (p.int4) run(std::true_type{});
+  else run(std::false_type{});
 }
 
 template <typename T>
@@ -433,7 +476,7 @@ void dropout_device(const DropoutProblem& p, DeviceStream stream) {
 
 void lora_linear_device(const Problem& p, DeviceStream stream) {
   static_assert(kSegment % gemm::LargeTiling::bk == 0 && kSegment % gemm::SmallTiling::bk == 0 &&
-                    kSegment % ShrinkTiling::bk == 0,
+                    kSegment % ShrinkTiling::bk == 0 && kSegment % quant::Int4Large::bk == 0,
                 "the transposed product's expand starts on a k tile of every tiling");
   dispatch<bf16, f16>(p.dtype, "lora_linear (CUDA kernel)", [&](auto tag) {
     using T = typename decltype(tag)::type;

@@ -24,6 +24,7 @@
 #include "common/float_types.h"
 #include "common/quant_format.h"
 #include "common/vector_io.h"
+#include "gemm/core.cuh"
 
 #if !defined(LLMK_EMULATED)
 #include <cuda_bf16.h>
@@ -67,6 +68,11 @@ LLMK_DEVICE uint32_t dequantize_int4_pair(uint32_t codes, uint32_t zero_pair, ui
   return out;
 #endif
 }
+
+// The weight-only tilings (W4A16 and W8A16, and LoRA's int4 base): k tiles of 64, whole packed blocks.
+using Int4Large = gemm::Tiling<128, 128, 64, 2, 4, 4>;
+using Int4Medium = gemm::Tiling<64, 64, 64, 2, 2, 4>;
+using Int4Small = gemm::Tiling<16, 64, 64, 1, 4, 6>;
 
 template <typename T, typename Tiling>
 struct Int4TileLoader {

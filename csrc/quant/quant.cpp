@@ -23,25 +23,6 @@ void check_int4_pair(const TensorView& codes, const TensorView& packed) {
   packed.check_shape({n / kInt4BlockN, int4_k_blocks(k), 32});
 }
 
-// An int4 weight's groups: group_size 32, 64, 128 or -1 (one group of K), K a multiple of it, scales
-// bf16/fp16 and zeros uint8, both (groups, N), contiguous, on `like`'s device. Returns the group's size.
-int64_t check_int4_groups(int64_t n, int64_t k, int64_t group_size, const TensorView& scales,
-                          const TensorView& zeros, const TensorView& like) {
-  LLMK_CHECK(group_size == -1 || group_size == 32 || group_size == 64 || group_size == 128, ValueError,
-             "group_size must be 32, 64, 128 or -1; got ", group_size);
-  const int64_t size = group_size == -1 ? k : group_size;
-  LLMK_CHECK(k % size == 0, ValueError, "in_features (", k, ") must be a multiple of group_size (", group_size, ")");
-  LLMK_CHECK(scales.dtype == DType::bf16 || scales.dtype == DType::f16, TypeError,
-             "scales must be bfloat16 or float16; got ", dtype_name(scales.dtype));
-  zeros.check_dtype(DType::u8);
-  for (const TensorView* t : {&scales, &zeros}) {
-    t->check_contiguous();
-    t->check_same_device(like);
-    t->check_shape({k / size, n});
-  }
-  return size;
-}
-
 // The weight-only products' (W4A16, W8A16) checks of x, out and the split-K workspace once the
 // weight's own are done: the output shares memory with nothing it reads (`read`), the workspace
 // (float32, at least int4_split_k_workspace(m, n, k) for the CUDA kernels) with nothing at all; on
@@ -71,6 +52,25 @@ int64_t check_weight_only_io(const TensorView& x, std::vector<TensorView> read, 
 }
 
 }  // namespace
+
+// An int4 weight's groups: group_size 32, 64, 128 or -1 (one group of K), K a multiple of it, scales
+// bf16/fp16 and zeros uint8, both (groups, N), contiguous, on `like`'s device. Returns the group's size.
+int64_t check_int4_groups(int64_t n, int64_t k, int64_t group_size, const TensorView& scales,
+                          const TensorView& zeros, const TensorView& like) {
+  LLMK_CHECK(group_size == -1 || group_size == 32 || group_size == 64 || group_size == 128, ValueError,
+             "group_size must be 32, 64, 128 or -1; got ", group_size);
+  const int64_t size = group_size == -1 ? k : group_size;
+  LLMK_CHECK(k % size == 0, ValueError, "in_features (", k, ") must be a multiple of group_size (", group_size, ")");
+  LLMK_CHECK(scales.dtype == DType::bf16 || scales.dtype == DType::f16, TypeError,
+             "scales must be bfloat16 or float16; got ", dtype_name(scales.dtype));
+  zeros.check_dtype(DType::u8);
+  for (const TensorView* t : {&scales, &zeros}) {
+    t->check_contiguous();
+    t->check_same_device(like);
+    t->check_shape({k / size, n});
+  }
+  return size;
+}
 
 void pack_int4(const TensorView& codes, const TensorView& packed, void* stream) {
   check_int4_pair(codes, packed);

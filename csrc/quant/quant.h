@@ -11,6 +11,11 @@ namespace llmk::quant {
 // fp32/bf16/fp16 contiguous, N and K multiples of 8, K a multiple of group_size (32, 64, 128, or -1 for
 // one group per row) -> packed int32 (N / 8, ceil(K / 32), 32), scales bf16/fp16 (groups, N), zeros
 // uint8 (groups, N). The codes never exist unpacked.
+// An int4 weight's groups: group_size 32, 64, 128 or -1 (one group of K), K a multiple of it, scales
+// bf16/fp16 and zeros uint8, both (groups, N), contiguous, on `like`'s device. Returns the group's size.
+// (Shared with LoRA's int4 base.)
+int64_t check_int4_groups(int64_t n, int64_t k, int64_t group_size, const TensorView& scales,
+                          const TensorView& zeros, const TensorView& like);
 void quantize_int4(const TensorView& w, int64_t group_size, bool symmetric, const TensorView& packed,
                    const TensorView& scales, const TensorView& zeros, void* stream);
 
@@ -52,6 +57,7 @@ struct Int4Problem {
   const float* bias = nullptr;
   void* out = nullptr;
   float* workspace = nullptr;    // int4_split_k_workspace(m, n, k) floats, for the CUDA kernel's split-K
+  bool out_f32 = false;          // CPU kernel only: out is float32 (LoRA's int4 base, summed before rounding)
 };
 void int4_linear_cpu(const Int4Problem& problem);
 void int4_linear_device(const Int4Problem& problem, CudaStream stream);

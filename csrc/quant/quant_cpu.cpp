@@ -316,7 +316,8 @@ void int4_linear_typed(const Int4Problem& p) {
         for (int i = 0; i < kInt4BlockN; ++i) {
           const int64_t n = block * kInt4BlockN + kLaneRow[i];
           const double value = totals[m * kInt4BlockN + i] + (p.bias ? p.bias[n] : 0.0f);
-          out[m * p.n + n] = from_float<T>(float(value));
+          if (p.out_f32) static_cast<float*>(p.out)[m * p.n + n] = float(value);
+          else out[m * p.n + n] = from_float<T>(float(value));
         }
     }
   }

@@ -32,10 +32,6 @@ using gemm::SplitK;
 using gemm::TiledParams;
 using gemm::Tiling;
 
-// (the weight-only tilings: W4A16 and W8A16)
-using Int4Large = Tiling<128, 128, 64, 2, 4, 4>;
-using Int4Medium = Tiling<64, 64, 64, 2, 2, 4>;
-using Int4Small = Tiling<16, 64, 64, 1, 4, 6>;
 static_assert(Int4Small::bm == kInt4SplitMaxRows && Int4Small::bn == kInt4SplitTileN &&
                   Int4Small::bk == kInt4SplitTileK,
               "quant.h's int4_split_k plans for the small tiling");

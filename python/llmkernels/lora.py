@@ -30,6 +30,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import _validate as check
+from . import quant
 from ._ext import C
 from ._ops import native_op
 
@@ -43,12 +44,14 @@ MAX_SLICES = 8
 def _lora_linear(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: torch.Tensor, lora_a: torch.Tensor,
                  lora_b: torch.Tensor, scale: float, scales: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                  adapter_ids: Optional[torch.Tensor], ranks: Optional[torch.Tensor], slices: List[int],
+                 w_scales: Optional[torch.Tensor], w_zeros: Optional[torch.Tensor], group_size: int,
                  transposed: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """lora_a (L, S, r, K), lora_b (L, N, r) -> shrink (M, S r) and out (M, N) in x's dtype (out (M, K)
     when transposed: x is then dy (M, N)); the split-K workspace (float32) and the adapter lists
-    (int32) of the CUDA kernels. x_lora: the shrink's input instead of x (dropout(x))."""
+    (int32) of the CUDA kernels. x_lora: the shrink's input instead of x (dropout(x)). With w_scales
+    (an int4 base, forward only): weight is the Int4Weight's packed codes, w_zeros and group_size its."""
     m = x.shape[0]
-    n, k = weight.shape
+    n, k = (weight.shape[0] * 8, x.shape[1]) if w_scales is not None else weight.shape
     adapters, n_slices, rank = lora_a.shape[:3]
     in_features, out_features = (n, k) if transposed else (k, n)
     multi = adapter_ids is not None
@@ -84,12 +87,13 @@ class _LoraLinear(torch.autograd.Function):
     (rank-sized products, torch.matmul), d bias the column sums of dy."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, bias, scale, scales, slices, dropout):
+    def forward(ctx, x, weight, lora_a, lora_b, bias, scale, scales, slices, dropout, int4):
         x_lora = None if dropout is None else _dropout(x, dropout)
         shrink, out, _, _ = _lora_linear(x, x_lora, weight, lora_a, lora_b, scale, scales,
-                                         None if bias is None else bias.float(), None, None, slices, False)
+                                         None if bias is None else bias.float(), None, None, slices,
+                                         *_int4_args(int4), False)
         ctx.save_for_backward(x, weight, lora_a, lora_b, shrink, scales)
-        ctx.scale, ctx.slices, ctx.dropout = scale, slices, dropout
+        ctx.scale, ctx.slices, ctx.dropout, ctx.int4 = scale, slices, dropout, int4
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
@@ -98,13 +102,15 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, lora_a, lora_b, shrink, scales = ctx.saved_tensors
         need_x, _, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        if need_x and ctx.int4 is not None:   # (dx's transposed product takes a 16-bit weight)
+            weight = quant.dequantize(ctx.int4, x.dtype)
         dy = check.rows_aligned(dy.to(x.dtype))
         _, n_slices, rank, k = lora_a.shape   # (rank padded to 8 by lora_linear: its pad drops the padding's gradients)
         fused = n_slices == 1 and ctx.dropout is None and scales is None
         dx = d_a = d_b = d_bias = u = None
         if need_x and fused:
             u, dx, _, _ = _lora_linear(dy, None, weight, lora_a, lora_b, ctx.scale, None, None, None, None,
-                                       [weight.shape[0]], True)
+                                       [weight.shape[0]], None, None, 0, True)
         elif need_x or need_a:   # u (M, S r): the slices' scale dy[:, slice] B[slice rows]
             parts, start = [], 0
             for s, width in enumerate(ctx.slices):
@@ -114,7 +120,7 @@ class _LoraLinear(torch.autograd.Function):
             u = torch.cat(parts, dim=1)
         if need_x and not fused:   # dy W by the transposed kernels (scale 0: no expand), plus u A
             _, dx, _, _ = _lora_linear(dy, None, weight, lora_a[:, :1], lora_b, 0.0, None, None, None, None,
-                                       [weight.shape[0]], True)
+                                       [weight.shape[0]], None, None, 0, True)
             expand = u @ lora_a.reshape(n_slices * rank, k)
             if ctx.dropout is not None:
                 expand = _dropout(expand, ctx.dropout)
@@ -130,7 +136,12 @@ class _LoraLinear(torch.autograd.Function):
             d_b = torch.cat(parts).reshape(lora_b.shape).to(x.dtype)
         if need_bias:
             d_bias = dy.float().sum(dim=0).to(ctx.bias_dtype)
-        return dx, None, d_a, d_b, d_bias, None, None, None, None
+        return dx, None, d_a, d_b, d_bias, None, None, None, None, None
+
+
+def _int4_args(int4):
+    """The native op's (w_scales, w_zeros, group_size) for an Int4Weight base, or for none."""
+    return (None, None, 0) if int4 is None else (int4.scales, int4.zeros, int4.group_size)
 
 
 def _scale_table(scale, adapters: int, n_slices: int, multi: bool, sliced: bool, device):
@@ -191,20 +202,27 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     llmkernels.reference.lora.dropout_keep for `seed` (an int; drawn from torch's default CPU generator
     when None: no device synchronization, but a CUDA graph replays the seed it captured). The backward
     regenerates the mask; nothing is stored."""
+    int4 = weight if isinstance(weight, quant.Int4Weight) else None
+    if int4 is not None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+        check.check_same_device(int4.packed, "weight (Int4Weight)", x.device, "x")
+        weight = int4.packed   # (the kernels' int4 base; its shape checks below use int4.shape)
     for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must be a torch.Tensor or (weight) an llmkernels.quant.Int4Weight; got "
+                            f"{type(t).__name__}")
+        if t.dtype != x.dtype and not (name == "weight" and int4 is not None):
             raise TypeError(f"{name} must have x's dtype {x.dtype}; got {t.dtype}")
     multi, sliced = adapter_ids is not None, slices is not None
-    for name, t, dims in (("x", x, 2), ("weight", weight, 2), ("lora_a", lora_a, 2 + multi + sliced),
-                          ("lora_b", lora_b, 2 + multi)):
+    for name, t, dims in (("x", x, 2), ("weight", weight, 2 if int4 is None else 3),
+                          ("lora_a", lora_a, 2 + multi + sliced), ("lora_b", lora_b, 2 + multi)):
         if t.dim() != dims:
             raise ValueError(f"{name} must have {dims} dimensions here (adapter_ids {'given' if multi else 'None'}, "
                              f"slices {'given' if sliced else 'None'}); got shape {tuple(t.shape)}")
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight must not require grad: LoRA's base weight is frozen (weight.requires_grad_(False))")
-    n, k = weight.shape
+    n, k = weight.shape if int4 is None else int4.shape
     if x.shape[1] != k:
         raise ValueError(f"weight must be (N, K) with x's K = {x.shape[1]} columns; got {tuple(weight.shape)}")
     adapters = lora_a.shape[0] if multi else 1
@@ -291,8 +309,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     if multi:
         x_lora = None if dropout is None else _dropout(x, dropout)
         return _lora_linear(x, x_lora, weight.contiguous(), lora_a, lora_b, scale, scales,
-                            None if bias is None else bias.float(), ids, rank_table, slices, False)[1]
-    return _LoraLinear.apply(x, weight.contiguous(), lora_a, lora_b, bias, scale, scales, slices, dropout)
+                            None if bias is None else bias.float(), ids, rank_table, slices, *_int4_args(int4),
+                            False)[1]
+    return _LoraLinear.apply(x, weight.contiguous(), lora_a, lora_b, bias, scale, scales, slices, dropout, int4)
 
 
 # -- the layer and the model helper ---------------------------------------------------------------

@@ -79,7 +79,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .. import lora
+from .. import lora, quant
 from ..reference import lora as reference
 from .core import Case, Check, Run, Target, poison_next_allocations, register, spread_rows
 
@@ -91,6 +91,12 @@ ALPHA_PER_RANK = 2           # scale = alpha / r = 2
 FORWARD_SLOWDOWN = 1.08      # target: the r=16 forward within 8% of the base GEMM at M >= 512
 TRAIN_SLOWDOWN = 1.15        # target: the training step at most 1.15x the frozen base layer's
 CPU_RATIO = 0.8              # target: the CPU forward at least 0.8x the PEFT composition's speed at M >= 128
+SERVING_SLOWDOWN = 1.15      # target: multi-adapter decode (M <= DECODE_ROWS, L = 32) within 15% of the base GEMM
+DECODE_ROWS = 64             # M <= this: decode, for the multi-adapter target
+SERVING_ADAPTERS = 32        # L of the multi-adapter target
+INT4_SLOWDOWN = 1.2          # target: the int4-base forward at most 1.2x the bf16-base LoRA's time
+INT4_GROUP_SIZE = 128        # quantize_int4's group along K for the int4 base weight
+IDS_SEED = 13                # the multi-adapter rows' adapters (adapter_ids()), the same in every input set
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,14 +115,22 @@ GATE_UP = Layer("8B gate/up", 28672, 4096)
 DOWN = Layer("8B down", 4096, 14336)
 CPU_LAYER = Layer("scaled down", 1024, 1024)
 
-Config = Tuple[Layer, int, int, torch.dtype]   # (layer, rank, M, dtype)
+LAYERS = (QKV, O_PROJ, GATE_UP, DOWN)
+
+Config = Tuple[Layer, int, int, torch.dtype]              # (layer, rank, M, dtype)
+ServingConfig = Tuple[Layer, int, int, int, torch.dtype]  # (layer, rank, M, adapters L, dtype)
 BF16, FP32 = torch.bfloat16, torch.float32
-CUDA_FORWARD = [(layer, rank, m, BF16) for layer in (QKV, O_PROJ, GATE_UP, DOWN) for rank in (16, 64)
-                for m in (1, 16, 128, 512, 2048, 8192)]
-CUDA_TRAIN = [(layer, rank, m, BF16) for layer in (QKV, O_PROJ, GATE_UP, DOWN) for rank in (16, 64)
-              for m in (2048, 8192)]
+CUDA_FORWARD = [(layer, rank, m, BF16) for layer in LAYERS for rank in (16, 64) for m in (1, 16, 128, 512, 2048, 8192)]
+CUDA_TRAIN = [(layer, rank, m, BF16) for layer in LAYERS for rank in (16, 64) for m in (2048, 8192)]
+CUDA_SERVING = ([(layer, 16, m, 32, BF16) for layer in LAYERS for m in (1, 16, 64)]
+                + [(QKV, 16, m, adapters, BF16) for adapters in (1, 4) for m in (1, 16, 64)]
+                + [(QKV, 64, m, 32, BF16) for m in (1, 16, 64)]
+                + [(QKV, 16, 2048, 4, BF16), (QKV, 16, 2048, 32, BF16), (QKV, 64, 2048, 32, BF16),
+                   (GATE_UP, 16, 2048, 32, BF16)])
+CUDA_INT4 = [(layer, 16, m, BF16) for layer in (QKV, GATE_UP) for m in (1, 16, 2048)]
 CPU_FORWARD = [(CPU_LAYER, 16, m, dtype) for dtype in (BF16, FP32) for m in (128, 512)]
 CPU_TRAIN = [(CPU_LAYER, 16, 128, BF16)]      # --quick too
+CPU_SERVING = [(CPU_LAYER, 16, 128, 4, BF16)]  # --quick too
 QUICK_CPU_FORWARD = CPU_FORWARD[:1]
 
 
@@ -126,23 +140,42 @@ QUICK_CPU_FORWARD = CPU_FORWARD[:1]
 class LoraInputs:
     x: torch.Tensor                    # (M, K); requires grad in a training step
     weight: torch.Tensor               # (N, K), frozen
-    lora_a: torch.Tensor               # (r, K); requires grad in a training step
-    lora_b: torch.Tensor               # (N, r); requires grad in a training step
+    lora_a: torch.Tensor               # (r, K), (L, r, K) with adapter_ids; requires grad in a training step
+    lora_b: torch.Tensor               # (N, r), (L, N, r) with adapter_ids; requires grad in a training step
     scale: float
     dy: Optional[torch.Tensor] = None                  # (M, N): the output's gradient in a training step
+    adapter_ids: Optional[torch.Tensor] = None         # int32 (M,): row m's adapter, in a multi-adapter case
+    weight_int4: Optional[quant.Int4Weight] = None     # weight quantized, in an int4-base case
     out: Optional[torch.Tensor] = None                 # the last call's output (whichever side ran)
     grads: Optional[Tuple[torch.Tensor, ...]] = None   # the last step's gradients: (dx, dA, dB), or (dx,)
 
 
-def make_inputs(layer: Layer, rank: int, m: int, dtype: torch.dtype, backward: bool,
-                device: torch.device) -> LoraInputs:
+def adapter_ids(m: int, adapters: int, device: torch.device) -> torch.Tensor:
+    """int32 (M,) on the device, the same for every call with these sizes: rows dealt round-robin to L
+    slots in a shuffled order (counts within one of each other), the slots a shuffle of the L adapters.
+    Every row's adapter is uniform over the L, the rows are not sorted by adapter, and min(M, L) distinct
+    adapters are used: all L once M >= L (an i.i.d. draw would leave some out)."""
+    generator = torch.Generator().manual_seed(IDS_SEED)
+    adapter_of_slot = torch.randperm(adapters, generator=generator)
+    slot_of_row = torch.randperm(m, generator=generator) % adapters
+    return adapter_of_slot[slot_of_row].to(device=device, dtype=torch.int32)
+
+
+def make_inputs(layer: Layer, rank: int, m: int, dtype: torch.dtype, backward: bool, device: torch.device, *,
+                adapters: Optional[int] = None, int4: bool = False) -> LoraInputs:
     """A fresh input set, drawn directly in `dtype` on the device (no float32 copy of the weight); with
-    `backward` the leaves x, A and B require grad and dy is drawn."""
+    `backward` the leaves x, A and B require grad and dy is drawn. `adapters`: L stacked adapters, A (L, r, K)
+    and B (L, N, r), and adapter_ids(); `int4`: the weight also quantized (quantize_int4, on the device)."""
     n, k = layer.out_features, layer.in_features
     randn = functools.partial(torch.randn, device=device, dtype=dtype)
-    inputs = LoraInputs(x=randn(m, k), weight=randn(n, k).mul_(k ** -0.5), lora_a=randn(rank, k).mul_(k ** -0.5),
-                        lora_b=randn(n, rank).mul_(rank ** -0.5),
+    stack = () if adapters is None else (adapters,)
+    inputs = LoraInputs(x=randn(m, k), weight=randn(n, k).mul_(k ** -0.5),
+                        lora_a=randn(*stack, rank, k).mul_(k ** -0.5), lora_b=randn(*stack, n, rank).mul_(rank ** -0.5),
                         scale=reference.scaling(ALPHA_PER_RANK * rank, rank))
+    if adapters is not None:
+        inputs.adapter_ids = adapter_ids(m, adapters, device)
+    if int4:
+        inputs.weight_int4 = quant.quantize_int4(inputs.weight, group_size=INT4_GROUP_SIZE)
     if backward:
         for leaf in (inputs.x, inputs.lora_a, inputs.lora_b):
             leaf.requires_grad_()
@@ -167,11 +200,34 @@ def _base(inputs: LoraInputs) -> torch.Tensor:
     return F.linear(inputs.x, inputs.weight)
 
 
+def _ours_serving(inputs: LoraInputs) -> torch.Tensor:
+    """check_ids=False: no device read of the ids' range (a host sync a call); adapter_ids() made them."""
+    return lora.lora_linear(inputs.x, inputs.weight, inputs.lora_a, inputs.lora_b, inputs.scale,
+                            adapter_ids=inputs.adapter_ids, check_ids=False)
+
+
+def _peft_mixed_batch(inputs: LoraInputs) -> torch.Tensor:
+    """PEFT's mixed-batch forward (LoraLayer._mixed_batch_forward) with the rows' adapters on the device: the
+    base layer, then for each adapter present its rows gathered, its two linears and the scale in x's dtype,
+    added into those rows of the base output."""
+    x, ids = inputs.x, inputs.adapter_ids
+    out = F.linear(x, inputs.weight)
+    for adapter in torch.unique(ids).tolist():   # one device read: the adapters present
+        rows = (ids == adapter).nonzero().squeeze(1)
+        out[rows] += F.linear(F.linear(x[rows], inputs.lora_a[adapter]), inputs.lora_b[adapter]) * inputs.scale
+    return out
+
+
+def _ours_int4(inputs: LoraInputs) -> torch.Tensor:
+    return lora.lora_linear(inputs.x, inputs.weight_int4, inputs.lora_a, inputs.lora_b, inputs.scale)
+
+
 @dataclasses.dataclass(frozen=True)
 class Side:
     name: str
     forward: Callable[[LoraInputs], torch.Tensor]
-    adapter: bool     # adds the adapter's term (ours, PEFT); False: the base layer alone
+    adapter: bool             # adds the adapter's term (ours, PEFT); False: the base layer alone
+    int4_base: bool = False   # its base weight is weight_int4 (the oracle dequantizes it), not weight
 
     def leaves(self, inputs: LoraInputs) -> Tuple[torch.Tensor, ...]:
         """What a training step of this side differentiates with respect to, in the order of `grads`."""
@@ -181,12 +237,23 @@ class Side:
 OURS = Side("llmkernels lora_linear", _ours, adapter=True)
 ANCHORS = {"base": Side("base F.linear", _base, adapter=False),
            "peft": Side("PEFT composition", _peft, adapter=True)}
+OURS_SERVING = Side("llmkernels lora_linear", _ours_serving, adapter=True)
+SERVING_ANCHORS = {"base": ANCHORS["base"], "peft": Side("PEFT mixed batch", _peft_mixed_batch, adapter=True)}
+OURS_INT4 = Side("llmkernels lora_linear", _ours_int4, adapter=True, int4_base=True)
+INT4_ANCHOR = Side("lora_linear bf16 base", _ours, adapter=True)
 GRAD_NAMES = ("dx", "d lora_a", "d lora_b")
 
 
 def _forward(side: Side, inputs: LoraInputs) -> None:
     inputs.out = None                       # the last call's output is not held through this one
     inputs.out = side.forward(inputs)
+
+
+def _serve(side: Side, inputs: LoraInputs) -> None:
+    """The forward as a server runs it, under torch.inference_mode() (lora_linear with adapter_ids is
+    forward-only), every side alike."""
+    with torch.inference_mode():
+        _forward(side, inputs)
 
 
 def _train_step(side: Side, inputs: LoraInputs) -> None:
@@ -199,18 +266,21 @@ def _train_step(side: Side, inputs: LoraInputs) -> None:
 
 # -- checks ----------------------------------------------------------------------------------------
 
-def oracle(inputs: LoraInputs, weight: torch.Tensor, rows: torch.Tensor, adapter: bool,
+def oracle(inputs: LoraInputs, weight, rows: torch.Tensor, adapter: bool,
            with_grad: bool) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """float32 (out on `rows`, gradients): reference.lora_linear in float32 (upcast=True) for a side with the
-    adapter, F.linear in float32 for the base layer alone, on x's `rows`; `weight` is the base weight in
-    float32 (converted once by the caller). With `with_grad`, the gradients of <out, dy[rows]> with respect
-    to x[rows] and, with the adapter, A and B (those two: the rows' share of the sums over M)."""
+    adapter (the rows' adapter_ids with them in a multi-adapter case), F.linear in float32 for the base layer
+    alone, on x's `rows`; `weight` is the base weight in float32 (converted once by the caller), or an
+    Int4Weight (which the reference dequantizes in float32). With `with_grad`, the gradients of
+    <out, dy[rows]> with respect to x[rows] and, with the adapter, A and B (those two: the rows' share of the
+    sums over M)."""
     x = inputs.x.detach()[rows].float().requires_grad_(with_grad)
     leaves: Tuple[torch.Tensor, ...] = (x,)
     with torch.set_grad_enabled(with_grad):
         if adapter:
             a, b = (t.detach().float().requires_grad_(with_grad) for t in (inputs.lora_a, inputs.lora_b))
-            out = reference.lora_linear(x, weight, a, b, inputs.scale, out_dtype=torch.float32)
+            ids = None if inputs.adapter_ids is None else inputs.adapter_ids[rows]
+            out = reference.lora_linear(x, weight, a, b, inputs.scale, adapter_ids=ids, out_dtype=torch.float32)
             leaves = (x, a, b)
         else:
             out = F.linear(x, weight)
@@ -223,7 +293,7 @@ def _compared(side: Side, inputs: LoraInputs, backward: bool) -> List[Tuple[str,
     """(name, got, float32 oracle) of the call just run: the output (and dx) on up to CHECK_ROWS rows; in a
     training step with the adapter, dA and dB in full (the oracle's summed over chunks of rows)."""
     m, device = inputs.x.shape[0], inputs.x.device
-    weight = inputs.weight.detach().float()
+    weight = inputs.weight_int4 if side.int4_base else inputs.weight.detach().float()
     rows = spread_rows(m, CHECK_ROWS, device)
     out, grads = oracle(inputs, weight, rows, side.adapter, backward)
     compared = [("out", inputs.out.detach()[rows], out)]
@@ -271,9 +341,10 @@ def _check(side: Side, backward: bool, inputs: LoraInputs, run: Run) -> None:
             f"{side.name}: {name} is off the float32 oracle by {error:.3g} of its scale (tolerance {TOLERANCE:.3g})"
 
 
-def _side(side: Side, backward: bool) -> Tuple[Run, Check]:
-    """The timed function and its check for a side: the forward alone, or the training step."""
-    run = functools.partial(_train_step if backward else _forward, side)
+def _side(side: Side, backward: bool, serving: bool = False) -> Tuple[Run, Check]:
+    """The timed function and its check for a side: the forward alone (under torch.inference_mode() with
+    `serving`), or the training step."""
+    run = functools.partial(_train_step if backward else _serve if serving else _forward, side)
     return run, functools.partial(_check, side, backward)
 
 
@@ -298,14 +369,20 @@ def _targets(device: torch.device, rank: int, m: int, anchor: str, backward: boo
     return []
 
 
-def _work(layer: Layer, rank: int, m: int, dtype: torch.dtype, backward: bool) -> Tuple[int, Optional[int]]:
-    """(bytes_moved, flops) of our side (the module docstring says what each counts)."""
+def _work(layer: Layer, rank: int, m: int, dtype: torch.dtype, backward: bool, *, adapters: Optional[int] = None,
+          int4: bool = False) -> Tuple[int, Optional[int]]:
+    """(bytes_moved, flops) of our side (the module docstring says what each counts); `adapters`: the L of a
+    multi-adapter case, `int4`: the base weight quantized."""
     n, k = layer.out_features, layer.in_features
     adapter = rank * (k + n)
     if backward:
         return dtype.itemsize * (2 * n * k + 3 * adapter + 3 * m * k + 3 * m * n), 4 * m * n * k + 6 * m * adapter
     flops = 2 * m * (n * k + adapter)
-    return dtype.itemsize * (n * k + adapter + m * k + m * n), None if m <= MEMORY_BOUND_ROWS else flops
+    # int4: the packed codes (half a byte an element), bf16 scales and uint8 zeros (3 bytes a group and row)
+    weight = n * k // 2 + 3 * n * (k // INT4_GROUP_SIZE) if int4 else dtype.itemsize * n * k
+    used, ids = (1, 0) if adapters is None else (min(m, adapters), 4 * m)   # adapter_ids() uses min(M, L)
+    bytes_moved = weight + dtype.itemsize * (used * adapter + m * k + m * n) + ids
+    return bytes_moved, None if m <= MEMORY_BOUND_ROWS else flops
 
 
 def _case(config: Config, anchor: str, backward: bool, device: torch.device) -> Case:
@@ -326,6 +403,42 @@ def _cases(configs: Sequence[Config], anchors: Sequence[str], device: torch.devi
     return [_case(config, anchor, backward, device) for config in configs for anchor in anchors]
 
 
+def _serving_case(config: ServingConfig, anchor: str, device: torch.device) -> Case:
+    layer, rank, m, adapters, dtype = config
+    run, check = _side(OURS_SERVING, False, serving=True)
+    anchor_run, anchor_check = _side(SERVING_ANCHORS[anchor], False, serving=True)
+    bytes_moved, flops = _work(layer, rank, m, dtype, False, adapters=adapters)
+    targets = []
+    if device.type == "cuda" and anchor == "base" and m <= DECODE_ROWS and adapters == SERVING_ADAPTERS:
+        targets.append(Target("ratio", 1 / SERVING_SLOWDOWN,
+                              f"multi-adapter decode (M <= {DECODE_ROWS}, {SERVING_ADAPTERS} adapters) within "
+                              f"{SERVING_SLOWDOWN - 1:.0%} of the base GEMM alone "
+                              f"(ratio >= {1 / SERVING_SLOWDOWN:.3f})"))
+    return Case(name="lora.lora_linear.adapters", description=f"{layer} r={rank} M={m} L={adapters}", dtype=dtype,
+                device=device, setup=functools.partial(make_inputs, layer, rank, m, dtype, False, device,
+                                                       adapters=adapters),
+                run=run, check=check, anchor_name=SERVING_ANCHORS[anchor].name, anchor_run=anchor_run,
+                anchor_check=anchor_check, bytes_moved=bytes_moved, flops=flops, targets=tuple(targets))
+
+
+def _serving_cases(configs: Sequence[ServingConfig], anchors: Sequence[str], device: torch.device) -> List[Case]:
+    return [_serving_case(config, anchor, device) for config in configs for anchor in anchors]
+
+
+def _int4_case(config: Config, device: torch.device) -> Case:
+    layer, rank, m, dtype = config
+    run, check = _side(OURS_INT4, False)
+    anchor_run, anchor_check = _side(INT4_ANCHOR, False)
+    bytes_moved, flops = _work(layer, rank, m, dtype, False, int4=True)
+    target = Target("ratio", 1 / INT4_SLOWDOWN, f"int4-base forward at most {INT4_SLOWDOWN}x the bf16-base LoRA "
+                                                f"forward's time (ratio >= {1 / INT4_SLOWDOWN:.3f})")
+    return Case(name="lora.lora_linear.int4", description=f"{layer} r={rank} M={m} group {INT4_GROUP_SIZE}",
+                dtype=dtype, device=device,
+                setup=functools.partial(make_inputs, layer, rank, m, dtype, False, device, int4=True),
+                run=run, check=check, anchor_name=INT4_ANCHOR.name, anchor_run=anchor_run, anchor_check=anchor_check,
+                bytes_moved=bytes_moved, flops=flops, targets=(target,) if device.type == "cuda" else ())
+
+
 @register("lora")
 def cases(device: torch.device, quick: bool) -> List[Case]:
     """The lists in the module docstring; building them allocates nothing and touches no device."""
@@ -333,10 +446,14 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
         if quick:
             return (_cases([(O_PROJ, 16, 16, BF16)], ["base"], device)
                     + _cases([(QKV, 16, 2048, BF16)], ["base", "peft"], device)
-                    + _cases([(QKV, 16, 2048, BF16)], ["base"], device, backward=True))
+                    + _cases([(QKV, 16, 2048, BF16)], ["base"], device, backward=True)
+                    + _serving_cases([(QKV, 16, 16, 32, BF16)], ["base", "peft"], device))
         return (_cases(CUDA_FORWARD, ["base", "peft"], device)
-                + _cases(CUDA_TRAIN, ["base", "peft"], device, backward=True))
+                + _cases(CUDA_TRAIN, ["base", "peft"], device, backward=True)
+                + _serving_cases(CUDA_SERVING, ["base", "peft"], device)
+                + [_int4_case(config, device) for config in CUDA_INT4])
     if device.type != "cpu":
         return []
     return (_cases(QUICK_CPU_FORWARD if quick else CPU_FORWARD, ["peft"], device)
-            + _cases(CPU_TRAIN, ["peft"], device, backward=True))
+            + _cases(CPU_TRAIN, ["peft"], device, backward=True)
+            + _serving_cases(CPU_SERVING, ["peft"], device))
