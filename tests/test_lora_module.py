@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from llmkernels import lora
+from llmkernels import lora, quant
 from llmkernels.reference import lora as reference
 
 from helpers import assert_parity, generator, randn
@@ -295,7 +295,7 @@ def test_adam_steps_fit_a_low_rank_change():
 
 def test_bad_arguments_raise_clear_errors():
     base = nn.Linear(16, 8)
-    with pytest.raises(TypeError, match="base must be a torch.nn.Linear; got Conv1d"):
+    with pytest.raises(TypeError, match="base must be a torch.nn.Linear or an llmkernels.quant.Int4Linear; got Conv1d"):
         lora.LoRALinear(nn.Conv1d(16, 8, 1), 4, 8.0)
     with pytest.raises(ValueError, match="base must have in_features and out_features multiples of 8; got "
                                          "in_features=12, out_features=8"):
@@ -341,3 +341,27 @@ def test_lora_linear_layer_dropout_in_training_mode_only():
     plain = lora.lora_linear(x, layer.base_layer.weight, layer.lora_A.weight, layer.lora_B.weight, layer.scale,
                              bias=layer.base_layer.bias)
     assert torch.equal(layer(x), plain) and not torch.equal(first, plain)
+
+
+def test_lora_linear_layer_on_an_int4_base(device):
+    """QLoRA: LoRALinear over an Int4Linear equals lora_linear with its Int4Weight (the same kernels),
+    trains its adapter (gradients flow to lora_A and lora_B only), refuses merge, and add_lora_ wraps
+    Int4Linears too."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32, dtype=torch.bfloat16)
+    base = quant.Int4Linear.from_linear(linear, group_size=32).to(device)
+    layer = lora.LoRALinear(base, 8, 16.0)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    assert layer.lora_A.weight.dtype == torch.bfloat16 and layer.lora_A.weight.device.type == device.type
+    x = torch.randn(5, 64, dtype=torch.bfloat16).to(device)
+    out = layer(x)
+    expected = lora.lora_linear(x, base.quantized_weight(), layer.lora_A.weight, layer.lora_B.weight, layer.scale,
+                                bias=base.bias)
+    assert torch.equal(out, expected)
+    out.float().sum().backward()
+    assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
+    with pytest.raises(TypeError, match="cannot absorb the adapter exactly"):
+        layer.merge()
+    model = torch.nn.Sequential(quant.Int4Linear.from_linear(linear, group_size=32))
+    lora.add_lora_(model, ["0"], 8, 16.0)
+    assert isinstance(model[0], lora.LoRALinear) and isinstance(model[0].base_layer, quant.Int4Linear)

@@ -1,14 +1,16 @@
-"""LoRA-fused matmul (csrc/lora/, docs/lora.md): IN PROGRESS (issue 13). So far one adapter with a
-16-bit base weight, forward and backward:
+"""LoRA-fused matmul (csrc/lora/, docs/lora.md): one adapter for training, multi-adapter serving,
+fused-projection slices, 16-bit or int4 base weights.
 
-    out = lora_linear(x, weight, lora_a, lora_b, scale, bias=None, dropout_p=0.0, seed=None)
+    out = lora_linear(x, weight, lora_a, lora_b, scale, bias=None, dropout_p=0.0, seed=None,
+                      adapter_ids=None, ranks=None, slices=None)
         = x Wᵀ + bias + scale (dropout(x) Aᵀ) Bᵀ   (llmkernels.reference.lora.lora_linear's semantics)
 
-x (M, K), weight (N, K) frozen, lora_a (r, K) (PEFT's lora_A.weight), lora_b (N, r) (lora_B.weight).
-Two launches: the shrink s = scale x Aᵀ (rounded to x's dtype), then the base GEMM with the expand
-as extra k tiles ([x | s] · [W | B]ᵀ), the bias in its epilogue, one rounding; the backward's dx the
-same kernels transposed; LoRA's input dropout (the reference's Philox mask, regenerated in the
-backward). Not yet: multi-adapter serving, fused-projection slices, int4 base weights.
+x (M, K), weight (N, K) frozen or an llmkernels.quant.Int4Weight, lora_a (r, K) (PEFT's
+lora_A.weight), lora_b (N, r) (lora_B.weight); stacked per adapter and slice for serving (lora_linear's
+docstring). Up to three launches: the adapter lists of the row tiles (with adapter ids), the shrink s =
+scale x Aᵀ per row's adapter (rounded to x's dtype), then the base GEMM with each (adapter, slice)
+group's expand as extra k tiles, the bias in its epilogue, one rounding; the backward's dx the same
+kernels transposed; LoRA's input dropout (the reference's Philox mask, regenerated in the backward).
 
 The layer (PEFT's LoraLayer for an nn.Linear, one adapter):
 
@@ -322,25 +324,29 @@ PEFT_PREFIX = "base_model.model."   # what a PeftModel puts before the wrapped m
 
 
 class LoRALinear(torch.nn.Module):
-    """One LoRA adapter on a frozen nn.Linear (PEFT's semantics with bias="none"):
+    """One LoRA adapter on a frozen nn.Linear or llmkernels.quant.Int4Linear (QLoRA) (PEFT's semantics
+    with bias="none"):
 
         y = base(x) + scale (x Aᵀ) Bᵀ,   scale = alpha / r, or alpha / sqrt(r) with rslora
 
     computed by lora_linear (one fused kernel pair). base's weight and bias are frozen
     (requires_grad False: to train the bias too, call base_layer.bias.requires_grad_() afterwards);
     lora_A.weight (r, in) is kaiming-uniform (a = sqrt(5)) and lora_B.weight (out, r) zero, so a new
-    layer starts as base. Parameters take base's weight's dtype and device: bfloat16 or
-    float16 (float32 on the CPU), in_features and out_features multiples of 8, 1 <= r <= 256.
+    layer starts as base. Parameters take base's weight's dtype (an Int4Linear's scale dtype) and
+    device: bfloat16 or float16 (float32 on the CPU for an nn.Linear), in_features and out_features
+    multiples of 8, 1 <= r <= 256. An Int4Linear base keeps its state-dict keys under base_layer.
+    (packed, scales, zeros, bias) and cannot be merged into.
     dropout: LoRA's input dropout in training mode (lora_linear's, a fresh seed each call).
 
     merge() adds scale B A into base's weight (float32 arithmetic, rounded once); forward is then
     the base linear alone and the adapter gets no gradient; unmerge() subtracts it again, giving back
     the weight within one rounding (one unit in the last place of the merged element)."""
 
-    def __init__(self, base: torch.nn.Linear, r: int, alpha: float, *, dropout: float = 0.0, rslora: bool = False):
+    def __init__(self, base: torch.nn.Module, r: int, alpha: float, *, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
-        if not isinstance(base, torch.nn.Linear):
-            raise TypeError(f"base must be a torch.nn.Linear; got {type(base).__name__}")
+        if not isinstance(base, (torch.nn.Linear, quant.Int4Linear)):
+            raise TypeError(f"base must be a torch.nn.Linear or an llmkernels.quant.Int4Linear; got "
+                            f"{type(base).__name__}")
         if base.in_features % 8 or base.out_features % 8:
             raise ValueError(f"base must have in_features and out_features multiples of 8; got "
                              f"in_features={base.in_features}, out_features={base.out_features}")
@@ -354,7 +360,9 @@ class LoRALinear(torch.nn.Module):
         self.dropout, self.rslora = dropout, rslora
         self.scale = _reference.scaling(self.alpha, self.r, rslora)
         self.merged = False
-        factory = {"dtype": base.weight.dtype, "device": base.weight.device}
+        quantized = isinstance(base, quant.Int4Linear)   # (QLoRA: the adapter in the int4 weight's scale dtype)
+        factory = ({"dtype": base.scales.dtype, "device": base.packed.device} if quantized else
+                   {"dtype": base.weight.dtype, "device": base.weight.device})
         self.base_layer = base.requires_grad_(False)
         self.lora_A = torch.nn.Linear(base.in_features, self.r, bias=False, **factory)
         self.lora_B = torch.nn.Linear(self.r, base.out_features, bias=False, **factory)
@@ -378,17 +386,23 @@ class LoRALinear(torch.nn.Module):
             raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., in_features={self.in_features}); got {tuple(x.shape)}")
-        weight = self.base_layer.weight
-        if x.dtype != weight.dtype:
-            raise TypeError(f"x must have the layer's dtype {weight.dtype}; got {x.dtype}")
+        dtype = self.lora_A.weight.dtype
+        if x.dtype != dtype:
+            raise TypeError(f"x must have the layer's dtype {dtype}; got {x.dtype}")
         if self.merged:
             return self.base_layer(x)
+        base = self.base_layer
+        weight = base.quantized_weight() if isinstance(base, quant.Int4Linear) else base.weight
         out = lora_linear(x.reshape(-1, self.in_features), weight, self.lora_A.weight, self.lora_B.weight,
                           self.scale, bias=self.base_layer.bias, dropout_p=self.dropout if self.training else 0.0)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def merge(self) -> None:
-        """base weight += scale B A (in place; refuses a second merge)."""
+        """base weight += scale B A (in place; refuses a second merge, and an int4 base, which cannot
+        absorb the adapter exactly)."""
+        if isinstance(self.base_layer, quant.Int4Linear):
+            raise TypeError("LoRALinear.merge: an Int4Linear base cannot absorb the adapter exactly (dequantize it "
+                            "into an nn.Linear first)")
         if self.merged:
             raise RuntimeError("LoRALinear.merge: the adapter is already merged (call unmerge() first)")
         self._set_weight(_reference.merge)
@@ -418,7 +432,7 @@ def _is_target(name: str, target_modules) -> bool:
 
 def add_lora_(model: torch.nn.Module, target_modules, r: int, alpha: float, *, dropout: float = 0.0,
               rslora: bool = False) -> torch.nn.Module:
-    """Replaces, in place, every nn.Linear of model whose qualified name ends in one of target_modules
+    """Replaces, in place, every nn.Linear (or quant.Int4Linear: QLoRA) of model whose qualified name ends in one of target_modules
     (PEFT's matching: "q_proj" matches "layers.0.self_attn.q_proj") by a LoRALinear wrapping it, and
     freezes every other parameter (only the adapters train, PEFT's bias="none"). Returns model.
     Linears inside an existing LoRALinear are never targets."""
@@ -430,10 +444,10 @@ def add_lora_(model: torch.nn.Module, target_modules, r: int, alpha: float, *, d
     inside = {f"{name}.{child}" if name else child for name, module in model.named_modules()
               if isinstance(module, LoRALinear) for child in ("base_layer", "lora_A", "lora_B")}
     targets = [name for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and name and name not in inside
+               if isinstance(module, (torch.nn.Linear, quant.Int4Linear)) and name and name not in inside
                and _is_target(name, target_modules)]
     if not targets:
-        raise ValueError(f"target_modules {list(target_modules)!r} matched no torch.nn.Linear of the model "
+        raise ValueError(f"target_modules {list(target_modules)!r} matched no torch.nn.Linear or Int4Linear of the model "
                          f"(Linears already wrapped by LoRALinear are skipped)")
     frozen_before = [(p, p.requires_grad) for p in model.parameters()]
     try:   # every target built before the model changes; a refused one leaves the model as it was

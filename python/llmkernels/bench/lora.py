@@ -1,6 +1,7 @@
-"""LoRA-fused matmul benchmark cases (issue 13): one adapter on a frozen 16-bit base weight, no bias and
-no dropout (Llama-3's projections have no bias; PEFT's LoraConfig defaults to lora_dropout=0), forward
-and one training step, against what a user would run without us.
+"""LoRA-fused matmul benchmark cases (issue 13), against what a user would run without us: one adapter on a
+frozen 16-bit base weight (the forward and one training step), many adapters in one batch (serving, the
+forward), and one adapter on an int4 base weight (QLoRA's forward). No bias and no dropout (Llama-3's
+projections have no bias; PEFT's LoraConfig defaults to lora_dropout=0).
 
     lora.lora_linear          llmkernels.lora.lora_linear(x, W, A, B, scale): the shrink s = scale x Aᵀ,
                               then the base GEMM with the expand as extra k tiles, [x | s]·[W | B]ᵀ
@@ -20,34 +21,76 @@ and one training step, against what a user would run without us.
                               (two GEMMs: the forward and dy W; no dW, the weight is frozen)
         vs  PEFT composition  the composition above through autograd
 
+    lora.lora_linear.adapters multi-adapter serving, every side under torch.inference_mode():
+                              lora_linear(x, W, A, B, scale, adapter_ids=ids, check_ids=False), row m adding
+                              adapter ids[m]'s term; check_ids=False skips the device read (a host sync a
+                              call) with which lora_linear checks that the ids lie in [-1, L): a server passes
+                              ids it built, as adapter_ids() does here, and the check below tests the output
+        vs  base F.linear     F.linear(x, W) alone, as above
+        vs  PEFT mixed batch  PEFT's mixed-batch forward (LoraLayer._mixed_batch_forward, adapter_names=...)
+                              with the rows' adapters on the device: out = F.linear(x, W), then for each
+                              adapter l present (torch.unique(ids), one device read) rows = (ids == l).nonzero()
+                              (one read each) and out[rows] += F.linear(F.linear(x[rows], A[l]), B[l]) * scale,
+                              in x's dtype; reference.lora_linear(upcast=False) computes the same values
+                              (bitwise on the CPU, checked at M = 1 and 128 with L = 4, 37 and 512 with
+                              L = 32)
+
+    lora.lora_linear.int4     one adapter on an int4 base weight (QLoRA's forward): lora_linear(x, W4, A, B,
+                              scale), W4 = llmkernels.quant.quantize_int4(W, group_size=128) (an Int4Weight:
+                              asymmetric, bf16 scales, uint8 zero points), quantized on the device in each
+                              input set's setup
+        vs  lora_linear bf16 base
+                              our own lora_linear(x, W, A, B, scale) on the 16-bit W that W4 was quantized
+                              from, the same x, A and B
+
 x (M, K), W (N, K), A (r, K), B (N, r), dy (M, N), all drawn with torch.randn in the case's dtype on the
 device, the weights scaled like linear layers (W and A by K^-1/2, B by r^-1/2, not PEFT's zero B, so that
 the adapter's term is as large as the base's and a kernel that drops it fails the check), scale =
-alpha / r with alpha = 2r (reference.scaling).
+alpha / r with alpha = 2r (reference.scaling). Multi-adapter: L adapters drawn the same way, A (L, r, K) and
+B (L, N, r), one scale; ids int32 (M,) on the device (adapter_ids(), seeded, the same in every input set):
+rows dealt round-robin in a shuffled order to a shuffle of the L adapters, so every row's adapter is
+uniform over the L, the rows are not sorted by adapter, and min(M, L) adapters are used (all L once
+M >= L, in counts within one of each other).
 
 CUDA, bf16, Llama-3-8B's projections (K -> N): qkv 4096 -> 6144, o 4096 -> 4096, gate/up 4096 -> 28672
 (2 x 14336), down 14336 -> 4096; ranks 16 and 64.
     forward: M in 1, 16, 128, 512, 2048, 8192, each against both anchors: 96 cases.
     forward+backward: M in 2048 and 8192, each against both anchors: 32 cases.
-    Together 128 cases, roughly 3-5 min on an H100 with setup and checks (an estimate, not measured: about
-        1 s a case of setup, checks and warm-up, plus the timed calls, at most 200 a function).
+    multi-adapter, each against both anchors, a subset of the issue's grid (the four layers x ranks 16 and
+        64 x M in 1, 16, 64, 2048 x L in 1, 4, 32 would be 96 configurations, 192 cases): the four layers at
+        r = 16 and L = 32 with M in 1, 16, 64 (decode); qkv at r = 16 with L = 1 and 4, and at r = 64 with
+        L = 32, M in 1, 16, 64; at M = 2048 qkv r = 16 with L = 4 and 32, qkv r = 64 L = 32 and gate/up
+        r = 16 L = 32: 25 configurations, 50 cases.
+    int4 base: qkv and gate/up at r = 16, M in 1, 16, 2048, against the bf16-base lora_linear: 6 cases.
+    Together 184 cases, roughly 4-6.5 min on an H100 with setup and checks (an estimate, not measured: about
+        1 s a case of setup, checks and warm-up, plus the timed calls, at most 200 a function; the PEFT mixed
+        batch's host syncs, one per adapter present, make its call about 1-3 ms at L = 32, 0.2-0.6 s of
+        timed calls).
     --quick: forward o r=16 M=16 against the base GEMM, qkv r=16 M=2048 against both anchors, forward+
-        backward qkv r=16 M=2048 against the frozen base layer: 4 cases, an estimated 5-10 s on an H100.
+        backward qkv r=16 M=2048 against the frozen base layer, multi-adapter qkv r=16 M=16 L=32 against
+        both anchors, int4 base qkv r=16 M=16: 7 cases, an estimated 8-15 s on an H100.
 CPU: a scaled-down layer (K = N = 1024, r = 16) against the PEFT composition: the forward in bf16 and in
-float32 at M = 128 and 512, the forward+backward in bf16 at M = 128 (--quick: the bf16 forward at M = 128
-and the forward+backward). Building the CUDA list touches no device (torch without CUDA builds it too).
+float32 at M = 128 and 512, the forward+backward in bf16 at M = 128; against the PEFT mixed batch the
+multi-adapter forward in bf16 at M = 128 with L = 4 (--quick: the bf16 forward at M = 128, the
+forward+backward and the multi-adapter forward). Building the CUDA list touches no device (torch without
+CUDA builds it too).
 
 Throughput: M <= 16 reads the weight once and does little else: effective GB/s (flops=None) of
-bytes_moved (the forward: W, A, B and x read, out written), against the copy bandwidth. Larger M in
-TFLOP/s of our work, 2 M (N K + r (K + N)) for the forward, 4 M N K + 6 M r (K + N) for the training step
-(its forward, dx = dy W + (scale dy B) A, dA, dB), against the bf16 matmul peak. (The training step's
-bytes_moved, which only sizes the input-set rotation: W, A and B read twice, x and dy twice, out and dx
-written, the rest once.)
+bytes_moved (the forward: W, A, B and x read, out written; multi-adapter: the min(M, L) adapters' A and B
+the rows use and the ids too; int4: W4's packed codes, N K / 2 bytes, and its scales and zero points,
+3 N K / 128 bytes, instead of W), against the copy bandwidth. Larger M in TFLOP/s of our work,
+2 M (N K + r (K + N)) for the forward (every row one adapter: the same for multi-adapter and int4),
+4 M N K + 6 M r (K + N) for the training step (its forward, dx = dy W + (scale dy B) A, dA, dB), against the
+bf16 matmul peak. (The training step's bytes_moved, which only sizes the input-set rotation: W, A and B read
+twice, x and dy twice, out and dx written, the rest once.)
 
 Targets (printed under the table, not asserted; ratio = the anchor's time / ours):
     forward, r = 16, M >= 512: within 8% of the base GEMM alone (ratio >= 1/1.08 = 0.926)
     forward+backward, every case: at most 1.15x the frozen base layer's forward+backward (ratio >= 1/1.15
         = 0.870)
+    multi-adapter decode, M <= 64 and L = 32, every layer and rank: within 15% of the base GEMM alone
+        (ratio >= 1/1.15 = 0.870)
+    int4 base, every case: at most 1.2x the bf16-base lora_linear's time (ratio >= 1/1.2 = 0.833)
     CPU forward, M >= 128: the fused C++ forward at least 0.8x the speed of the PEFT composition (ratio >= 0.8).
         Measured on a 2-core AVX2 EPYC with one thread (OMP_NUM_THREADS=1, torch.set_num_threads(1); the two
         alternating, medians of 30 calls each): bf16 2.5x at M = 128 and 2.6x at 512 (13 vs 32 ms, 51 vs
@@ -56,12 +99,18 @@ Targets (printed under the table, not asserted; ratio = the anchor's time / ours
         OMP_NUM_THREADS=1 measured 2.2x, 1.9x, 0.26x and 0.23x on the same four cases. With two threads
         while other jobs held the cores the medians swung from 1.2x to 2.3x (bf16) and 0.7x to 2.2x
         (float32), every case flagged WIDE SPREAD: trust a run on quiet cores only.
+    The CPU multi-adapter forward has no target; one single-thread run on this runner while other jobs held
+        the cores (load 1.8 to 2.4 on 2) measured 26 vs 49 ms (1.9x), the single-adapter bf16 forward
+        at M = 128 13 vs 33 ms in the same run; a loop over L = 1 to 32 on those loaded cores gave 13 to
+        26 ms with no trend in L.
 
 Checks (each side on a fresh input set, before anything is timed): every side allocates its outputs, so
 blocks of their sizes are poisoned with NaN first (core.poison_next_allocations; what the check relies on is
 that the input set is fresh). The output must then be finite everywhere and, on up to CHECK_ROWS rows
 spread over M, within TOLERANCE (2^-6) of its scale (max |oracle|) of a float32 oracle: the base layer's
-float32 F.linear, or reference.lora_linear in float32 (upcast=True) for ours and the PEFT composition.
+float32 F.linear, or reference.lora_linear in float32 (upcast=True) for ours and the PEFT composition
+(multi-adapter: with adapter_ids=ids on those rows; int4: given W4 itself, which it dequantizes in
+float32, where the bf16-base anchor's oracle gets W).
 Training: the output and every gradient must be finite everywhere; the output and dx are compared on the
 CHECK_ROWS rows (the float32 oracle through autograd on those rows), dA and dB in full (sums over all M
 rows: the oracle's gradients summed over chunks of ORACLE_CHUNK_ROWS rows), each within 2^-6 of its own
@@ -70,7 +119,13 @@ M = 512, and K = 520, N = 1032, r = 16, M = 37; the CUDA kernels emulated at K =
 37), in units of 2^-6 of each tensor's scale, largest over the output and the gradients: ours 0.28
 (emulated 0.20), the PEFT composition 0.39, the base layer 0.23; float32 cases below 0.001. A side that
 drops the adapter is off by about 0.9 of the output's scale, a scale 5% too large by 3 units, a dA 3%
-too large by 2 units.
+too large by 2 units. Multi-adapter (CPU, bf16: K = N = 1024, r = 16, L = 4 at M = 1 and 128, r = 64,
+L = 32, M = 512, and K = 520, N = 1032, r = 16, L = 32, M = 37; the CUDA kernels emulated at K = 264,
+N = 136, r = 16, M = 1 and 37, L = 4 and 32): ours 0.24 (emulated 0.21), the PEFT mixed batch 0.33, the
+base layer 0.22; a side that gives the rows the wrong adapters (ids + 1 mod L) is off by 1.3 of the
+output's scale. int4 (CPU, bf16, r = 16: K = N = 1024 at M = 1 and 37, K = 512, N = 1032, M = 130; emulated
+at K = 256, N = 136, M = 1 and 37): ours 0.23 (emulated 0.18), the bf16-base anchor 0.24; each side is off
+by 2.5 to 2.9 units from the other side's oracle (W4 for W), so the check tells the two weights apart.
 """
 import dataclasses
 import functools
@@ -94,7 +149,7 @@ CPU_RATIO = 0.8              # target: the CPU forward at least 0.8x the PEFT co
 SERVING_SLOWDOWN = 1.15      # target: multi-adapter decode (M <= DECODE_ROWS, L = 32) within 15% of the base GEMM
 DECODE_ROWS = 64             # M <= this: decode, for the multi-adapter target
 SERVING_ADAPTERS = 32        # L of the multi-adapter target
-INT4_SLOWDOWN = 1.2          # target: the int4-base forward at most 1.2x the bf16-base LoRA's time
+INT4_SLOWDOWN = 1.2          # target: the int4-base forward at most 1.2x the bf16-base lora_linear's time
 INT4_GROUP_SIZE = 128        # quantize_int4's group along K for the int4 base weight
 IDS_SEED = 13                # the multi-adapter rows' adapters (adapter_ids()), the same in every input set
 
@@ -430,8 +485,8 @@ def _int4_case(config: Config, device: torch.device) -> Case:
     run, check = _side(OURS_INT4, False)
     anchor_run, anchor_check = _side(INT4_ANCHOR, False)
     bytes_moved, flops = _work(layer, rank, m, dtype, False, int4=True)
-    target = Target("ratio", 1 / INT4_SLOWDOWN, f"int4-base forward at most {INT4_SLOWDOWN}x the bf16-base LoRA "
-                                                f"forward's time (ratio >= {1 / INT4_SLOWDOWN:.3f})")
+    target = Target("ratio", 1 / INT4_SLOWDOWN, f"int4-base forward at most {INT4_SLOWDOWN}x the bf16-base "
+                                                f"lora_linear's time (ratio >= {1 / INT4_SLOWDOWN:.3f})")
     return Case(name="lora.lora_linear.int4", description=f"{layer} r={rank} M={m} group {INT4_GROUP_SIZE}",
                 dtype=dtype, device=device,
                 setup=functools.partial(make_inputs, layer, rank, m, dtype, False, device, int4=True),
@@ -447,7 +502,8 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
             return (_cases([(O_PROJ, 16, 16, BF16)], ["base"], device)
                     + _cases([(QKV, 16, 2048, BF16)], ["base", "peft"], device)
                     + _cases([(QKV, 16, 2048, BF16)], ["base"], device, backward=True)
-                    + _serving_cases([(QKV, 16, 16, 32, BF16)], ["base", "peft"], device))
+                    + _serving_cases([(QKV, 16, 16, 32, BF16)], ["base", "peft"], device)
+                    + [_int4_case((QKV, 16, 16, BF16), device)])
         return (_cases(CUDA_FORWARD, ["base", "peft"], device)
                 + _cases(CUDA_TRAIN, ["base", "peft"], device, backward=True)
                 + _serving_cases(CUDA_SERVING, ["base", "peft"], device)
