@@ -7,7 +7,13 @@ the backward's dx; M = 5 (the small tiling), odd M = 37 and 130 (the medium tili
 large tiling: forward in one, backward in the other); N and K multiples of 8 but of nothing larger; with
 and without a bias; bf16 and one fp16 shape; LoRA's input dropout on three of them (the dropout kernel on
 x in the forward, on x and on u A in the backward; a partial last block) and on a strided x (lda > K),
-which also runs without it. The GEMM kernels use shared memory, cp.async and barriers.
+which also runs without it. Then the two layouts beyond one adapter: multi-adapter serving (forward only,
+under no_grad: L = 3 adapters with ranks 16, 8 and 0 of r = 16, a (3,) scale tensor, unsorted ids with
+-1 among them, a bias; the small kernel that lists each row tile's adapters, the shrink once per adapter
+of a block, the fused kernel's k tiles per adapter) and fused-projection slices (one adapter, slices
+[64, 32, 40] of N = 136, a (3,) scale tensor, dropout; forward and backward, which takes the unfused
+route: dy W by the transposed kernels, u A added through the dropout kernel). The GEMM kernels use shared
+memory, cp.async and barriers.
 # sanitize: racecheck synccheck
 
 Dry runs without a GPU, on CPU tensors (the CPU kernel), or with the CUDA kernels emulated:
@@ -42,9 +48,11 @@ def main(device: torch.device) -> None:
     randn = lambda *shape, dtype: torch.randn(*shape, generator=generator).to(dtype=dtype, device=device)
     results = []
 
-    def forward_and_backward(x, weight, lora_a, lora_b, bias, dropout_p):
-        """The forward without autograd, then a training step (x, A, B and the bias requiring grad)."""
-        scale, options = 2.0 / lora_a.shape[0], dict(dropout_p=dropout_p, seed=12345 if dropout_p else None)
+    def forward_and_backward(x, weight, lora_a, lora_b, bias, dropout_p, scale=None, slices=None):
+        """The forward without autograd, then a training step (x, A, B and the bias requiring grad). scale:
+        2 / r unless given; slices: lora_a is then (S, r, K)."""
+        scale = 2.0 / lora_a.shape[-2] if scale is None else scale
+        options = dict(dropout_p=dropout_p, seed=12345 if dropout_p else None, slices=slices)
         with torch.no_grad():
             results.append(lora.lora_linear(x, weight, lora_a, lora_b, scale, bias=bias, **options))
         # (detach, not clone: a strided x stays strided)
@@ -62,6 +70,20 @@ def main(device: torch.device) -> None:
     for dropout_p in (0.0, 0.3):
         forward_and_backward(wide[:, :k], randn(n, k, dtype=bf16), randn(rank, k, dtype=bf16),
                              randn(n, rank, dtype=bf16), None, dropout_p)
+
+    m, n, k, rank, adapters = 37, 136, 264, 16, 3
+    ids = torch.randint(-1, adapters, (m,), generator=generator)
+    ids[[3, 20]] = torch.tensor([-1, 2])   # -1 and the highest id certainly among the rows (unsorted)
+    with torch.no_grad():
+        results.append(lora.lora_linear(
+            randn(m, k, dtype=bf16), randn(n, k, dtype=bf16) * k ** -0.5,
+            randn(adapters, rank, k, dtype=bf16) * k ** -0.5, randn(adapters, n, rank, dtype=bf16) * rank ** -0.5,
+            torch.tensor([2.0, 0.5, 1.0], device=device), bias=randn(n, dtype=bf16),
+            adapter_ids=ids.to(device=device, dtype=torch.int32), ranks=[16, 8, 0]))
+    slices = [64, 32, 40]
+    forward_and_backward(randn(m, k, dtype=bf16), randn(n, k, dtype=bf16) * k ** -0.5,
+                         randn(len(slices), rank, k, dtype=bf16) * k ** -0.5, randn(n, rank, dtype=bf16) * rank ** -0.5,
+                         None, 0.1, scale=torch.tensor([2.0, 0.5, 1.0], device=device), slices=slices)
     finish(results)
 
 
