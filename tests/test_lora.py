@@ -443,3 +443,17 @@ def test_emulated_int4_base_kernels_without_bank_conflicts():
     assert {name: r["launches"] for name, r in reports.items()} == {"lora shrink": 1, "lora fused (int4 base)": 1}
     for name, r in reports.items():
         assert r["bank_conflicts_by_site"] == {}, name
+
+
+def test_a_zero_dim_scale_on_the_device_is_read_there(device):
+    """A 0-d scale tensor of x's device (CUDA: no host read, graph-safe) gives the number's result,
+    forward and gradients."""
+    x, weight, lora_a, lora_b, bias = lora_case(9, 16, 24, 8, torch.bfloat16, device, seed=60)
+    scale = torch.tensor(0.75, device=x.device)
+    a1, a2 = lora_a.clone().requires_grad_(), lora_a.clone().requires_grad_()
+    out = lora.lora_linear(x, weight, a1, lora_b, scale, bias=bias)
+    expected = lora.lora_linear(x, weight, a2, lora_b, 0.75, bias=bias)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    g1, = torch.autograd.grad(out.float().sum(), a1)
+    g2, = torch.autograd.grad(expected.float().sum(), a2)
+    torch.testing.assert_close(g1, g2, rtol=2 ** -8, atol=2 ** -8 * float(g2.abs().max()))

@@ -2,7 +2,7 @@
 fused-projection slices, 16-bit or int4 base weights.
 
     out = lora_linear(x, weight, lora_a, lora_b, scale, bias=None, dropout_p=0.0, seed=None,
-                      adapter_ids=None, ranks=None, slices=None)
+                      adapter_ids=None, ranks=None, slices=None, check_ids=True)
         = x Wᵀ + bias + scale (dropout(x) Aᵀ) Bᵀ   (llmkernels.reference.lora.lora_linear's semantics)
 
 x (M, K), weight (N, K) frozen or an llmkernels.quant.Int4Weight, lora_a (r, K) (PEFT's
@@ -147,20 +147,22 @@ def _int4_args(int4):
 
 
 def _scale_table(scale, adapters: int, n_slices: int, multi: bool, sliced: bool, device):
-    """(scale as a float, scales (L, S) float32 on device or None): a number or 0-d tensor is one
-    scale for all; a tensor of shape (L,), (S,) or (L, S) (as adapter_ids and slices say) is expanded."""
+    """(scale as a float, scales (L, S) float32 on device or None): a number or a 0-d CPU tensor is one
+    scale for all, read here; a 0-d device tensor (read on the device: no synchronization, CUDA-graph
+    safe) or a tensor of shape (L,), (S,) or (L, S) (as adapter_ids and slices say) is expanded."""
     if isinstance(scale, torch.Tensor):
         if not scale.is_floating_point():
             raise TypeError(f"scale must be a number or a float tensor; got {scale.dtype}")
-        if scale.dim() == 0:
+        if scale.dim() == 0 and scale.device.type == "cpu":
             return check.float32_value(float(scale), "scale"), None
         expected = (adapters,) * multi + (n_slices,) * sliced
-        if tuple(scale.shape) != expected:
+        if scale.dim() and tuple(scale.shape) != expected:
             raise ValueError(f"scale must be a number, a 0-d tensor or a tensor of shape {expected} (one per "
                              f"{' and '.join(['adapter'] * multi + ['slice'] * sliced) or 'call'}); got shape "
                              f"{tuple(scale.shape)}")
         check.check_same_device(scale, "scale", device, "x")
-        table = scale.detach().to(torch.float32).reshape((adapters if multi else 1), (n_slices if sliced else 1))
+        table = scale.detach().to(torch.float32)   # (a 0-d device tensor too: read on the device, no sync)
+        table = table.reshape((adapters if multi and table.dim() else 1), (n_slices if sliced and table.dim() else 1))
         return 1.0, table.expand(adapters, n_slices).contiguous()
     return check.float32_value(scale, "scale"), None
 
@@ -178,8 +180,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
                 adapter_ids: Optional[torch.Tensor] = None, ranks=None, slices: Optional[Sequence[int]] = None,
                 check_ids: bool = True) -> torch.Tensor:
     """LoRA linear, llmkernels.reference.lora.lora_linear's semantics: x (M, K) bf16/fp16 (float32 on
-    CPU tensors), weight (N, K) frozen, N and K multiples of 8, bias (N) optional -> (M, N) in x's
-    dtype. lora_a, lora_b (x's dtype) and scale by case (r <= 256: the rank, padded with zeros to a
+    CPU tensors), weight (N, K) frozen, or an llmkernels.quant.Int4Weight (QLoRA: dequantized in the
+    fused kernel's main loop; on CUDA its scales in x's dtype; the backward's dx uses it dequantized),
+    N and K multiples of 8, bias (N) optional -> (M, N) in x's dtype. lora_a, lora_b (x's dtype) and scale by case (r <= 256: the rank, padded with zeros to a
     multiple of 8 when it is not one, a copy):
 
         adapter_ids  slices   lora_a         lora_b       scale
@@ -208,7 +211,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     if int4 is not None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
-        check.check_same_device(int4.packed, "weight (Int4Weight)", x.device, "x")
+        for name, t in (("packed", int4.packed), ("scales", int4.scales), ("zeros", int4.zeros)):
+            check.check_same_device(t, f"weight.{name} (Int4Weight)", x.device, "x")
+        if x.device.type == "cuda" and int4.scales.dtype != x.dtype:
+            raise TypeError(f"weight.scales (Int4Weight) must have x's dtype {x.dtype} on CUDA (the kernel "
+                            f"dequantizes in it); got {int4.scales.dtype}: quantize with scale_dtype=x.dtype")
         weight = int4.packed   # (the kernels' int4 base; its shape checks below use int4.shape)
     for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
         if not isinstance(t, torch.Tensor):
@@ -284,7 +291,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
                 values = list(ranks)
                 if len(values) != adapters or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
                     raise ValueError(f"ranks must be {adapters} ints (one per adapter); got {ranks!r}")
-                rank_table = torch.tensor(values, dtype=torch.int32).to(x.device, non_blocking=True)
+                if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    raise ValueError("ranks must be an int32 tensor on the device while a CUDA graph captures (a "
+                                     "list is copied to the device at each call, which a replay would not redo)")
+                rank_table = torch.tensor(values, dtype=torch.int32).to(x.device)
             if values is not None and any(not 0 <= v <= rank for v in values):
                 raise ValueError(f"ranks must lie in [0, {rank}] (lora_a's rank r); got {values}")
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
