@@ -19,6 +19,7 @@
 #include "attention/attention.h"
 #include "common/float_types.h"
 #include "core/dispatch.h"
+#include "gemm/cpu_block.h"
 
 namespace llmk::attention {
 namespace {
@@ -26,13 +27,11 @@ namespace {
 constexpr int64_t kBlockQ = 32;
 constexpr int64_t kBlockK = 64;
 
-// The two inner loops of the forward, compiled for AVX-512, AVX2 and baseline x86-64 and picked at
-// load time (as the GEMM's CPU kernel): built for baseline x86-64 alone they ran 4-wide SSE.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LLMK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LLMK_CPU_CLONES
-#endif
+// The exp loop, compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (gemm/
+// cpu_block.h): built for baseline x86-64 alone it ran 4-wide SSE. The products are the GEMM core's
+// register-blocked CPU block, gemm::multiply_accumulate.
+using gemm::multiply_accumulate;
+constexpr int64_t kSumChunk = 32;   // its chains (cpu_block.h): the products it adds into a block's sums
 
 // exp(x) for x <= 0 (a score minus its row's running max), in plain arithmetic that vectorizes (no
 // libm call, no branch): 2^n e^r with n = round(x log2 e), r = x - n ln 2 (in two parts), e^r by
@@ -55,67 +54,6 @@ inline float exp_nonpositive(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return underflow ? 0.0f : p * scale;
-}
-
-// The forward's two products on a query block, register-blocked (4 rows x 16 columns of c in vector
-// registers; the old kernel's dots reduced one key at a time, horizontally):
-//   c[rows x cols] += a[rows x inner] b[inner x cols], all row-major, rows a multiple of 4, cols a
-//   multiple of 8. S = Q Kᵀ takes b = Kᵀ (the key tile transposed as it is loaded), O += P V takes b = V.
-// Fused multiply-adds where the CPU has them (these two functions alone opt into contraction: the
-// build's -ffp-contract=off is for the random numbers that must match the GPU bit for bit, and a
-// file-wide `#pragma GCC optimize` stopped the header helpers from inlining), and sums over at most
-// kSumChunk products added to c one chunk at a time: one chain of 256 steps (head_dim 256) made the
-// fp32 output 3.4x PyTorch's error, 2.3x with fused multiply-adds. Compiled for AVX-512, AVX2 and
-// baseline x86-64, picked at load time. Measured (2-core AVX2 EPYC, fp32, causal, batch 2, 8 heads):
-// 0.73x and 0.65x CPU SDPA at (seqlen 512, head_dim 64) and (1024, 128), from 0.31x and 0.24x with
-// per-key dot products and a scalar exp (0.54x and 0.55x with a separate multiply and add).
-constexpr int64_t kSumChunk = 32;
-typedef float Vec8 __attribute__((vector_size(32)));
-typedef float UnalignedVec8 __attribute__((vector_size(32), aligned(4)));  // a plain (vmovups) load or store
-
-// (always_inline: compiled on its own, it was built once for baseline x86-64 and the AVX2 clone of
-// its caller ran SSE code at 2.6 GFLOP/s.)
-template <int Width>
-__attribute__((always_inline, optimize("fp-contract=fast"))) inline void multiply_block(const float* __restrict a, int64_t lda, const float* __restrict b, int64_t ldb,
-                           float* __restrict c, int64_t ldc, int64_t inner) {
-  constexpr int V = Width / 8;
-  Vec8 acc[4][V] = {};
-  for (int64_t k = 0; k < inner; ++k) {
-    // (loaded as vectors: a memcpy into a Vec8 array went through the stack, four 16-byte stores and
-    // a 32-byte load that could not be forwarded, the kernel's hottest instruction)
-    Vec8 bk[V];
-#pragma GCC unroll 2
-    for (int v = 0; v < V; ++v) bk[v] = *reinterpret_cast<const UnalignedVec8*>(b + k * ldb + 8 * v);
-#pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r) {
-      const float a_rk = a[r * lda + k];
-      const Vec8 x = {a_rk, a_rk, a_rk, a_rk, a_rk, a_rk, a_rk, a_rk};
-#pragma GCC unroll 2
-      for (int v = 0; v < V; ++v) acc[r][v] += x * bk[v];
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < 4; ++r)
-#pragma GCC unroll 2
-    for (int v = 0; v < V; ++v) {
-      UnalignedVec8* out = reinterpret_cast<UnalignedVec8*>(c + r * ldc + 8 * v);
-      *out = *out + acc[r][v];
-    }
-}
-
-LLMK_CPU_CLONES __attribute__((optimize("fp-contract=fast"))) void multiply_accumulate(const float* __restrict a, int64_t lda, const float* __restrict b,
-                                         int64_t ldb, float* __restrict c, int64_t ldc, int64_t rows, int64_t inner,
-                                         int64_t cols) {
-  for (int64_t k = 0; k < inner; k += kSumChunk) {
-    const int64_t chunk = std::min(kSumChunk, inner - k);
-    for (int64_t r = 0; r < rows; r += 4) {
-      int64_t n = 0;
-      for (; n + 16 <= cols; n += 16)
-        multiply_block<16>(a + r * lda + k, lda, b + k * ldb + n, ldb, c + r * ldc + n, ldc, chunk);
-      for (; n < cols; n += 8)
-        multiply_block<8>(a + r * lda + k, lda, b + k * ldb + n, ldb, c + r * ldc + n, ldc, chunk);
-    }
-  }
 }
 
 // One row of scores (cols keys) to probabilities: max, exp(s - max), sum. Returns the row's max.
@@ -204,7 +142,7 @@ void forward_typed(const Problem& p) {
         load_tile(k + j0 * p.k_layout.token, p.k_layout.token, cols, kBlockK, d, k_transposed.data(), true);
         load_tile(v + j0 * p.v_layout.token, p.v_layout.token, cols, kBlockK, d, v_tile.data(), false);
         std::fill(scores.begin(), scores.end(), 0.0f);
-        multiply_accumulate(q_tile.data(), d, k_transposed.data(), kBlockK, scores.data(), kBlockK, kBlockQ, d, kBlockK);
+        multiply_accumulate(q_tile.data(), d, k_transposed.data(), kBlockK, scores.data(), kBlockK, kBlockQ, d, kBlockK, kSumChunk);
         const bool masked = j0 < full_begin || j0 + kBlockK > full_end;
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
@@ -236,7 +174,7 @@ void forward_typed(const Problem& p) {
           for (int64_t e = 0; e < d; ++e) orow[e] *= rescale;
         }
         // rows past the block's end have zero scores -> probabilities of their own; their output is never stored
-        multiply_accumulate(scores.data(), kBlockK, v_tile.data(), d, o.data(), d, kBlockQ, kBlockK, d);
+        multiply_accumulate(scores.data(), kBlockK, v_tile.data(), d, o.data(), d, kBlockQ, kBlockK, d, kSumChunk);
       }
       T* out = static_cast<T*>(p.out) + b * p.out_layout.batch + (p.q_begin(b) + i0) * p.out_layout.token +
                h * p.out_layout.head;
@@ -335,9 +273,9 @@ void backward_typed(const Problem& p, const Gradients& g) {
             std::fill(probs.begin(), probs.end(), 0.0f);
             std::fill(dprobs.begin(), dprobs.end(), 0.0f);
             multiply_accumulate(q_tile.data(), d, k_transposed.data(), kBlockK, probs.data(), kBlockK, kBlockQ, d,
-                                kBlockK);
+                                kBlockK, kSumChunk);
             multiply_accumulate(do_tile.data(), d, v_transposed.data(), kBlockK, dprobs.data(), kBlockK, kBlockQ, d,
-                                kBlockK);
+                                kBlockK, kSumChunk);
             const bool masked = cols < kBlockK || j0 < allowed_keys(i0 + rows - 1, sq, sk, p.mask).begin ||
                                 j0 + kBlockK > allowed_keys(i0, sq, sk, p.mask).end;
             for (int64_t r = 0; r < kBlockQ; ++r) {
@@ -380,10 +318,10 @@ void backward_typed(const Problem& p, const Gradients& g) {
               }
             }
             transpose(probs.data(), kBlockQ, kBlockK, transposed.data());
-            multiply_accumulate(transposed.data(), kBlockQ, do_tile.data(), d, dv.data() + j0 * d, d, kBlockK, kBlockQ, d);
+            multiply_accumulate(transposed.data(), kBlockQ, do_tile.data(), d, dv.data() + j0 * d, d, kBlockK, kBlockQ, d, kSumChunk);
             transpose(dprobs.data(), kBlockQ, kBlockK, transposed.data());
-            multiply_accumulate(transposed.data(), kBlockQ, q_tile.data(), d, dk.data() + j0 * d, d, kBlockK, kBlockQ, d);
-            multiply_accumulate(dprobs.data(), kBlockK, k_tile.data(), d, dq.data() + i0 * d, d, kBlockQ, kBlockK, d);
+            multiply_accumulate(transposed.data(), kBlockQ, q_tile.data(), d, dk.data() + j0 * d, d, kBlockK, kBlockQ, d, kSumChunk);
+            multiply_accumulate(dprobs.data(), kBlockK, k_tile.data(), d, dq.data() + i0 * d, d, kBlockQ, kBlockK, d, kSumChunk);
           }
         }
         T* dq_out = static_cast<T*>(g.dq) + b * g.dq_layout.batch + p.q_begin(b) * g.dq_layout.token + h * g.dq_layout.head;

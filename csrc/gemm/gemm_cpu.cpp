@@ -1,26 +1,100 @@
 // CPU kernel of the GEMM core (gemm.h): out = epilogue(A · Bᵀ) with fp32 accumulation.
 //
 // OpenMP over output tiles of kBlockRows x kBlockCols. Per tile and slice of kBlockK columns of k,
-// the tile's rows of A (gathered through a_rows when given) and of B are converted to float once,
-// then every output element is a dot product over a contiguous float slice: eight of them at a
-// time (2 rows x 4 columns), a vectorized reduction (`omp simd`) whose loads are shared. The
-// epilogue runs in fp32 exactly as gemm.h writes it, and the result is rounded once (to nearest
-// even) into out, or added to out's existing value and rounded once (accumulate).
+// the tile's rows of A (gathered through a_rows when given) are converted to float rows and its
+// columns of B to a float k-major panel once, then multiply_accumulate (cpu_block.h: 4 x 16 outputs
+// in vector registers, fused multiply-adds where the CPU has them) adds their product to the tile's
+// fp32 sums. The epilogue runs in fp32 exactly as gemm.h writes it, and the result is rounded once
+// (to nearest even) into out, or added to out's existing value and rounded once (accumulate).
 #include <algorithm>
+#include <cstring>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
 
 #include "common/float_types.h"
 #include "core/dispatch.h"
+#include "gemm/cpu_block.h"
 #include "gemm/gemm.h"
 
 namespace llmk::gemm {
 namespace {
 
-constexpr int64_t kBlockRows = 32;
-constexpr int64_t kBlockCols = 64;   // a multiple of 8: swiglu's (gate, up) pairs never straddle tiles
+constexpr int64_t kBlockRows = 128;
+constexpr int64_t kBlockCols = 120;   // a multiple of 8: swiglu's (gate, up) pairs never straddle tiles
 constexpr int64_t kBlockK = 256;
+constexpr int64_t kSumChunk = 8;   // (multiply_accumulate's chains: with a fresh sum per k slice, fp32 errors 0.5-0.9x
+                                   // PyTorch's at K = 16 to 4096; 32 reached 1.7x at K = 4096)
+
+// multiply_accumulate (cpu_block.h), register-blocked: 4 rows x 24 columns of c in vector registers
+// (12 independent sums: fewer left the FMA's latency showing), each step one row of b (24 columns)
+// times a broadcast element of 4 rows of a (attention's dots had
+// reduced one key at a time, horizontally; the GEMM's, 2 x 4 outputs at a time).
+// Fused multiply-adds where the CPU has them (these two functions alone opt into contraction: the
+// build's -ffp-contract=off is for the random numbers that must match the GPU bit for bit, and a
+// file-wide `#pragma GCC optimize` stopped the header helpers from inlining), and sums over at most
+// sum_chunk products added to c one chunk at a time: in attention one chain of 256 steps (head_dim
+// 256) made the fp32 output 3.4x PyTorch's error, 2.3x with fused multiply-adds. Compiled for AVX-512, AVX2 and
+// baseline x86-64, picked at load time. Measured in attention (2-core AVX2 EPYC, fp32, causal, batch 2,
+// 8 heads): 0.73x and 0.65x CPU SDPA at (seqlen 512, head_dim 64) and (1024, 128), from 0.31x and 0.24x
+// with per-key dot products and a scalar exp (0.54x and 0.55x with a separate multiply and add).
+typedef float Vec8 __attribute__((vector_size(32)));
+typedef float UnalignedVec8 __attribute__((vector_size(32), aligned(4)));  // a plain (vmovups) load or store
+
+// (always_inline: compiled on its own, it was built once for baseline x86-64 and the AVX2 clone of
+// its caller ran SSE code at 2.6 GFLOP/s.)
+template <int Width>
+__attribute__((always_inline, optimize("fp-contract=fast"))) inline void multiply_block(const float* __restrict a, int64_t lda, const float* __restrict b, int64_t ldb,
+                           float* __restrict c, int64_t ldc, int64_t inner) {
+  constexpr int V = Width / 8;
+  Vec8 acc[4][V] = {};
+  for (int64_t k = 0; k < inner; ++k) {
+    // (loaded as vectors: a memcpy into a Vec8 array went through the stack, four 16-byte stores and
+    // a 32-byte load that could not be forwarded, the kernel's hottest instruction)
+    Vec8 bk[V];
+#pragma GCC unroll 3
+    for (int v = 0; v < V; ++v) bk[v] = *reinterpret_cast<const UnalignedVec8*>(b + k * ldb + 8 * v);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const float a_rk = a[r * lda + k];
+      const Vec8 x = {a_rk, a_rk, a_rk, a_rk, a_rk, a_rk, a_rk, a_rk};
+#pragma GCC unroll 3
+      for (int v = 0; v < V; ++v) acc[r][v] += x * bk[v];
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 3
+    for (int v = 0; v < V; ++v) {
+      UnalignedVec8* out = reinterpret_cast<UnalignedVec8*>(c + r * ldc + 8 * v);
+      *out = *out + acc[r][v];
+    }
+}
+
+}  // namespace
+
+LLMK_CPU_CLONES __attribute__((optimize("fp-contract=fast"))) void multiply_accumulate(
+    const float* __restrict a, int64_t lda, const float* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc,
+    int64_t rows, int64_t inner, int64_t cols, int64_t sum_chunk) {
+  // Column blocks outermost (a block's columns of b, inner x 24 floats, stay in L1 over every row),
+  // then rows, then the chunks of k (c's 4 x 24 block stays in L1 between them; k chunks outermost
+  // streamed all of c through L2 once per chunk). Each output's chunks are added in k order.
+  int64_t n = 0;
+  for (; n + 24 <= cols; n += 24)
+    for (int64_t r = 0; r < rows; r += 4)
+      for (int64_t k = 0; k < inner; k += sum_chunk)
+        multiply_block<24>(a + r * lda + k, lda, b + k * ldb + n, ldb, c + r * ldc + n, ldc, std::min(sum_chunk, inner - k));
+  for (; n + 16 <= cols; n += 16)
+    for (int64_t r = 0; r < rows; r += 4)
+      for (int64_t k = 0; k < inner; k += sum_chunk)
+        multiply_block<16>(a + r * lda + k, lda, b + k * ldb + n, ldb, c + r * ldc + n, ldc, std::min(sum_chunk, inner - k));
+  for (; n < cols; n += 8)
+    for (int64_t r = 0; r < rows; r += 4)
+      for (int64_t k = 0; k < inner; k += sum_chunk)
+        multiply_block<8>(a + r * lda + k, lda, b + k * ldb + n, ldb, c + r * ldc + n, ldc, std::min(sum_chunk, inner - k));
+}
+
+namespace {
 
 // dst[r * kc + kk] = float(row r's elements [k0, k0 + kc)); row r is `first + r`, or rows[first + r].
 template <typename T>
@@ -35,54 +109,66 @@ void load_rows(const T* base, int64_t ld, const int32_t* rows, int64_t first, in
   }
 }
 
-// acc_r[c] += dot(a_r, b_c) over kc elements, for R rows (1 or 2) and 4 columns: eight lanes of
-// partial sums per output (AVX2), products rounded before they are added (no FMA: the build forbids
-// contraction, and the baseline x86-64 target has none).
-template <int R>
-inline void dot_rx4(const float* __restrict a0, const float* __restrict a1, const float* __restrict b,
-                    int64_t kc, float* __restrict acc0, float* __restrict acc1) {
-  const float* __restrict b0 = b;
-  const float* __restrict b1 = b + kc;
-  const float* __restrict b2 = b + 2 * kc;
-  const float* __restrict b3 = b + 3 * kc;
-  float s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
-  if constexpr (R == 2) {
-#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13)
-    for (int64_t kk = 0; kk < kc; ++kk) {
-      const float x0 = a0[kk], x1 = a1[kk];
-      const float y0 = b0[kk], y1 = b1[kk], y2 = b2[kk], y3 = b3[kk];
-      s00 += x0 * y0; s01 += x0 * y1;
-      s02 += x0 * y2; s03 += x0 * y3;
-      s10 += x1 * y0; s11 += x1 * y1;
-      s12 += x1 * y2; s13 += x1 * y3;
-    }
-    acc1[0] += s10; acc1[1] += s11; acc1[2] += s12; acc1[3] += s13;
-  } else {
-    (void)a1; (void)acc1;
-#pragma omp simd reduction(+ : s00, s01, s02, s03)
-    for (int64_t kk = 0; kk < kc; ++kk) {
-      const float x0 = a0[kk];
-      s00 += x0 * b0[kk]; s01 += x0 * b1[kk];
-      s02 += x0 * b2[kk]; s03 += x0 * b3[kk];
-    }
+// dst[kk * ld + c] = block[c][kk] for kk < kn: an 8 x 8 transpose in vector registers (unpack, shuffle,
+// swap of 128-bit halves: 24 shuffles per 64 elements; the scalar one made the panel's load a fifth of
+// the product's time).
+typedef float Vec8 __attribute__((vector_size(32)));
+typedef int IndexVec8 __attribute__((vector_size(32)));
+LLMK_CPU_CLONES void store_transposed(const float (&block)[8][8], float* __restrict dst, int64_t ld, int64_t kn) {
+  Vec8 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) std::memcpy(&r[i], block[i], sizeof r[i]);
+  const IndexVec8 low = {0, 8, 1, 9, 4, 12, 5, 13}, high = {2, 10, 3, 11, 6, 14, 7, 15};
+  const IndexVec8 pairs_low = {0, 1, 8, 9, 4, 5, 12, 13}, pairs_high = {2, 3, 10, 11, 6, 7, 14, 15};
+  const IndexVec8 halves_low = {0, 1, 2, 3, 8, 9, 10, 11}, halves_high = {4, 5, 6, 7, 12, 13, 14, 15};
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shuffle(r[i], r[i + 1], low);
+    t[i + 1] = __builtin_shuffle(r[i], r[i + 1], high);
   }
-  acc0[0] += s00; acc0[1] += s01; acc0[2] += s02; acc0[3] += s03;
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shuffle(t[i], t[i + 2], pairs_low);
+    u[i + 1] = __builtin_shuffle(t[i], t[i + 2], pairs_high);
+    u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], pairs_low);
+    u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], pairs_high);
+  }
+  Vec8 out[8];
+  for (int i = 0; i < 4; ++i) {
+    out[i] = __builtin_shuffle(u[i], u[i + 4], halves_low);
+    out[i + 4] = __builtin_shuffle(u[i], u[i + 4], halves_high);
+  }
+  for (int kk = 0; kk < kn; ++kk) std::memcpy(dst + kk * ld, &out[kk], sizeof out[kk]);
 }
 
-// acc[r * kBlockCols + c] += dot(A row r, B row c) over one slice of kc elements, for a tile of
-// rows x cols (cols % 4 == 0). Compiled for AVX-512, AVX2 and baseline x86-64, picked at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#endif
-void tile_products(const float* a_tile, const float* b_tile, int64_t rows, int64_t cols, int64_t kc, float* acc) {
-  int64_t r = 0;
-  for (; r + 2 <= rows; r += 2)
-    for (int64_t c = 0; c < cols; c += 4)
-      dot_rx4<2>(a_tile + r * kc, a_tile + (r + 1) * kc, b_tile + c * kc, kc, acc + r * kBlockCols + c,
-                 acc + (r + 1) * kBlockCols + c);
-  if (r < rows)
-    for (int64_t c = 0; c < cols; c += 4)
-      dot_rx4<1>(a_tile + r * kc, nullptr, b_tile + c * kc, kc, acc + r * kBlockCols + c, nullptr);
+// panel[kk * kBlockCols + c] = float(B's element (column j0 + c, k0 + kk)) for c < cols, zero for c in
+// [cols, cols8): from B's rows (n, k) (8 x 8 blocks transposed through registers: the panel's rows are
+// written whole), or k-major (k, n), whose rows are the panel's.
+template <typename T>
+void load_panel(const T* b, int64_t ldb, bool k_major, int64_t j0, int64_t cols, int64_t cols8, int64_t k0, int64_t kc,
+                float* __restrict panel) {
+  if (k_major) {
+    for (int64_t kk = 0; kk < kc; ++kk) {
+      const T* __restrict src = b + (k0 + kk) * ldb + j0;
+      float* __restrict d = panel + kk * kBlockCols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) d[c] = to_float(src[c]);
+      for (int64_t c = cols; c < cols8; ++c) d[c] = 0.0f;
+    }
+    return;
+  }
+  for (int64_t c0 = 0; c0 < cols8; c0 += 8)
+    for (int64_t kk0 = 0; kk0 < kc; kk0 += 8) {
+      float block[8][8];   // [column][k]
+      const int64_t kn = std::min<int64_t>(8, kc - kk0);
+      for (int c = 0; c < 8; ++c) {
+        const T* __restrict src = b + (j0 + c0 + c) * ldb + k0 + kk0;
+        if (c0 + c < cols && kn == 8) {
+#pragma omp simd
+          for (int kk = 0; kk < 8; ++kk) block[c][kk] = to_float(src[kk]);
+        } else {
+          for (int kk = 0; kk < 8; ++kk) block[c][kk] = c0 + c < cols && kk < kn ? to_float(src[kk]) : 0.0f;
+        }
+      }
+      store_transposed(block, panel + kk0 * kBlockCols + c0, kBlockCols, kn);
+    }
 }
 
 // One row of A against `cols` bf16 rows of B read in place (a bf16 is the top half of a float: one
@@ -168,18 +254,26 @@ void gemm_typed(const Problem& p) {
   }
 #pragma omp parallel
   {
-    std::vector<float> a_tile(kBlockRows * kBlockK), b_tile(kBlockCols * kBlockK), acc(kBlockRows * kBlockCols);
+    std::vector<float> a_tile(kBlockRows * kBlockK), b_panel(kBlockK * kBlockCols), acc(kBlockRows * kBlockCols),
+        slice(kBlockRows * kBlockCols);
 #pragma omp for schedule(dynamic)
     for (int64_t t = 0; t < tiles; ++t) {
       // Consecutive tiles share a row block (A's tile stays in cache; B streams).
       const int64_t i0 = (t / col_blocks) * kBlockRows, j0 = (t % col_blocks) * kBlockCols;
-      const int64_t rows = std::min(kBlockRows, p.m - i0), cols = std::min(kBlockCols, p.n - j0);  // cols % 8 == 0
+      const int64_t rows = std::min(kBlockRows, p.m - i0), cols = std::min(kBlockCols, p.n - j0);
+      const int64_t rows4 = (rows + 3) / 4 * 4, cols8 = (cols + 7) / 8 * 8;   // (the block's multiples)
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t k0 = 0; k0 < p.k; k0 += kBlockK) {
         const int64_t kc = std::min(kBlockK, p.k - k0);
+        load_panel(b, p.ldb, p.b_k_major, j0, cols, cols8, k0, kc, b_panel.data());
         load_rows(a, p.lda, p.a_rows, i0, rows, k0, kc, a_tile.data());
-        load_rows(b, p.ldb, nullptr, j0, cols, k0, kc, b_tile.data());
-        tile_products(a_tile.data(), b_tile.data(), rows, cols, kc, acc.data());
+        std::fill(a_tile.begin() + rows * kc, a_tile.begin() + rows4 * kc, 0.0f);
+        // (each slice's sums start from zero and are added to the tile's once: shorter chains of
+        // rounded additions, the fp32 error within PyTorch's at K = 4096)
+        std::fill(slice.begin(), slice.begin() + rows4 * kBlockCols, 0.0f);
+        multiply_accumulate(a_tile.data(), kc, b_panel.data(), kBlockCols, slice.data(), kBlockCols, rows4, kc, cols8,
+                            kSumChunk);
+        for (int64_t e = 0; e < rows4 * kBlockCols; ++e) acc[size_t(e)] += slice[size_t(e)];
       }
       for (int64_t r = 0; r < rows; ++r) epilogue_row<O>(p, i0 + r, j0, cols, &acc[r * kBlockCols]);
     }
@@ -191,10 +285,10 @@ void gemm_typed(const Problem& p) {
 void gemm_cpu(const Problem& problem) {
   dispatch<float, bf16, f16>(problem.dtype, "gemm (CPU kernel)", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    // A k-major B ((k, n): out = A · B) is transposed once into the (n, k) rows the kernel reads.
+    // (decode reads B's rows in place: a k-major B ((k, n): out = A · B) is transposed into them first)
     Problem p = problem;
     std::vector<T> b_rows;
-    if (p.b_k_major) {
+    if (p.b_k_major && p.m == 1 && std::is_same_v<T, bf16>) {
       b_rows.resize(size_t(p.n * p.k));
       const T* b = static_cast<const T*>(p.b);
 #pragma omp parallel for schedule(static)

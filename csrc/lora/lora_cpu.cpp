@@ -13,11 +13,10 @@ namespace llmk::lora {
 
 namespace {
 
-// out (m, n) float32 = a · b for a (m, k) of T with row stride lda, b (n, k) row-major with row stride
-// ldb, or (k, n) with k_major (row stride ldb), through the GEMM core's CPU kernel.
-void product(DType dtype, int64_t m, const void* a, int64_t lda, const void* b, int64_t ldb, bool k_major, int64_t n,
-             int64_t k, std::vector<float>& out) {
-  out.assign(size_t(m * n), 0.0f);
+// out (m, n) float32 (row stride ldo) += a · b for a (m, k) of T with row stride lda, b (n, k) row-major
+// with row stride ldb, or (k, n) with k_major (row stride ldb), through the GEMM core's CPU kernel.
+void add_product(DType dtype, int64_t m, const void* a, int64_t lda, const void* b, int64_t ldb, bool k_major,
+                 int64_t n, int64_t k, float* out, int64_t ldo) {
   if (m == 0 || n == 0) return;
   gemm::Problem g;
   g.dtype = dtype;
@@ -30,21 +29,29 @@ void product(DType dtype, int64_t m, const void* a, int64_t lda, const void* b, 
   g.b = b;
   g.ldb = ldb;
   g.b_k_major = k_major;
-  g.out = out.data();
-  g.ldo = n;
+  g.out = out;
+  g.ldo = ldo;
+  g.accumulate = true;
   gemm::gemm_cpu(g);
+}
+
+// out (m, n) float32 = a · b (add_product's operands).
+void product(DType dtype, int64_t m, const void* a, int64_t lda, const void* b, int64_t ldb, bool k_major, int64_t n,
+             int64_t k, std::vector<float>& out) {
+  out.assign(size_t(m * n), 0.0f);
+  add_product(dtype, m, a, lda, b, ldb, k_major, n, k, out.data(), n);
 }
 
 // The transposed product (one adapter): u = scale dy B into shrink (M, r), out = dy W + u A.
 template <typename T>
 void transposed(const Problem& p, std::vector<float>& acc) {
-  std::vector<float> u, expand;
+  std::vector<float> u;
   product(p.dtype, p.m, p.x, p.ldx, p.lora_b, p.rank, true, p.rank, p.in_features, u);
   T* shrink = static_cast<T*>(p.shrink);
   for (size_t e = 0; e < u.size(); ++e) shrink[e] = from_float<T>(p.scale * u[e]);
   product(p.dtype, p.m, p.x, p.ldx, p.weight, p.out_features, true, p.out_features, p.in_features, acc);
-  product(p.dtype, p.m, shrink, p.rank, p.lora_a, p.out_features, true, p.out_features, p.rank, expand);
-  for (size_t e = 0; e < acc.size(); ++e) acc[e] += expand[e];
+  add_product(p.dtype, p.m, shrink, p.rank, p.lora_a, p.out_features, true, p.out_features, p.rank, acc.data(),
+              p.out_features);
 }
 
 // The forward: per adapter (the rows using it, gathered when rows pick adapters) and slice, the
@@ -108,6 +115,10 @@ void forward(const Problem& p, std::vector<float>& acc) {
         }
       const int64_t lo = p.slice_offsets[slice], width = p.slice_offsets[slice + 1] - lo;
       const T* b = static_cast<const T*>(p.lora_b) + (l * n + lo) * p.rank;
+      if (!p.adapter_ids) {   // every row, in order: the expand added in place
+        add_product(p.dtype, count, s_rows.data(), rank, b, p.rank, false, width, rank, acc.data() + lo, n);
+        continue;
+      }
       product(p.dtype, count, s_rows.data(), rank, b, p.rank, false, width, rank, expand);
       for (int64_t i = 0; i < count; ++i)
         for (int64_t j = 0; j < width; ++j) acc[size_t(mine[size_t(i)] * n + lo + j)] += expand[size_t(i * width + j)];
