@@ -298,7 +298,8 @@ void moe_weight_grad(const py::object& a, const py::object& a_rows, const py::ob
 
 void lora_linear(const py::object& x, const py::object& x_lora, const py::object& weight, const py::object& lora_a,
                  const py::object& lora_b, double scale, const py::object& scales, const py::object& bias,
-                 const py::object& adapter_ids, const py::object& ranks, const std::vector<int64_t>& slices,
+                 const py::object& adapter_ids, const py::object& row_order, const py::object& ranks,
+                 const std::vector<int64_t>& slices,
                  const py::object& w_scales, const py::object& w_zeros, int64_t group_size,
                  bool transposed, const py::object& shrink, const py::object& out, const py::object& workspace,
                  const py::object& tiles, uintptr_t stream) {
@@ -311,6 +312,7 @@ void lora_linear(const py::object& x, const py::object& x_lora, const py::object
   const auto scales_view = optional_tensor(scales, "scales");
   const auto ids_view = optional_tensor(adapter_ids, "adapter_ids");
   const auto ranks_view = optional_tensor(ranks, "ranks");
+  const auto order_view = optional_tensor(row_order, "row_order");
   const auto w_scales_view = optional_tensor(w_scales, "weight.scales");
   const auto w_zeros_view = optional_tensor(w_zeros, "weight.zeros");
   lora::Extras extras;
@@ -319,6 +321,7 @@ void lora_linear(const py::object& x, const py::object& x_lora, const py::object
   extras.bias = pointer(bias_view);
   extras.adapter_ids = pointer(ids_view);
   extras.ranks = pointer(ranks_view);
+  extras.row_order = pointer(order_view);
   extras.scales = pointer(scales_view);
   py::gil_scoped_release no_gil;
   lora::lora_linear(x_view, w_view, a_view, b_view, scale, extras, slices, transposed, s_view, out_view, work_view,
@@ -576,7 +579,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("expert_offsets"), py::arg("out_dtype"), py::arg("out"), py::arg("stream"),
         "MoE per-expert weight gradients: out[e] = sum over expert e's rows r of a[r]^T b[r] (csrc/moe/moe.h)");
   m.def("lora_linear", &lora_linear, py::arg("x"), py::arg("x_lora"), py::arg("weight"), py::arg("lora_a"), py::arg("lora_b"),
-        py::arg("scale"), py::arg("scales"), py::arg("bias"), py::arg("adapter_ids"), py::arg("ranks"), py::arg("slices"),
+        py::arg("scale"), py::arg("scales"), py::arg("bias"), py::arg("adapter_ids"), py::arg("row_order"), py::arg("ranks"), py::arg("slices"),
         py::arg("w_scales"), py::arg("w_zeros"), py::arg("group_size"), py::arg("transposed"), py::arg("shrink"), py::arg("out"), py::arg("workspace"), py::arg("tiles"),
         py::arg("stream"),
         "LoRA-fused linear: out = x W^T + bias + per row's adapter and slice (scale x A^T) B^T, or transposed "

@@ -175,7 +175,7 @@ def test_opcheck_lora_linear():
     for transposed, first in ((False, x), (True, randn((5, 16), dtype=torch.bfloat16, seed=8))):
         torch.library.opcheck(torch.ops.llmkernels.lora_linear.default,
                               (first, None, weight, lora_a, lora_b, 0.5, None, None if transposed else bias.float(),
-                               None, None, [16], None, None, 0, transposed))
+                               None, None, None, [16], None, None, 0, transposed))
     torch.library.opcheck(torch.ops.llmkernels.lora_dropout.default, (x, 3, 2 ** 31, 2.0))
 
 
@@ -356,12 +356,34 @@ def test_multi_adapter_refuses_bad_inputs():
     assert torch.equal(out, base)
 
 
+def test_row_order_reads_and_writes_rows_through_it(device):
+    """The native op's row_order (the segment-style order lora_linear passes at M > SORTED_ROWS on the
+    CUDA kernels): any permutation of the rows, adapter_ids given in that order, gives the same out as
+    the rows in place, bit for bit (a row's sums do not depend on the tile it lands in)."""
+    m = 70
+    x, weight, lora_a, lora_b, bias = adapters_case(m, 40, 72, 16, 3, None, device, seed=61)
+    ids = unsorted_ids(m, 3, 62).to(device)
+    order = torch.randperm(m, generator=generator(63)).to(torch.int32).to(device)
+    op = torch.ops.llmkernels.lora_linear.default
+    args = lambda ids, order: (x, None, weight, lora_a[:, None], lora_b, 0.5, None, bias.float(), ids, order, None,
+                               [40], None, None, 0, False)
+    with torch.no_grad():
+        plain = op(*args(ids, None))
+        ordered = op(*args(ids[order.long()].contiguous(), order))
+    assert torch.equal(ordered[1], plain[1])
+    assert torch.equal(ordered[0], plain[0][order.long()])   # (shrink's rows in the order)
+    with pytest.raises(ValueError, match="row_order needs adapter_ids"):
+        op(x, None, weight, lora_a[:1, None], lora_b[:1], 0.5, None, None, None, order, None, [40], None, None, 0,
+           False)
+
+
 @pytest.mark.emu
 def test_emulated_multi_adapter_kernels_without_bank_conflicts():
-    x, weight, lora_a, lora_b, bias = adapters_case(37, 40, 72, 16, 4, None, "cpu", seed=41)
+    """M = 130: past SORTED_ROWS, the rows sorted by adapter (segment-style)."""
+    x, weight, lora_a, lora_b, bias = adapters_case(130, 40, 72, 16, 4, None, "cpu", seed=41)
     llmkernels.emulator.reset_report()
     with llmkernels.emulator.emulate(schedule="shuffled", seed=5), torch.no_grad():
-        lora.lora_linear(x, weight, lora_a, lora_b, 0.5, adapter_ids=unsorted_ids(37, 4, 42), bias=bias)
+        lora.lora_linear(x, weight, lora_a, lora_b, 0.5, adapter_ids=unsorted_ids(130, 4, 42), bias=bias)
     reports = {r["kernel"]: r for r in llmkernels.emulator.report()}
     assert {name: r["launches"] for name, r in reports.items()} == {
         "lora adapter tiles": 1, "lora shrink": 1, "lora fused": 1}

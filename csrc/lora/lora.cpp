@@ -88,11 +88,17 @@ void lora_linear(const TensorView& x, const TensorView& weight, const TensorView
                "or bias");
   LLMK_CHECK(ids || adapters == 1, ValueError, "lora_a holds ", adapters, " adapters: adapter_ids must say which "
              "each row uses");
-  if (ids) {
-    ids->check_dtype(DType::i32);
-    ids->check_shape({m});
-    ids->check_contiguous();
-  }
+  const TensorView* order = optional.row_order;
+  LLMK_CHECK(!order || ids, ValueError, "row_order needs adapter_ids (in that order)");
+  for (const TensorView* t : {ids, order})
+    if (t) {
+      t->check_dtype(DType::i32);
+      t->check_shape({m});
+      t->check_contiguous();
+      t->check_same_device(x);
+    }
+  LLMK_CHECK(!order || backend == Backend::cpu || m > gemm::kSplitMaxRows, ValueError,
+             "row_order is for M > ", gemm::kSplitMaxRows, " on the CUDA kernels (their split-K stores rows in order)");
   if (ranks) {
     ranks->check_dtype(DType::i32);
     ranks->check_shape({adapters});
@@ -124,7 +130,7 @@ void lora_linear(const TensorView& x, const TensorView& weight, const TensorView
   LLMK_CHECK(tiles.numel() >= tiles_needed, ValueError, "tiles must have at least ", tiles_needed,
              " int32 elements (the CUDA kernel's adapter lists); got ", tiles.numel());
   std::vector<TensorView> read{extent(x), weight, lora_a, lora_b};
-  for (const TensorView* t : {bias, ids, ranks, scales, optional.int4.scales, optional.int4.zeros})
+  for (const TensorView* t : {bias, ids, order, ranks, scales, optional.int4.scales, optional.int4.zeros})
     if (t) read.push_back(*t);
   if (x_lora) read.push_back(extent(*x_lora));
   check_no_overlap({shrink, out, workspace, tiles}, read);
@@ -157,6 +163,7 @@ void lora_linear(const TensorView& x, const TensorView& weight, const TensorView
   p.lora_b = lora_b.ptr;
   p.bias = bias ? bias->data<float>() : nullptr;
   p.adapter_ids = ids ? ids->data<int32_t>() : nullptr;
+  p.row_order = order ? order->data<int32_t>() : nullptr;
   p.ranks = ranks ? ranks->data<int32_t>() : nullptr;
   p.scales = scales ? scales->data<float>() : nullptr;
   p.shrink = shrink.ptr;
@@ -165,7 +172,7 @@ void lora_linear(const TensorView& x, const TensorView& weight, const TensorView
   p.tiles = tiles.numel() ? tiles.data<int32_t>() : nullptr;
   if (m == 0) return;
   run_on_backend(x, stream,
-                 Operands().add(x).add(x_lora).add(weight).add(lora_a).add(lora_b).add(bias).add(ids).add(ranks)
+                 Operands().add(x).add(x_lora).add(weight).add(lora_a).add(lora_b).add(bias).add(ids).add(order).add(ranks)
                      .add(scales).add(optional.int4.scales).add(optional.int4.zeros).add(shrink).add(out).add(workspace).add(tiles),
                  [&] { lora_linear_cpu(p); }, [&](auto device_stream) { lora_linear_device(p, device_stream); });
 }

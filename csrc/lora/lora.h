@@ -31,6 +31,10 @@ LLMK_HD int64_t padded(int64_t v) { return (v + kSegment - 1) / kSegment * kSegm
 //
 // adapter_ids (M) int32 or null: row m uses adapter adapter_ids[m], -1 (or any id outside [0, L), which
 // the Python layer refuses before the call) none; null: adapter 0 for every row (L must be 1).
+// row_order (M) int32 or null (only with adapter_ids; the CUDA kernels' segment-style order at large
+// M): the kernels' row r is x's row row_order[r] (a permutation of [0, M)) and adapter_ids[r] its
+// adapter, so adapter_ids is given in that order (sorted: each row tile then holds one or two
+// adapters); out's rows stay x's, shrink's rows are in that order.
 // ranks (L) int32 or null: adapter l reads only lora_a[l, :, :ranks[l]] and lora_b[l, :, :ranks[l]]
 // (ranks in [0, r]; null: r for all); scales (L, S) float32 or null: the scale of (adapter, slice)
 // (null: `scale` for all). bias float32 (N) or null.
@@ -57,6 +61,7 @@ struct Extras {   // the optional inputs (null: absent)
   const TensorView* adapter_ids = nullptr;
   const TensorView* ranks = nullptr;
   const TensorView* scales = nullptr;
+  const TensorView* row_order = nullptr;   // with adapter_ids: rows sorted by adapter (below)
   Int4Base int4;   // with scales set, weight is the packed codes int32 (N / 8, ceil(K / 32), 32)
 };
 constexpr int kMaxSlices = 8;
@@ -114,6 +119,13 @@ struct Problem {
   const void* lora_b = nullptr;
   const float* bias = nullptr;
   const int32_t* adapter_ids = nullptr;
+  const int32_t* row_order = nullptr;
+  // x's row of the kernels' row `row` (< m); -1 for a row_order entry outside [0, m), which the kernels
+  // skip (read as zeros, never stored; the Python layer's order is a permutation).
+  LLMK_HD int64_t x_row(int64_t row) const {
+    const int64_t r = row_order ? int64_t(row_order[row]) : row;
+    return r >= 0 && r < m ? r : -1;
+  }
   const int32_t* ranks = nullptr;
   const float* scales = nullptr;
   void* shrink = nullptr;

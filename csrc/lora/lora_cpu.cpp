@@ -82,10 +82,11 @@ void forward(const Problem& p, std::vector<float>& acc) {
   } else {
     product(p.dtype, p.m, p.x, p.ldx, p.weight, k, false, n, k, acc);
   }
+  // rows[l]: the kernels' rows (x's rows through row_order) using adapter l
   std::vector<std::vector<int64_t>> rows(size_t(p.adapters));
   for (int64_t i = 0; i < p.m; ++i) {
     const int32_t adapter = p.adapter_ids ? p.adapter_ids[i] : 0;
-    if (adapter >= 0 && adapter < p.adapters) rows[size_t(adapter)].push_back(i);
+    if (adapter >= 0 && adapter < p.adapters && p.x_row(i) >= 0) rows[size_t(adapter)].push_back(i);
   }
   std::vector<T> gathered, s_rows;
   std::vector<float> s, expand;
@@ -97,8 +98,10 @@ void forward(const Problem& p, std::vector<float>& acc) {
     int64_t ldx = p.ld_lora;
     if (p.adapter_ids) {   // (one adapter for all rows: x_lora as it is)
       gathered.resize(size_t(count * k));
-      for (int64_t i = 0; i < count; ++i)
-        std::copy(x + mine[size_t(i)] * ldx, x + mine[size_t(i)] * ldx + k, gathered.begin() + i * k);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t row = p.x_row(mine[size_t(i)]);
+        std::copy(x + row * ldx, x + row * ldx + k, gathered.begin() + i * k);
+      }
       x = gathered.data();
       ldx = k;
     }
@@ -121,7 +124,7 @@ void forward(const Problem& p, std::vector<float>& acc) {
       }
       product(p.dtype, count, s_rows.data(), rank, b, p.rank, false, width, rank, expand);
       for (int64_t i = 0; i < count; ++i)
-        for (int64_t j = 0; j < width; ++j) acc[size_t(mine[size_t(i)] * n + lo + j)] += expand[size_t(i * width + j)];
+        for (int64_t j = 0; j < width; ++j) acc[size_t(p.x_row(mine[size_t(i)]) * n + lo + j)] += expand[size_t(i * width + j)];
     }
   }
 }

@@ -10,8 +10,10 @@
 //           GEMM's k tiles, then ceil(r / bk) more per group, whose A tile is s's slice columns on the
 //           group adapter's rows and whose B tile is that adapter's B on the slice's output rows
 //           (columns past the adapter's rank zero-filled, never read). At decode a block's rows use a
-//           few adapters (BGMV-like: each adapter's B is read once per column tile); rows sorted by
-//           adapter make it segment-like at large M. The core's tilings, split-K at small M, bias.
+//           few adapters (BGMV-like: each adapter's B is read once per column tile); at large M the
+//           Python layer passes a row order sorted by adapter (segment-like: a row tile holds one or
+//           two adapters; x's rows gathered, out's scattered through it). The core's tilings, split-K
+//           at small M, bias.
 // Transposed (dx = dy W + (scale dy B) A, one adapter): the same two kernels with every weight read
 // k-major, the expand laid after the base k tiles (ConcatTileLoader).
 #include <type_traits>
@@ -122,15 +124,17 @@ struct LoraParams : gemm::TiledParams {
 // The shrink's A: x_lora's rows of k tile k0's adapter (K once per adapter of the block).
 template <typename T, typename Tiling>
 struct ShrinkLoaderA : gemm::RowTileLoader<T, Tiling, Tiling::bm> {
-  const T* x;
-  int64_t ldx, m, k, k_padded;
+  const Problem* lora;
+  int64_t k_padded;
   BlockAdapters adapters;
   LLMK_DEVICE void load(uint8_t* tile, int64_t row0, int64_t k0, int thread) const {
+    const Problem& p = *lora;
     const int64_t group = k0 / k_padded;
     const int32_t adapter = adapters.adapter(group);
-    load_rows<T, Tiling, Tiling::bm>(tile, x, ldx, k0 - group * k_padded, k, [&](int r) {
+    load_rows<T, Tiling, Tiling::bm>(tile, static_cast<const T*>(p.x_lora), p.ld_lora, k0 - group * k_padded,
+                                     p.in_features, [&](int r) {
       const int64_t row = row0 + r;
-      return row < m && adapters.uses(row, adapter) ? row : int64_t(-1);
+      return row < p.m && adapters.uses(row, adapter) ? p.x_row(row) : int64_t(-1);
     }, thread);
   }
 };
@@ -159,14 +163,10 @@ struct ShrinkParams : LoraParams<T> {
   static constexpr bool split_k = false;
   template <typename Tiling>
   LLMK_DEVICE ShrinkLoaderA<T, Tiling> loader_a() const {
-    const Problem& p = this->lora;
     ShrinkLoaderA<T, Tiling> loader{};
-    loader.x = static_cast<const T*>(p.x_lora);
-    loader.ldx = p.ld_lora;
-    loader.m = p.m;
-    loader.k = p.in_features;
-    loader.k_padded = round_up(p.in_features, int64_t(Tiling::bk));
-    loader.adapters = block_adapters(p, this->tiles, Tiling::bm);
+    loader.lora = &this->lora;
+    loader.k_padded = round_up(this->lora.in_features, int64_t(Tiling::bk));
+    loader.adapters = block_adapters(this->lora, this->tiles, Tiling::bm);
     return loader;
   }
   template <typename Tiling>
@@ -222,7 +222,7 @@ struct FusedLoaderA : gemm::RowTileLoader<T, Tiling, Tiling::bm> {
     const Problem& p = *lora;
     if (k0 < groups.k_padded) {
       load_rows<T, Tiling, Tiling::bm>(tile, static_cast<const T*>(p.x), p.ldx, k0, p.in_features, [&](int r) {
-        return row0 + r < p.m ? row0 + r : int64_t(-1);
+        return row0 + r < p.m ? p.x_row(row0 + r) : int64_t(-1);
       }, thread);
       return;
     }
@@ -309,6 +309,19 @@ struct FusedParams : LoraParams<T> {
     } else {
       return loader;
     }
+  }
+  // Rows in row_order: each stored at its x row (no split-K then: lora.cpp).
+  template <typename OutT, typename Tiling, typename E>
+  LLMK_DEVICE void store_tile(const gemm::Accumulators<Tiling, E>& acc, int64_t row0, int64_t col0, int64_t) const {
+    const Problem& p = this->lora;
+    if (!p.row_order) {
+      this->epilogue.template store<OutT>(acc, row0, col0);
+      return;
+    }
+    this->epilogue.for_each_pair(acc, row0, col0, [&](int64_t row, int64_t col, float v0, float v1) {
+      const int64_t x_row = p.x_row(row);
+      if (x_row >= 0) this->epilogue.template store_pair<OutT>(x_row, col, v0, v1);
+    });
   }
   // The base's k tiles and the block's groups', split into blockIdx.z's range (split-K plans over an
   // upper bound of the groups: a range past this block's tiles runs none and stores zeros).
@@ -416,6 +429,7 @@ void forward(const Problem& p, DeviceStream stream) {
   const int64_t k_bound = fused_k_bound(p.m, p.in_features, p.rank, p.adapters, p.slices, p.adapter_ids != nullptr);
   const gemm::SplitK split = gemm::split_k(p.m, p.out_features, k_bound);
   LLMK_CHECK(split.splits == 1 || p.workspace, ValueError, "lora_linear: split-K needs a workspace");
+  LLMK_CHECK(split.splits == 1 || !p.row_order, ValueError, "lora_linear: row_order with split-K");
   auto run = [&](auto int4) {
     FusedParams<T, decltype(int4)::value> fused{};
     static_cast<gemm::TiledParams&>(fused) = gemm::TiledParams{

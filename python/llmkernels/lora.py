@@ -40,18 +40,22 @@ __all__ = ["lora_linear", "LoRALinear", "add_lora_", "peft_state_dict", "load_pe
 
 MAX_RANK = 256
 MAX_SLICES = 8
+SORTED_ROWS = 64   # multi-adapter calls with more rows run in an order sorted by adapter (CUDA kernels)
 
 
 @native_op("lora_linear")
 def _lora_linear(x: torch.Tensor, x_lora: Optional[torch.Tensor], weight: torch.Tensor, lora_a: torch.Tensor,
                  lora_b: torch.Tensor, scale: float, scales: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                 adapter_ids: Optional[torch.Tensor], ranks: Optional[torch.Tensor], slices: List[int],
+                 adapter_ids: Optional[torch.Tensor], row_order: Optional[torch.Tensor],
+                 ranks: Optional[torch.Tensor], slices: List[int],
                  w_scales: Optional[torch.Tensor], w_zeros: Optional[torch.Tensor], group_size: int,
                  transposed: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """lora_a (L, S, r, K), lora_b (L, N, r) -> shrink (M, S r) and out (M, N) in x's dtype (out (M, K)
     when transposed: x is then dy (M, N)); the split-K workspace (float32) and the adapter lists
     (int32) of the CUDA kernels. x_lora: the shrink's input instead of x (dropout(x)). With w_scales
-    (an int4 base, forward only): weight is the Int4Weight's packed codes, w_zeros and group_size its."""
+    (an int4 base, forward only): weight is the Int4Weight's packed codes, w_zeros and group_size its.
+    row_order (with adapter_ids): the kernels' row r is x's row row_order[r], adapter_ids in that order
+    (csrc/lora/lora.h); shrink's rows are then in that order."""
     m = x.shape[0]
     n, k = (weight.shape[0] * 8, x.shape[1]) if w_scales is not None else weight.shape
     adapters, n_slices, rank = lora_a.shape[:3]
@@ -92,7 +96,7 @@ class _LoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, lora_a, lora_b, bias, scale, scales, slices, dropout, int4):
         x_lora = None if dropout is None else _dropout(x, dropout)
         shrink, out, _, _ = _lora_linear(x, x_lora, weight, lora_a, lora_b, scale, scales,
-                                         None if bias is None else bias.float(), None, None, slices,
+                                         None if bias is None else bias.float(), None, None, None, slices,
                                          *_int4_args(int4), False)
         ctx.save_for_backward(x, weight, lora_a, lora_b, shrink, scales)
         ctx.scale, ctx.slices, ctx.dropout, ctx.int4 = scale, slices, dropout, int4
@@ -111,7 +115,7 @@ class _LoraLinear(torch.autograd.Function):
         fused = n_slices == 1 and ctx.dropout is None and scales is None
         dx = d_a = d_b = d_bias = u = None
         if need_x and fused:
-            u, dx, _, _ = _lora_linear(dy, None, weight, lora_a, lora_b, ctx.scale, None, None, None, None,
+            u, dx, _, _ = _lora_linear(dy, None, weight, lora_a, lora_b, ctx.scale, None, None, None, None, None,
                                        [weight.shape[0]], None, None, 0, True)
         elif need_x or need_a:   # u (M, S r): the slices' scale dy[:, slice] B[slice rows]
             parts, start = [], 0
@@ -121,7 +125,7 @@ class _LoraLinear(torch.autograd.Function):
                 start += width
             u = torch.cat(parts, dim=1)
         if need_x and not fused:   # dy W by the transposed kernels (scale 0: no expand), plus u A
-            _, dx, _, _ = _lora_linear(dy, None, weight, lora_a[:, :1], lora_b, 0.0, None, None, None, None,
+            _, dx, _, _ = _lora_linear(dy, None, weight, lora_a[:, :1], lora_b, 0.0, None, None, None, None, None,
                                        [weight.shape[0]], None, None, 0, True)
             expand = u @ lora_a.reshape(n_slices * rank, k)
             if ctx.dropout is not None:
@@ -320,9 +324,16 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     x, lora_a, lora_b = check.rows_aligned(x), lora_a.contiguous(), lora_b.contiguous()
     if multi:
         x_lora = None if dropout is None else _dropout(x, dropout)
+        order = None
+        if x.shape[0] > SORTED_ROWS and adapters > 1 and check.device_kernels(x):
+            # segment-style: rows sorted by adapter (a device sort, no synchronization), so that each of
+            # the kernels' row tiles holds one or two adapters; x's rows are read and out's written
+            # through the order
+            order = torch.argsort(ids, stable=True).to(torch.int32)
+            ids = ids[order]
         return _lora_linear(x, x_lora, weight.contiguous(), lora_a, lora_b, scale, scales,
-                            None if bias is None else bias.float(), ids, rank_table, slices, *_int4_args(int4),
-                            False)[1]
+                            None if bias is None else bias.float(), ids, order, rank_table, slices,
+                            *_int4_args(int4), False)[1]
     return _LoraLinear.apply(x, weight.contiguous(), lora_a, lora_b, bias, scale, scales, slices, dropout, int4)
 
 
