@@ -1,8 +1,7 @@
 """The LoRA kernels once on CUDA for compute-sanitizer (bench/gpu_check.sh runs it under each tool):
-lora_linear's forward (the shrink, then the fused [x | s]·[W | B]ᵀ with the bias in its epilogue) and
-its backward (the same two kernels transposed, the weights read k-major, for dx; dA and dB are torch
-matmuls), on edge shapes: ranks 1 (padded to 8 by the Python layer, to one 64-wide segment by the
-kernels), 16 and 64; M = 1 with K long enough for split-K in the forward, and N long enough for it in
+lora_linear's forward (the shrink, then the fused kernel: the base's k tiles and the adapter's, the bias
+in its epilogue) and its backward (the same two kernels transposed, the weights read k-major, for dx; dA
+and dB are torch matmuls), on edge shapes: ranks 1 (padded to 8 by the Python layer), 16 and 64; M = 1 with K long enough for split-K in the forward, and N long enough for it in
 the backward's dx; M = 5 (the small tiling), odd M = 37 and 130 (the medium tiling) and 1100 x 2056 (the
 large tiling: forward in one, backward in the other); N and K multiples of 8 but of nothing larger; with
 and without a bias; bf16 and one fp16 shape; LoRA's input dropout on three of them (the dropout kernel on
@@ -10,7 +9,8 @@ x in the forward, on x and on u A in the backward; a partial last block) and on 
 which also runs without it. Then the two layouts beyond one adapter: multi-adapter serving (forward only,
 under no_grad: L = 3 adapters with ranks 16, 8 and 0 of r = 16, a (3,) scale tensor, unsorted ids with
 -1 among them, a bias; the small kernel that lists each row tile's adapters, the shrink once per adapter
-of a block, the fused kernel's k tiles per adapter) and fused-projection slices (one adapter, slices
+of a block, the fused kernel's k tiles per adapter; M = 37, and 200 in an order sorted by adapter), an
+int4 base weight (M = 5 and 200, forward and backward) and fused-projection slices (one adapter, slices
 [64, 32, 40] of N = 136, a (3,) scale tensor, dropout; forward and backward, which takes the unfused
 route: dy W by the transposed kernels, u A added through the dropout kernel). The GEMM kernels use shared
 memory, cp.async and barriers.
@@ -29,7 +29,7 @@ import torch
 from _sanitize_util import finish
 
 import llmkernels
-from llmkernels import lora
+from llmkernels import lora, quant
 
 # (M, N, K, rank, bias, dtype, dropout_p)
 SHAPES = (
@@ -71,15 +71,21 @@ def main(device: torch.device) -> None:
         forward_and_backward(wide[:, :k], randn(n, k, dtype=bf16), randn(rank, k, dtype=bf16),
                              randn(n, rank, dtype=bf16), None, dropout_p)
 
-    m, n, k, rank, adapters = 37, 136, 264, 16, 3
-    ids = torch.randint(-1, adapters, (m,), generator=generator)
-    ids[[3, 20]] = torch.tensor([-1, 2])   # -1 and the highest id certainly among the rows (unsorted)
-    with torch.no_grad():
-        results.append(lora.lora_linear(
-            randn(m, k, dtype=bf16), randn(n, k, dtype=bf16) * k ** -0.5,
-            randn(adapters, rank, k, dtype=bf16) * k ** -0.5, randn(adapters, n, rank, dtype=bf16) * rank ** -0.5,
-            torch.tensor([2.0, 0.5, 1.0], device=device), bias=randn(n, dtype=bf16),
-            adapter_ids=ids.to(device=device, dtype=torch.int32), ranks=[16, 8, 0]))
+    n, k, rank, adapters = 136, 264, 16, 3
+    for m in (37, 200):   # (200: past lora.SORTED_ROWS, the rows in an order sorted by adapter)
+        ids = torch.randint(-1, adapters, (m,), generator=generator)
+        ids[[3, 20]] = torch.tensor([-1, 2])   # -1 and the highest id certainly among the rows (unsorted)
+        with torch.no_grad():
+            results.append(lora.lora_linear(
+                randn(m, k, dtype=bf16), randn(n, k, dtype=bf16) * k ** -0.5,
+                randn(adapters, rank, k, dtype=bf16) * k ** -0.5, randn(adapters, n, rank, dtype=bf16) * rank ** -0.5,
+                torch.tensor([2.0, 0.5, 1.0], device=device), bias=randn(n, dtype=bf16),
+                adapter_ids=ids.to(device=device, dtype=torch.int32), ranks=[16, 8, 0]))
+    m = 37
+    for rows in (5, 200):   # an int4 base weight (the fused kernel dequantizing in its main loop): small, medium tiling
+        w4 = quant.quantize_int4(randn(n, 256, dtype=bf16) * 256 ** -0.5, group_size=64)
+        forward_and_backward(randn(rows, 256, dtype=bf16), w4, randn(rank, 256, dtype=bf16) * 256 ** -0.5,
+                             randn(n, rank, dtype=bf16) * rank ** -0.5, randn(n, dtype=bf16), 0.0)
     slices = [64, 32, 40]
     forward_and_backward(randn(m, k, dtype=bf16), randn(n, k, dtype=bf16) * k ** -0.5,
                          randn(len(slices), rank, k, dtype=bf16) * k ** -0.5, randn(n, rank, dtype=bf16) * rank ** -0.5,
