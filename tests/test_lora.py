@@ -479,3 +479,25 @@ def test_a_zero_dim_scale_on_the_device_is_read_there(device):
     g1, = torch.autograd.grad(out.float().sum(), a1)
     g2, = torch.autograd.grad(expected.float().sum(), a2)
     torch.testing.assert_close(g1, g2, rtol=2 ** -8, atol=2 ** -8 * float(g2.abs().max()))
+
+
+def test_opcheck_and_compile_of_multi_adapter_and_int4_calls():
+    """The op's schema with every optional input (adapter ids, row order, ranks, scales, an int4 base),
+    and torch.compile of a multi-adapter call with no graph break (fullgraph) equal to eager."""
+    m = 70
+    x, weight, lora_a, lora_b, bias = adapters_case(m, 48, 64, 8, 3, 2, "cpu", seed=71)
+    ids = unsorted_ids(m, 3, 72)
+    order = torch.argsort(ids, stable=True).to(torch.int32)
+    ranks = torch.tensor([8, 3, 0], dtype=torch.int32)
+    scales = torch.rand(3, 2)
+    w4 = quant.quantize_int4(weight, group_size=32)
+    op = torch.ops.llmkernels.lora_linear.default
+    torch.library.opcheck(op, (x, None, weight, lora_a, lora_b, 1.0, scales, bias.float(), ids[order.long()].contiguous(),
+                               order, ranks, [32, 16], None, None, 0, False))
+    torch.library.opcheck(op, (x, None, w4.packed, lora_a, lora_b, 1.0, scales, bias.float(), ids, None, ranks,
+                               [32, 16], w4.scales, w4.zeros, w4.group_size, False))
+    call = lambda x, ids: lora.lora_linear(x, weight, lora_a, lora_b, scales, adapter_ids=ids, ranks=[8, 3, 0],
+                                           slices=[32, 16], bias=bias)
+    with torch.no_grad():
+        compiled = torch.compile(call, fullgraph=True)(x, ids)
+        assert torch.equal(compiled, call(x, ids))

@@ -325,7 +325,9 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     if multi:
         x_lora = None if dropout is None else _dropout(x, dropout)
         order = None
-        if x.shape[0] > SORTED_ROWS and adapters > 1 and check.device_kernels(x):
+        # (the emulator's switch is read outside torch.compile only: a compiled CPU call keeps its rows)
+        device = x.device.type == "cuda" or (not torch.compiler.is_compiling() and check.device_kernels(x))
+        if x.shape[0] > SORTED_ROWS and adapters > 1 and device:
             # segment-style: rows sorted by adapter (a device sort, no synchronization), so that each of
             # the kernels' row tiles holds one or two adapters; x's rows are read and out's written
             # through the order
