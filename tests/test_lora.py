@@ -377,6 +377,23 @@ def test_row_order_reads_and_writes_rows_through_it(device):
            False)
 
 
+def test_unchecked_ids_and_ranks_stay_in_bounds(device):
+    """check_ids=False: an int64 id past int32 is read as -1 (not wrapped into range), and a ranks tensor
+    outside [0, r] is clamped (the emulated kernels would report a read past lora_b otherwise)."""
+    x, weight, lora_a, lora_b, bias = adapters_case(4, 32, 32, 8, 2, None, device, seed=81)
+    wide = torch.tensor([0, 1, 2 ** 32, 2 ** 32 - 1], device=device)
+    with pytest.raises(ValueError, match=r"adapter_ids must lie in \[-1, 2\)"):
+        lora.lora_linear(x, weight, lora_a, lora_b, 0.5, adapter_ids=wide)
+    with torch.no_grad():
+        out = lora.lora_linear(x, weight, lora_a, lora_b, 0.5, adapter_ids=wide, check_ids=False)
+        expected = lora.lora_linear(x, weight, lora_a, lora_b, 0.5, adapter_ids=torch.tensor([0, 1, -1, -1], device=device))
+        assert torch.equal(out, expected)
+        ids = torch.tensor([0, 1, 1, 0], device=device)
+        ranks = torch.tensor([-3, 64], dtype=torch.int32, device=device)
+        clamped = lora.lora_linear(x, weight, lora_a, lora_b, 0.5, adapter_ids=ids, ranks=ranks, check_ids=False)
+        assert torch.equal(clamped, lora.lora_linear(x, weight, lora_a, lora_b, 0.5, adapter_ids=ids, ranks=[0, 8]))
+
+
 @pytest.mark.emu
 def test_emulated_multi_adapter_kernels_without_bank_conflicts():
     """M = 130: past SORTED_ROWS, the rows sorted by adapter (segment-style)."""

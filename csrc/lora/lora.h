@@ -133,7 +133,12 @@ struct Problem {
   float* workspace = nullptr;
   int32_t* tiles = nullptr;
 
-  LLMK_HD int32_t rank_of(int32_t adapter) const { return ranks ? ranks[adapter] : int32_t(rank); }
+  // (clamped to [0, r]: a rank outside it, which the Python layer refuses when it may read the ranks,
+  // never reads past an adapter's rows)
+  LLMK_HD int32_t rank_of(int32_t adapter) const {
+    const int32_t r = ranks ? ranks[adapter] : int32_t(rank);
+    return r < 0 ? 0 : r > rank ? int32_t(rank) : r;
+  }
   LLMK_HD float scale_of(int32_t adapter, int64_t slice) const {
     return scales ? scales[adapter * slices + slice] : scale;
   }

@@ -200,8 +200,11 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     in [0, r] (a list, or an int32 tensor on x's device), adapter l reading only its first ranks[l]
     rows of A and columns of B. The ids (and a ranks tensor) are checked to lie in range with one
     device read, unless check_ids=False, a CUDA graph is being captured or torch.compile traces: then
-    an id outside [-1, L) is read as -1 (no adapter), a rank outside [0, r] is not caught (the rank is
-    read as given: keep ranks in range). Multi-adapter calls are forward-only (serving): with autograd
+    an id outside [-1, L) is read as -1 (no adapter), a rank outside [0, r] is not caught (the kernels
+    clamp it to [0, r]). A NaN or Inf in one adapter's A or B reaches the other rows that share a row
+    tile with that adapter's rows on the CUDA kernels (one set of sums per tile; the CPU kernel keeps
+    rows apart): check adapters when they are loaded (torch.isfinite). Multi-adapter calls are
+    forward-only (serving): with autograd
     recording and an input that requires grad they raise.
     slices (fused projections, e.g. [q, k, v] rows of a stacked QKV weight): S <= 8 positive multiples
     of 8 summing to N; slice s's output columns get their own adapter lora_a[s] and scale.
@@ -276,13 +279,16 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
             raise ValueError(f"adapter_ids must have shape ({x.shape[0]},) (one per row of x); got "
                              f"{tuple(adapter_ids.shape)}")
         check.check_same_device(adapter_ids, "adapter_ids", x.device, "x")
-        ids = adapter_ids.to(torch.int32).contiguous()
-        if check_ids and ids.numel() and _checking_values(ids):
-            low, high = torch.aminmax(ids)
+        if check_ids and adapter_ids.numel() and _checking_values(adapter_ids):
+            low, high = torch.aminmax(adapter_ids)
             low, high = int(low), int(high)
             if low < -1 or high >= adapters:
                 raise ValueError(f"adapter_ids must lie in [-1, {adapters}) (L = {adapters} adapters, -1 = none); "
                                  f"got values from {low} to {high}")
+        ids = adapter_ids
+        if ids.dtype == torch.int64:   # (ids past int32 read as -1 too, not wrapped into range)
+            ids = torch.where((ids >= -1) & (ids < adapters), ids, -1)
+        ids = ids.to(torch.int32).contiguous()
         if ranks is not None:
             if isinstance(ranks, torch.Tensor):
                 if ranks.dtype != torch.int32 or tuple(ranks.shape) != (adapters,):
@@ -313,6 +319,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
             seed = int(torch.randint(0, 2 ** 62, (1,)).item())   # (a CPU tensor: no device synchronization)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int; got {type(seed).__name__}")
+        if not -2 ** 63 <= seed < 2 ** 64:
+            raise ValueError(f"seed must be an int in [-2**63, 2**64); got {seed}")
         threshold = min(math.floor(float(dropout_p) * 2 ** 32), 2 ** 32 - 1)
         dropout = (check.as_int64_pattern(seed % 2 ** 64), threshold, 1.0 / (1.0 - float(dropout_p)))
     lora_a = lora_a.reshape(adapters, n_slices, rank, k)
