@@ -199,3 +199,25 @@ def test_native_op_takes_the_dispatcher_for_tracing_meta_and_vmap():
     logits = torch.randn(4, 5, 8)
     batched = torch.vmap(lambda l: moe._route(l, 2, True, 0)[1])(logits)
     assert torch.equal(batched, torch.stack([moe.route(l, 2)[1] for l in logits]))
+
+
+def test_info_command_reports_the_build_and_the_verdict():
+    """`python -m llmkernels info` (and `doctor`): the build's CUDA architectures as build_info() has
+    them, torch's version, and why the CUDA kernels cannot run when they cannot (the same reason the
+    ops raise with)."""
+    info = llmkernels.build_info()
+    for command in ("info", "doctor"):
+        result = subprocess.run([sys.executable, "-m", "llmkernels", command], capture_output=True, text=True,
+                                timeout=120, cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert result.returncode == 0, result.stderr
+        out = result.stdout
+        assert f"llmkernels {info['version']}" in out and f"torch {torch.__version__}" in out
+        assert (info["cuda_archs"] or "none (a CPU-only build)") in out
+        if info["gpu_usable"]:
+            assert "CUDA kernels: usable" in out
+        else:
+            assert f"not usable here: {llmkernels.cuda_unusable_reason()}" in out
+    if info["cuda_compiled"]:   # "sm_80, ..., compute_90 (PTX)": every SASS or PTX target named
+        assert all(part.startswith(("sm_", "compute_")) for part in info["cuda_archs"].split(", "))
+    else:
+        assert "release wheel" in llmkernels.cuda_unusable_reason()

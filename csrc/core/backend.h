@@ -37,8 +37,9 @@ enum class Backend { cpu, emu, cuda };
 
 // Why a CUDA call cannot run in this build; also what cuda_unusable_reason() says in it.
 inline constexpr const char* kNoCudaKernels =
-    "this llmkernels build has no CUDA kernels (it was built without nvcc or with LLMK_CUDA=OFF); "
-    "reinstall with nvcc on PATH, or LLMK_CUDA=ON to make that an error";
+    "this llmkernels build has no CUDA kernels (it was built without nvcc or with LLMK_CUDA=OFF): "
+    "install a release wheel (README: Install; tools/build_wheels.sh builds them), or reinstall from "
+    "source with nvcc on PATH (LLMK_CUDA=ON makes a build without it an error)";
 
 // The stream a CUDA launcher runs on (a cudaStream_t; 0 is the legacy default stream).
 struct CudaStream { void* handle = nullptr; };

