@@ -11,8 +11,10 @@
 #                      a run of 540 s, with time to spare for starting it; the first run used 247 s
 #                      of 400, before the quantized GEMM and MoE families were added)
 #   WHEEL              a prebuilt llmkernels-*.whl to install, built on a CPU machine for the GPU
-#                      machine's Python: LLMK_CUDA=ON LLMK_CUDA_ARCHS=90a python3.12 -m pip wheel
-#                      --no-deps . -w wheelhouse/
+#                      machine's Python: the release wheel, `bash tools/build_wheels.sh --python
+#                      python3.12 --out wheelhouse` (every architecture, about 25 min on 2 cores;
+#                      keep only the .whl in wheelhouse/), or for one GPU only: LLMK_CUDA=ON
+#                      LLMK_CUDA_ARCHS=90a python3.12 -m pip wheel --no-deps . -w wheelhouse/
 #   WHEELHOUSE         else a folder holding exactly one such wheel (default wheelhouse/); with
 #                      neither, the package is built from source here (the slow fallback)
 #   SKIP_INSTALL=1     use the llmkernels already installed (a dry run on a machine without a GPU)
@@ -154,8 +156,10 @@ if [ "${install_rc:-0}" -ne 0 ]; then
   finish
 fi
 # Run from / so that the installed package is imported, not a source folder.
-(cd / && python3 -c "import llmkernels; print(llmkernels.build_info())") >> "$LOGS/device.txt" 2>&1
+(cd / && python3 -m llmkernels info && python3 -c "import llmkernels; print(llmkernels.build_info())") \
+  >> "$LOGS/device.txt" 2>&1
 record installed "$(tail -n 1 "$LOGS/device.txt")"
+record kernels "$(grep -m 1 '^CUDA kernels: ' "$LOGS/device.txt")"
 cuda_reason=$(cd / && python3 -c "import llmkernels; print(llmkernels.cuda_unusable_reason() or '')" 2>&1 | tail -n 1)
 record cuda "$([ -z "$cuda_reason" ] && echo usable || echo "FAILED: not usable: $cuda_reason")"
 
