@@ -43,9 +43,14 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ "$TEST" -eq 1 ] && [ "${#PYTHONS[@]}" -eq 0 ]; then PYTHONS=(python); fi
-if [ "${#PYTHONS[@]}" -eq 0 ]; then
+if [ "${#PYTHONS[@]}" -eq 0 ]; then   # on PATH, or installed by pyenv (whose shims may not run them)
   for v in 3.10 3.11 3.12 3.13; do
-    command -v "python$v" >/dev/null 2>&1 && "python$v" -c "" 2>/dev/null && PYTHONS+=("python$v")
+    for candidate in "python$v" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$v".*/bin/"python$v"; do
+      if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "" 2>/dev/null; then
+        PYTHONS+=("$candidate")
+        break
+      fi
+    done
   done
 fi
 [ "${#PYTHONS[@]}" -gt 0 ] || { echo "build_wheels.sh: no CPython 3.10-3.13 found" >&2; exit 1; }
