@@ -6,6 +6,7 @@
 #   bash tools/build_wheels.sh                     # sdist + wheels for every CPython 3.10-3.13 found
 #   bash tools/build_wheels.sh --python python3.12 # one interpreter (repeatable)
 #   bash tools/build_wheels.sh --test              # the current `python`'s wheel, then its tests (CI)
+#   bash tools/build_wheels.sh --python python3.12 --test   # that wheel, then its tests
 #
 # What a wheel holds: the CUDA kernels as SASS for sm_80 (A100), sm_86 (RTX 30xx, A10), sm_89 (L4,
 # RTX 40xx) and sm_90a (H100/H200), plus compute_90 PTX that the driver JIT-compiles for newer GPUs
@@ -18,8 +19,9 @@
 # Options:
 #   --python PY   an interpreter to build for (repeatable; default: python3.10 ... python3.13 found)
 #   --out DIR     where the sdist and wheels go (default dist/)
-#   --test        build for `python` only, then install its wheel into a fresh venv under DIR with nvcc
-#                 and the CUDA toolkit's libraries off PATH / LD_LIBRARY_PATH, and run `pytest tests`
+#   --test        then install each wheel into a fresh venv of its interpreter under DIR, with nvcc and
+#                 the CUDA toolkit's libraries off PATH / LD_LIBRARY_PATH, and run `pytest tests` there
+#                 (without --python: `python`'s wheel only, as CI does)
 # Environment:
 #   LLMK_WHEEL_ARCHS            CMake CUDA architectures (default below)
 #   CMAKE_BUILD_PARALLEL_LEVEL  compile jobs (default: the machine's cores)
@@ -85,7 +87,7 @@ export LLMK_GIT_COMMIT
 : > "$OUT/wheels.txt"
 WHEELS=()
 for py in "${PYTHONS[@]}"; do
-  raw="$OUT/raw/$py"
+  raw="$OUT/raw/$(basename "$py")"
   rm -rf "$raw"
   mkdir -p "$raw"
   start=$SECONDS
@@ -104,10 +106,9 @@ done
 
 [ "$TEST" -eq 1 ] || exit 0
 
-# 3. the wheel in a fresh venv with no CUDA toolkit in sight, and the suite against it (CI)
-VENV="$OUT/test-venv"
-rm -rf "$VENV"
-python -m venv "$VENV"
+# 3. each wheel in a fresh venv of its interpreter with no CUDA toolkit in sight, and the suite
+# against it (CI: one wheel). torch==2.13.0: the CPU build kept on these machines' disk for Python
+# 3.11; other interpreters get PyPI's (CUDA) build of several GB, which runs on a CPU-only machine too.
 clean_path=""
 IFS=: read -r -a dirs <<<"$PATH"
 for d in "${dirs[@]}"; do
@@ -115,19 +116,27 @@ for d in "${dirs[@]}"; do
   case "$d" in *cuda*) continue ;; esac
   clean_path="${clean_path:+$clean_path:}$d"
 done
-(
-  export PATH="$VENV/bin:$clean_path"
-  unset CUDACXX CUDA_HOME CUDA_PATH LD_LIBRARY_PATH VIRTUAL_ENV
-  command -v nvcc >/dev/null 2>&1 && { echo "build_wheels.sh: nvcc still on PATH" >&2; exit 1; }
-  # torch: the CPU build kept on these machines' disk (a plain `pip install torch` pulls a CUDA build)
-  python -m pip install --quiet torch==2.13.0
-  python -m pip install --quiet "${WHEELS[0]}[test]"
-  python - <<'EOF'
+status=0
+for i in "${!WHEELS[@]}"; do
+  wheel=${WHEELS[$i]}
+  VENV="$OUT/test-venv-$(basename "$wheel" | cut -d- -f3)"
+  rm -rf "$VENV"
+  "${PYTHONS[$i]}" -m venv "$VENV"
+  echo "testing $(basename "$wheel") in $VENV"
+  (
+    export PATH="$VENV/bin:$clean_path"
+    unset CUDACXX CUDA_HOME CUDA_PATH LD_LIBRARY_PATH VIRTUAL_ENV PYTHONPATH
+    command -v nvcc >/dev/null 2>&1 && { echo "build_wheels.sh: nvcc still on PATH" >&2; exit 1; }
+    python -m pip install --quiet torch==2.13.0
+    python -m pip install --quiet "$wheel[test]"
+    python - <<'EOF'
 import llmkernels, llmkernels._ext as ext
 info = ext.build_info()
 assert info["cuda_compiled"], f"the wheel has no CUDA kernels: {info}"
 print("installed:", llmkernels.__file__, "| CUDA archs:", info["cuda_archs"], "| commit:", info["git_commit"])
 EOF
-  python -m llmkernels info
-  python -m pytest tests -q
-)
+    python -m llmkernels info
+    python -m pytest tests -q
+  ) || { code=$?; [ "$status" -ne 0 ] || status=$code; }
+done
+exit "$status"
