@@ -121,20 +121,25 @@ struct LoraParams : gemm::TiledParams {
   const int32_t* tiles;   // this kernel's layout of the adapter lists
 };
 
-// The shrink's A: x_lora's rows of k tile k0's adapter (K once per adapter of the block).
-template <typename T, typename Tiling>
-struct ShrinkLoaderA : gemm::RowTileLoader<T, Tiling, Tiling::bm> {
+// What both shrink loaders know of the block: its rows' adapters, each running K (padded to bk).
+struct ShrinkBlock {
   const Problem* lora;
   int64_t k_padded;
   BlockAdapters adapters;
+};
+
+// The shrink's A: x_lora's rows of k tile k0's adapter (K once per adapter of the block).
+template <typename T, typename Tiling>
+struct ShrinkLoaderA : gemm::RowTileLoader<T, Tiling, Tiling::bm> {
+  ShrinkBlock block;
   LLMK_DEVICE void load(uint8_t* tile, int64_t row0, int64_t k0, int thread) const {
-    const Problem& p = *lora;
-    const int64_t group = k0 / k_padded;
-    const int32_t adapter = adapters.adapter(group);
-    load_rows<T, Tiling, Tiling::bm>(tile, static_cast<const T*>(p.x_lora), p.ld_lora, k0 - group * k_padded,
+    const Problem& p = *block.lora;
+    const int64_t group = k0 / block.k_padded;
+    const int32_t adapter = block.adapters.adapter(group);
+    load_rows<T, Tiling, Tiling::bm>(tile, static_cast<const T*>(p.x_lora), p.ld_lora, k0 - group * block.k_padded,
                                      p.in_features, [&](int r) {
       const int64_t row = row0 + r;
-      return row < p.m && adapters.uses(row, adapter) ? p.x_row(row) : int64_t(-1);
+      return row < p.m && block.adapters.uses(row, adapter) ? p.x_row(row) : int64_t(-1);
     }, thread);
   }
 };
@@ -143,14 +148,12 @@ struct ShrinkLoaderA : gemm::RowTileLoader<T, Tiling, Tiling::bm> {
 // adapter's rank.
 template <typename T, typename Tiling>
 struct ShrinkLoaderB : gemm::RowTileLoader<T, Tiling, Tiling::bn> {
-  const Problem* lora;
-  int64_t k_padded;
-  BlockAdapters adapters;
+  ShrinkBlock block;
   LLMK_DEVICE void load(uint8_t* tile, int64_t col0, int64_t k0, int thread) const {
-    const Problem& p = *lora;
-    const int64_t group = k0 / k_padded, columns = p.slices * p.rank;
-    const int32_t adapter = adapters.adapter(group), rank = p.rank_of(adapter);
-    load_rows<T, Tiling, Tiling::bn>(tile, static_cast<const T*>(p.lora_a), p.in_features, k0 - group * k_padded,
+    const Problem& p = *block.lora;
+    const int64_t group = k0 / block.k_padded, columns = p.slices * p.rank;
+    const int32_t adapter = block.adapters.adapter(group), rank = p.rank_of(adapter);
+    load_rows<T, Tiling, Tiling::bn>(tile, static_cast<const T*>(p.lora_a), p.in_features, k0 - group * block.k_padded,
                                      p.in_features, [&](int r) {
       const int64_t c = col0 + r;
       return c < columns && c % p.rank < rank ? adapter * columns + c : int64_t(-1);
@@ -162,26 +165,27 @@ template <typename T>
 struct ShrinkParams : LoraParams<T> {
   static constexpr bool split_k = false;
   template <typename Tiling>
+  LLMK_DEVICE ShrinkBlock block() const {
+    return {&this->lora, round_up(this->lora.in_features, int64_t(Tiling::bk)),
+            block_adapters(this->lora, this->tiles, Tiling::bm)};
+  }
+  template <typename Tiling>
   LLMK_DEVICE ShrinkLoaderA<T, Tiling> loader_a() const {
     ShrinkLoaderA<T, Tiling> loader{};
-    loader.lora = &this->lora;
-    loader.k_padded = round_up(this->lora.in_features, int64_t(Tiling::bk));
-    loader.adapters = block_adapters(this->lora, this->tiles, Tiling::bm);
+    loader.block = block<Tiling>();
     return loader;
   }
   template <typename Tiling>
   LLMK_DEVICE ShrinkLoaderB<T, Tiling> loader_b() const {
     ShrinkLoaderB<T, Tiling> loader{};
-    loader.lora = &this->lora;
-    loader.k_padded = round_up(this->lora.in_features, int64_t(Tiling::bk));
-    loader.adapters = block_adapters(this->lora, this->tiles, Tiling::bm);
+    loader.block = block<Tiling>();
     return loader;
   }
   // K's tiles once per adapter of the block's rows.
   template <typename Tiling>
   LLMK_DEVICE void k_tile_range(int64_t k_tiles, int64_t& first, int64_t& count) const {
     first = 0;
-    count = k_tiles * block_adapters(this->lora, this->tiles, Tiling::bm).count;
+    count = k_tiles * block<Tiling>().adapters.count;
   }
   template <typename OutT, typename Tiling, typename E>
   LLMK_DEVICE void store_tile(const gemm::Accumulators<Tiling, E>& acc, int64_t row0, int64_t col0, int64_t) const {
@@ -198,6 +202,7 @@ struct ShrinkParams : LoraParams<T> {
 
 // The block's expand groups: (its adapters) x (the slices its columns meet), ceil(r / bk) k tiles each.
 struct Groups {
+  const Problem* lora;
   BlockAdapters adapters;
   int64_t first_slice, slices, k_padded, group_k;   // group_k: r rounded up to bk
   LLMK_DEVICE int64_t count() const { return adapters.count * slices; }
@@ -208,7 +213,7 @@ LLMK_DEVICE Groups block_groups(const Problem& p, const int32_t* tiles) {
   const int64_t col0 = int64_t(blockIdx.x) * Tiling::bn;
   const int64_t last = (col0 + Tiling::bn < p.out_features ? col0 + Tiling::bn : p.out_features) - 1;
   const int64_t first_slice = p.slice_of(col0);
-  return {block_adapters(p, tiles, Tiling::bm), first_slice, p.slice_of(last) - first_slice + 1,
+  return {&p, block_adapters(p, tiles, Tiling::bm), first_slice, p.slice_of(last) - first_slice + 1,
           round_up(p.in_features, int64_t(Tiling::bk)), round_up(p.rank, int64_t(Tiling::bk))};
 }
 
@@ -216,10 +221,9 @@ LLMK_DEVICE Groups block_groups(const Problem& p, const int32_t* tiles) {
 // adapter's rows.
 template <typename T, typename Tiling>
 struct FusedLoaderA : gemm::RowTileLoader<T, Tiling, Tiling::bm> {
-  const Problem* lora;
   Groups groups;
   LLMK_DEVICE void load(uint8_t* tile, int64_t row0, int64_t k0, int thread) const {
-    const Problem& p = *lora;
+    const Problem& p = *groups.lora;
     if (k0 < groups.k_padded) {
       load_rows<T, Tiling, Tiling::bm>(tile, static_cast<const T*>(p.x), p.ldx, k0, p.in_features, [&](int r) {
         return row0 + r < p.m ? p.x_row(row0 + r) : int64_t(-1);
@@ -241,10 +245,9 @@ struct FusedLoaderA : gemm::RowTileLoader<T, Tiling, Tiling::bm> {
 // slice's output rows, its columns up to the adapter's rank.
 template <typename T, typename Tiling>
 struct FusedLoaderB : gemm::RowTileLoader<T, Tiling, Tiling::bn> {
-  const Problem* lora;
   Groups groups;
   LLMK_DEVICE void load(uint8_t* tile, int64_t col0, int64_t k0, int thread) const {
-    const Problem& p = *lora;
+    const Problem& p = *groups.lora;
     if (k0 < groups.k_padded) {
       load_rows<T, Tiling, Tiling::bn>(tile, static_cast<const T*>(p.weight), p.in_features, k0, p.in_features,
                                        [&](int r) { return col0 + r < p.out_features ? col0 + r : int64_t(-1); },
@@ -287,7 +290,6 @@ struct FusedParams : LoraParams<T> {
   template <typename Tiling>
   LLMK_DEVICE FusedLoaderA<T, Tiling> loader_a() const {
     FusedLoaderA<T, Tiling> loader{};
-    loader.lora = &this->lora;
     loader.groups = block_groups<Tiling>(this->lora, this->tiles);
     return loader;
   }
@@ -296,7 +298,6 @@ struct FusedParams : LoraParams<T> {
   template <typename Tiling>
   LLMK_DEVICE LoaderB<Tiling> loader_b() const {
     FusedLoaderB<T, Tiling> loader{};
-    loader.lora = &this->lora;
     loader.groups = block_groups<Tiling>(this->lora, this->tiles);
     if constexpr (Int4) {
       const Problem& p = this->lora;
