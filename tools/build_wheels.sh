@@ -125,7 +125,11 @@ for i in "${!WHEELS[@]}"; do
   rm -rf "$VENV"
   "${PYTHONS[$i]}" -m venv "$VENV"
   echo "testing $(basename "$wheel") in $VENV"
+  # (errexit in the subshell: bash turns it off inside a command whose status `||` or `if` tests,
+  # so the status is taken after it, with the script's own errexit paused.)
+  set +e
   (
+    set -e
     export PATH="$VENV/bin:$clean_path"
     unset CUDACXX CUDA_HOME CUDA_PATH LD_LIBRARY_PATH VIRTUAL_ENV PYTHONPATH
     command -v nvcc >/dev/null 2>&1 && { echo "build_wheels.sh: nvcc still on PATH" >&2; exit 1; }
@@ -139,6 +143,9 @@ print("installed:", llmkernels.__file__, "| CUDA archs:", info["cuda_archs"], "|
 EOF
     python -m llmkernels info
     python -m pytest tests -q
-  ) || { code=$?; [ "$status" -ne 0 ] || status=$code; }
+  )
+  code=$?
+  set -e
+  [ "$code" -eq 0 ] || [ "$status" -ne 0 ] || status=$code
 done
 exit "$status"
