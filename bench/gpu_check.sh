@@ -12,7 +12,7 @@
 #                      of 400, before the quantized GEMM and MoE families were added)
 #   WHEEL              a prebuilt llmkernels-*.whl to install, built on a CPU machine for the GPU
 #                      machine's Python: the release wheel, `bash tools/build_wheels.sh --python
-#                      python3.12 --out wheelhouse` (every architecture, 11-15 min on 2 cores;
+#                      python3.12 --out wheelhouse` (every architecture, 11-17 min on 2 cores;
 #                      keep only the .whl in wheelhouse/), or for one GPU only: LLMK_CUDA=ON
 #                      LLMK_CUDA_ARCHS=90a python3.12 -m pip wheel --no-deps . -w wheelhouse/
 #   WHEELHOUSE         else a folder holding exactly one such wheel (default wheelhouse/); with
