@@ -7,9 +7,9 @@
 #
 # Settings (environment):
 #   OUT                where results go (default bench-out/gpu-check)
-#   GPU_CHECK_SECONDS  budget for the whole script (default 480: the summary must come back inside
-#                      a run of 540 s, with time to spare for starting it; the first run used 247 s
-#                      of 400, before the quantized GEMM and MoE families were added)
+#   GPU_CHECK_SECONDS  budget for the whole script (default 540: the summary must come back inside
+#                      a run of 570 s, of the 600 s a call may run; the 2026-11-27 H200 run, every
+#                      family in, needed about 500 s and ran out at 480 before its last two steps)
 #   WHEEL              a prebuilt llmkernels-*.whl to install, built on a CPU machine for the GPU
 #                      machine's Python: the release wheel, `bash tools/build_wheels.sh --python
 #                      python3.12 --out wheelhouse` (every architecture, 11-17 min on 2 cores;
@@ -47,7 +47,7 @@ export PATH="/usr/local/cuda/bin:$PATH"   # nvcc for LLMK_CUDA=ON, and compute-s
 export PIP_DISABLE_PIP_VERSION_CHECK=1    # the machine has no network: no lookup to wait for
 summary=()
 script_start=$SECONDS
-budget_seconds=${GPU_CHECK_SECONDS:-480}
+budget_seconds=${GPU_CHECK_SECONDS:-540}
 
 record() {   # step name, result text
   summary+=("$(printf '%-16s %s' "$1" "$2")")
@@ -181,7 +181,7 @@ sanitizer=$(command -v compute-sanitizer || true)
 scripts=(bench/sanitize_*.py)
 [ "${#scripts[@]}" -eq 0 ] && record sanitize "FAILED: no bench/sanitize_*.py found"
 run_sanitizers() {   # "memcheck" or "extra": which tools to run over every script
-  local script name tools tool label log verdict sanitize_rc
+  local script name tools tool label log verdict sanitize_rc exclude
   for script in "${scripts[@]}"; do
     name=$(name_of "$script")
     if [ "$1" = memcheck ]; then tools=memcheck; else tools=$(sed -n 's/^# sanitize://p' "$script" | head -n 1); fi
@@ -195,8 +195,13 @@ run_sanitizers() {   # "memcheck" or "extra": which tools to run over every scri
       log="$LOGS/sanitize-$name-$tool.log"
       # Without torch's caching allocator each tensor is its own allocation, so memcheck sees an
       # access past a tensor's end instead of a silent write into a neighbour in the pool.
+      # racecheck and synccheck check our kernels only: cuBLAS's and CUTLASS's (torch's matmuls in a
+      # backward, torch._grouped_mm), synchronized by TMA and mbarriers on Hopper, drew 4 racecheck
+      # "errors" in nvjet_sm90_* kernels on the H200 (2026-11-27) that are not ours to fix.
+      exclude=()
+      [ "$tool" != memcheck ] && exclude=(--kernel-name-exclude kns=nvjet,kns=xmma,kns=cutlass)
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(step_timeout 120)" "$sanitizer" --tool "$tool" --error-exitcode 1 \
-        python3 "$script" > "$log" 2>&1
+        "${exclude[@]}" python3 "$script" > "$log" 2>&1
       sanitize_rc=$?
       verdict=$(grep -E '(ERROR|RACECHECK) SUMMARY' "$log" | tail -n 1 | sed 's/^=* *//')
       grep -q '^sanitize: ok' "$log" || verdict="${verdict:+$verdict; }script did not finish: $(grep -v '^=====' "$log" | tail -n 1)"

@@ -405,7 +405,10 @@ def test_cuda_graph_capture_replays_forward_and_backward():
         out = llmkernels.attention(*x, causal=True)
         return [out, *torch.autograd.grad(out, x, dout)]
 
-    eager = step()
+    # Detached, so that no eager autograd graph outlives its step: one kept alive keeps the inputs'
+    # AccumulateGrad nodes from the default stream, which the captured backward must then sync with
+    # ("operation would make the legacy stream depend on a capturing blocking stream", H200 2026-11-26).
+    eager = [t.detach() for t in step()]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

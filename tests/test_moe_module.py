@@ -105,8 +105,8 @@ def reference_balance(logits, top_k, scoring):
 
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 def test_load_balancing_loss_from_stats_matches_the_reference(scoring):
-    """Value and gradient, through route's logsumexp; also from stats routed without grad (the
-    logsumexp is then recomputed) and, given expert_ids, exactly the reference."""
+    """Value and gradient, from route's logsumexp, with or without grad, and, given expert_ids, exactly
+    the reference."""
     for top_k, logits in ((1, randn((37, 8), seed=12)), (3, randn((5, 6), seed=13, scale=4.0))):
         oracle_value, oracle_grad = reference_balance(logits.double(), top_k, scoring)
         same_value, same_grad = reference_balance(logits, top_k, scoring)

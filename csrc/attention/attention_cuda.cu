@@ -34,7 +34,6 @@ namespace llmk::attention {
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInfinity = __builtin_huge_valf();
 // The dynamic shared memory a block may opt into on every sm_80+ GPU: 99 KB on sm_86/89 (163 KB on
 // the A100, 227 KB on the H100). dk/dv at D = 256 uses 98.25 KB of it.
@@ -244,6 +243,11 @@ struct ScoreRule {
     return s * kLog2e;
   }
   LLMK_DEVICE bool plain() const { return softcap <= 0.0f && slope == 0.0f; }
+  // The exact inverse of the factor that took scores to log2 units: scale_log2 / scale on the plain
+  // path, kLog2e on the other (both rounded to fp32, so not quite log2 e).
+  LLMK_DEVICE double natural_per_log2() const {
+    return plain() ? double(scale) / double(scale_log2) : 1.0 / double(kLog2e);
+  }
 };
 
 LLMK_DEVICE ScoreRule score_rule(const Problem& p, int64_t b, int64_t h, const Sequence& seq) {
@@ -419,7 +423,9 @@ __global__ void __launch_bounds__(ForwardTiles<D>::threads, 1) forward_kernel(co
     stage ^= 1;
   }
 
-  // out = O / l and lse = (max + log2 l) ln 2; a row with no allowed key: out = 0, lse = +inf.
+  // out = O / l and lse = (max + log2 l) ln 2; a row with no allowed key: out = 0, lse = +inf. The lse,
+  // once a row, in double: fp32 here rounds three more times than torch's logsumexp (the add, the
+  // change of base, log2) and measured 2.4x its error on an H200 (bench/results/2026-11-26-h200.md).
   float inverse[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -427,7 +433,7 @@ __global__ void __launch_bounds__(ForwardTiles<D>::threads, 1) forward_kernel(co
     inverse[r] = sum > 0.0f ? 1.0f / sum : 0.0f;
     if (p.lse && lane % 4 == 0 && row_in_tile[r] < valid_q)
       store_global(p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_begin + q0 + row_in_tile[r],
-                   sum > 0.0f ? (row_max[r] + log2f(sum)) * kLn2 : kInfinity);
+                   sum > 0.0f ? float((double(row_max[r]) + log2(double(sum))) * rule.natural_per_log2()) : kInfinity);
   }
   store_rows(token_row(static_cast<T*>(p.out), p.out_layout, b, seq.q_begin + q0, h), p.out_layout.token, o,
              row_in_tile, valid_q, 0, head_dim, lane, inverse);

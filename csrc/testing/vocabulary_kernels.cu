@@ -142,7 +142,11 @@ __global__ void ldmatrix_kernel(const Row16* rows, const int32_t* slots, int32_t
 constexpr int kRegionBytes = 32;  // per thread, in the source and in shared memory
 constexpr int kOutBytes = 48;     // per thread: its region, then its neighbour's 16-byte copy
 
-__global__ void cp_async_kernel(const uint8_t* source, const int32_t* source_bytes, uint8_t* out, int read_early) {
+// ReadEarly is a template argument, not a branch: ptxas may hoist a shared load above a branch and
+// merge it with the 4-byte load before it, which then reads the 8-byte group in flight whatever the
+// flag (racecheck on an H200 reported exactly that, 8 bytes a thread, 2026-11-27).
+template <bool ReadEarly>
+__global__ void cp_async_kernel(const uint8_t* source, const int32_t* source_bytes, uint8_t* out) {
   const int t = int(threadIdx.x);
   uint8_t* region = dynamic_shared_memory() + t * kRegionBytes;
   const uint8_t* from = source + t * kRegionBytes;
@@ -155,7 +159,7 @@ __global__ void cp_async_kernel(const uint8_t* source, const int32_t* source_byt
   cp_async_commit();
   cp_async_wait<2>();  // the 4-byte group has landed; two groups in flight
   store_global(reinterpret_cast<uint32_t*>(to), load_shared(reinterpret_cast<const uint32_t*>(region)));
-  if (read_early)      // the bug: the 8-byte group may still be in flight
+  if constexpr (ReadEarly)  // the bug: the 8-byte group may still be in flight
     store_global(reinterpret_cast<Vec<uint32_t, 2>*>(to + 8), load_shared(reinterpret_cast<const Vec<uint32_t, 2>*>(region + 8)));
   cp_async_wait<1>();
   store_global(reinterpret_cast<Vec<uint32_t, 2>*>(to + 8), load_shared(reinterpret_cast<const Vec<uint32_t, 2>*>(region + 8)));
@@ -264,8 +268,9 @@ void ldmatrix_device(int count, bool transposed, const void* rows, const int32_t
 
 void cp_async_device(const uint8_t* source, const int32_t* source_bytes, uint8_t* out, int threads,
                      bool read_early, DeviceStream stream) {
-  launch("vocabulary cp_async", cp_async_kernel, LaunchShape{dim3(1), dim3(unsigned(threads)), size_t(threads) * kRegionBytes},
-         stream, source, source_bytes, out, int(read_early));
+  const LaunchShape shape{dim3(1), dim3(unsigned(threads)), size_t(threads) * kRegionBytes};
+  if (read_early) launch("vocabulary cp_async reading early", cp_async_kernel<true>, shape, stream, source, source_bytes, out);
+  else launch("vocabulary cp_async", cp_async_kernel<false>, shape, stream, source, source_bytes, out);
 }
 
 void warp_reduce_device(DType dtype, const void* x, void* sum, void* max, int64_t n, DeviceStream stream) {
