@@ -103,6 +103,16 @@ def test_softcap_alibi_and_scale(device):
     check(q, k, v, "scale + softcap + alibi", softmax_scale=0.3, softcap=5.0, alibi_slopes=slopes)
 
 
+def test_zero_and_subnormal_scales(device):
+    """softmax_scale 0 (every score 0: lse = ln(keys), uniform weights) and a subnormal one: the CUDA
+    epilogue's change of base from log2 units once divided 0 by 0 here, a NaN lse and NaN gradients."""
+    q, k, v = inputs(21, 30, 2, 1, 64, kernel_dtype(device), seed=9, device=device)
+    for scale in (0.0, 1e-45):
+        check(q, k, v, f"scale {scale}", softmax_scale=scale)
+        check(q, k, v, f"scale {scale} causal", softmax_scale=scale, causal=True)
+        check_gradients(q, k, v, f"scale {scale}", softmax_scale=scale)
+
+
 def test_strided_views_of_a_packed_qkv(device):
     qkv = randn((2, 57, 3, 4, 64), dtype=torch.bfloat16, seed=7, device=device)
     q, k, v = qkv.unbind(2)                      # non-contiguous views with a shared buffer

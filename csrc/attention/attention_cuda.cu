@@ -35,6 +35,7 @@ namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kInfinity = __builtin_huge_valf();
+constexpr float kMinNormal = 1.17549435e-38f;  // FLT_MIN
 // The dynamic shared memory a block may opt into on every sm_80+ GPU: 99 KB on sm_86/89 (163 KB on
 // the A100, 227 KB on the H100). dk/dv at D = 256 uses 98.25 KB of it.
 constexpr int kSharedLimit = 99 * 1024;
@@ -244,9 +245,11 @@ struct ScoreRule {
   }
   LLMK_DEVICE bool plain() const { return softcap <= 0.0f && slope == 0.0f; }
   // The exact inverse of the factor that took scores to log2 units: scale_log2 / scale on the plain
-  // path, kLog2e on the other (both rounded to fp32, so not quite log2 e).
+  // path, kLog2e on the other (both rounded to fp32, so not quite log2 e). A scale of 0, or one so
+  // small that scale * kLog2e is not a normal float, leaves every score about 0 and the ratio
+  // undefined (0 / 0) or wrong: 1 / kLog2e then.
   LLMK_DEVICE double natural_per_log2() const {
-    return plain() ? double(scale) / double(scale_log2) : 1.0 / double(kLog2e);
+    return plain() && fabsf(scale_log2) >= kMinNormal ? double(scale) / double(scale_log2) : 1.0 / double(kLog2e);
   }
 };
 
